@@ -254,7 +254,7 @@ def _chunks(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
         yield items[i:i + n]
 
 
-def _http_reachable(uri: str, timeout: float) -> str | None:
+def http_reachable(uri: str, timeout: float) -> str | None:
     """None if ``<uri>/health`` answers, else the reason it does not."""
     url = uri.rstrip("/") + "/health"
     try:
@@ -370,7 +370,7 @@ class MLflowTracker:
     def _connect(self, uri: str) -> tuple[Any, str]:
         """Client for ``uri`` and the experiment's id; TrackingUnavailable if it does not answer."""
         if uri.startswith(("http://", "https://")):
-            reason = _http_reachable(uri, self.cfg.connect_timeout)
+            reason = http_reachable(uri, self.cfg.connect_timeout)
             if reason is not None:
                 raise TrackingUnavailable(uri, reason)
         from mlflow.exceptions import MlflowException
