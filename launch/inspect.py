@@ -1,0 +1,98 @@
+"""``python -m launch.inspect NAME|SPEC.json|RUN_DIR [--json]``: MACs, params, widths, blocks kept.
+
+A bare model name is the dense network at its usual input size; a run directory is read from
+its exported ``final/spec.json`` (or its latest checkpoint) and lists its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from system.complexity import count, width_table
+from system.export import load_spec
+from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
+
+
+def describe(spec: ArchSpec) -> dict:
+    """The inspect record of one spec (also used for ``summary.json`` and checkpoints)."""
+    macs, params = count(spec)
+    dense = dense_spec(spec.name, num_classes=spec.num_classes, input_size=spec.input_size,
+                       shortcut=spec.shortcut, in_channels=spec.in_channels)
+    dmacs, dparams = count(dense)
+    return {
+        "name": spec.name, "macs": macs, "params": params, "macs_dense": dmacs, "params_dense": dparams,
+        "macs_pct": 100.0 * macs / dmacs, "params_pct": 100.0 * params / dparams,
+        "blocks_total": spec.blocks_total, "blocks_kept": spec.blocks_kept,
+        "input_size": spec.input_size, "num_classes": spec.num_classes, "stages": width_table(spec),
+    }
+
+
+def _checkpoints(run_dir: Path) -> list[dict]:
+    try:
+        from system.checkpoint import list_checkpoints  # present once checkpoints exist
+    except ImportError:
+        return []
+    rows = []
+    for ck in list_checkpoints(run_dir):
+        d = describe(ck.spec)
+        rows.append({"path": str(ck.path), "step": ck.step, "epoch": ck.epoch, "macs": d["macs"], "params": d["params"]})
+    return rows
+
+
+def resolve(target: str) -> tuple[ArchSpec, list[dict]]:
+    p = Path(target)
+    if target in MODEL_NAMES and not p.exists():
+        return dense_spec(target), []
+    if p.is_file():
+        return load_spec(p), []
+    if p.is_dir():
+        cks = _checkpoints(p)
+        for cand in (p / "final" / "spec.json", p / "spec.json"):
+            if cand.is_file():
+                return load_spec(cand), cks
+        if cks:
+            return load_spec(Path(cks[-1]["path"]) / "spec.json"), cks
+        raise SpecError(f"{p} holds no spec.json, final/spec.json or checkpoint")
+    raise SpecError(f"{target!r} is neither a model name ({', '.join(MODEL_NAMES)}), a spec file nor a run dir")
+
+
+def format_table(rec: dict, checkpoints: list[dict]) -> str:
+    lines = [
+        f"{rec['name']}  input {rec['input_size']}x{rec['input_size']}  classes {rec['num_classes']}",
+        f"MACs   {rec['macs']:>15,}  ({rec['macs_pct']:.1f}% of dense {rec['macs_dense']:,})",
+        f"params {rec['params']:>15,}  ({rec['params_pct']:.1f}% of dense {rec['params_dense']:,})",
+        f"blocks kept {rec['blocks_kept']}/{rec['blocks_total']}",
+        "stage  stream  blocks  inner widths",
+    ]
+    for st in rec["stages"]:
+        widths = " ".join("-" if w is None else "/".join(map(str, w)) for w in st["inner_widths"])
+        lines.append(f"{st['stage']:>5}  {st['stream_width']:>6}  {st['blocks_kept']:>2}/{st['blocks_total']:<3}  {widths}")
+    if checkpoints:
+        lines.append("checkpoints:")
+        for c in checkpoints:
+            lines.append(f"  step {c['step']:>8}  epoch {c['epoch']:>3}  MACs {c['macs']:>14,}  params {c['params']:>11,}  {c['path']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.inspect", description=__doc__.splitlines()[0])
+    ap.add_argument("target", help="model name, spec JSON file, or run directory")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    try:
+        spec, cks = resolve(args.target)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rec = describe(spec)
+    if cks:
+        rec["checkpoints"] = cks
+    print(json.dumps(rec, indent=1) if args.json else format_table(rec, cks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Gated ResNets: CIFAR-style (ResNet-20/32/56/110) and torchvision v1.5 (ResNet-18/34/50/101).
+
+Plain ``nn.Module``s built from an :class:`ArchSpec`.  Unit gates sit right after the
+BatchNorm of every inner conv of a residual branch; one layer gate per block multiplies
+the whole branch: ``out = relu(shortcut(x) + xi_B * branch(x))``.  Parameter and buffer
+names follow torchvision, so a dense model loads a torchvision state_dict.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from system.models.spec import ArchSpec, BlockSpec, SpecError
+
+GATE_MODES = ("off", "deterministic", "sampled", "mean")
+
+
+class Gate(nn.Module):
+    """Multiplies channels (unit gate, ``n`` = channels) or a whole branch (layer gate, ``n`` = 1).
+
+    ``theta`` in [0, 1] is the probability that the structure is on.  Modes:
+
+    - ``off``: identity (the gate does nothing).
+    - ``sampled``: ``xi ~ Bernoulli(theta)`` per forward (per example if ``per_example``);
+      the theta gradient is the derivative of the loss w.r.t. the sampled gate value
+      (straight-through: forward ``xi``, backward as if the multiplier were ``theta``).
+    - ``deterministic``: ``xi = 1[theta > threshold]``; no gradient to theta.
+    - ``mean``: ``xi = theta`` (the mean network; also how Taylor reads ``dL/dz`` at z = 1).
+    """
+
+    def __init__(self, n: int, kind: str):
+        super().__init__()
+        if kind not in ("unit", "layer"):
+            raise ValueError(f"gate kind must be 'unit' or 'layer', got {kind!r}")
+        self.kind = kind
+        self.theta = nn.Parameter(torch.ones(n))
+        self.mode = "off"
+        self.per_example = False
+        self.threshold = 0.5
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, n={self.theta.numel()}, mode={self.mode}"
+
+    def value(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The multiplier for this forward, shape (B or 1, n), or None in mode ``off``."""
+        if self.mode == "off":
+            return None
+        theta = self.theta
+        if self.mode == "deterministic":
+            return (theta.detach() > self.threshold).to(dtype).unsqueeze(0)
+        if self.mode == "mean":
+            return theta.to(dtype).unsqueeze(0)
+        if self.mode == "sampled":
+            p = theta.detach().clamp(0.0, 1.0)
+            shape = (batch, p.numel()) if self.per_example else (1, p.numel())
+            xi = torch.bernoulli(p.expand(shape))
+            return (xi + theta - theta.detach()).to(dtype)
+        raise ValueError(f"unknown gate mode {self.mode!r}; use one of {GATE_MODES}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.value(x.shape[0], x.dtype)
+        if g is None:
+            return x
+        return x * g.reshape(g.shape[0], g.shape[1] if self.kind == "unit" else 1, 1, 1)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+
+
+def _gate(n: int, kind: str, gates: bool) -> nn.Module:
+    return Gate(n, kind) if gates else nn.Identity()
+
+
+class ShortcutA(nn.Module):
+    """CIFAR option A: subsample by ``stride`` and zero-pad channels (no parameters)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        lo = self.pad // 2
+        return F.pad(x, (0, 0, 0, 0, lo, self.pad - lo))
+
+
+def _shortcut(spec: ArchSpec, cin: int, cout: int, stride: int) -> nn.Module | None:
+    if stride == 1 and cin == cout:
+        return None
+    if spec.shortcut == "A":
+        return ShortcutA(cin, cout, stride)
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-gate1-ReLU-conv3x3-BN, times the layer gate, plus the shortcut, ReLU."""
+
+    def __init__(self, spec: ArchSpec, cin: int, width: int, cout: int, stride: int, gates: bool):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, width, 3, stride), nn.BatchNorm2d(width)
+        self.gate1, self.relu1 = _gate(width, "unit", gates), nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = _conv(width, cout, 3), nn.BatchNorm2d(cout)
+        self.layer_gate = _gate(1, "layer", gates)
+        self.downsample = _shortcut(spec, cin, cout, stride)
+        self.relu = nn.ReLU(inplace=True)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.gate1(self.bn1(self.conv1(x))))
+        return self.bn2(self.conv2(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(identity + self.layer_gate(self.branch(x)))
+
+
+class Bottleneck(nn.Module):
+    """torchvision v1.5 bottleneck (stride on the 3x3) with unit gates after bn1 and bn2."""
+
+    def __init__(self, spec: ArchSpec, cin: int, widths: tuple[int, int], cout: int, stride: int, gates: bool):
+        super().__init__()
+        w1, w2 = widths
+        self.conv1, self.bn1 = _conv(cin, w1, 1), nn.BatchNorm2d(w1)
+        self.gate1, self.relu1 = _gate(w1, "unit", gates), nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = _conv(w1, w2, 3, stride), nn.BatchNorm2d(w2)
+        self.gate2, self.relu2 = _gate(w2, "unit", gates), nn.ReLU(inplace=True)
+        self.conv3, self.bn3 = _conv(w2, cout, 1), nn.BatchNorm2d(cout)
+        self.layer_gate = _gate(1, "layer", gates)
+        self.downsample = _shortcut(spec, cin, cout, stride)
+        self.relu = nn.ReLU(inplace=True)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.gate1(self.bn1(self.conv1(x))))
+        out = self.relu2(self.gate2(self.bn2(self.conv2(out))))
+        return self.bn3(self.conv3(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(identity + self.layer_gate(self.branch(x)))
+
+
+class RemovedBlock(nn.Module):
+    """What is left of a removed block: its shortcut (identity, option A, or projection)."""
+
+    def __init__(self, spec: ArchSpec, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.downsample = _shortcut(spec, cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is None:
+            return x  # relu(x) == x: the input is already the output of a ReLU
+        return F.relu(self.downsample(x))
+
+
+class GatedResNet(nn.Module):
+    """A (possibly pruned) ResNet built from ``spec``; ``gates=False`` builds it without gates."""
+
+    def __init__(self, spec: ArchSpec, gates: bool = True):
+        super().__init__()
+        spec.validate()
+        self.family, self.block_kind, self.shortcut_kind = spec.family, spec.block, spec.shortcut
+        self.arch_name, self.input_size, self.has_gates = spec.name, spec.input_size, gates
+        self.stage_widths = tuple(spec.stage_widths)
+        if spec.family == "cifar":
+            self.conv1 = _conv(spec.in_channels, spec.stem_width, 3)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(spec.stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        for s, stage in enumerate(spec.blocks):
+            mods = []
+            for b, blk in enumerate(stage):
+                cin, cout, stride = spec.block_io(s, b)
+                mods.append(self._make_block(spec, blk, cin, cout, stride, gates))
+            self.add_module(f"layer{s + 1}", nn.Sequential(*mods))
+        self.num_stages = len(spec.blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(spec.stage_widths[-1], spec.num_classes)
+        self._init_weights()
+
+    @staticmethod
+    def _make_block(spec: ArchSpec, blk: BlockSpec, cin: int, cout: int, stride: int, gates: bool) -> nn.Module:
+        if blk.removed:
+            return RemovedBlock(spec, cin, cout, stride)
+        if spec.block == "basic":
+            return BasicBlock(spec, cin, blk.inner[0], cout, stride, gates)
+        return Bottleneck(spec, cin, (blk.inner[0], blk.inner[1]), cout, stride, gates)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{s + 1}") for s in range(self.num_stages)]
+
+    def named_blocks(self) -> Iterator[tuple[str, nn.Module]]:
+        for s, stage in enumerate(self.stages()):
+            for b, blk in enumerate(stage):
+                yield f"layer{s + 1}.{b}", blk
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            x = stage(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+    def spec(self) -> ArchSpec:
+        """The spec read off the modules' actual shapes (so spec -> model -> spec is a real check)."""
+        blocks = []
+        for stage in self.stages():
+            row = []
+            for blk in stage:
+                if isinstance(blk, RemovedBlock):
+                    n = 2 if self.block_kind == "bottleneck" else 1
+                    row.append(BlockSpec((0,) * n, removed=True))
+                elif isinstance(blk, Bottleneck):
+                    row.append(BlockSpec((blk.conv1.out_channels, blk.conv2.out_channels)))
+                else:
+                    row.append(BlockSpec((blk.conv1.out_channels,)))
+            blocks.append(tuple(row))
+        return ArchSpec(
+            name=self.arch_name, family=self.family, block=self.block_kind,
+            num_classes=self.fc.out_features, input_size=self.input_size,
+            stem_width=self.conv1.out_channels,
+            stage_widths=self.stage_widths,  # the residual stream is never pruned
+            blocks=tuple(blocks), shortcut=self.shortcut_kind, in_channels=self.conv1.in_channels,
+        )
+
+
+def build_model(spec: ArchSpec, gates: bool = True) -> GatedResNet:
+    """Pure constructor: the network ``spec`` describes, freshly initialised."""
+    return GatedResNet(spec, gates=gates)
+
+
+def gates_of(model: nn.Module) -> dict[str, Gate]:
+    """All gates by module name, e.g. ``{"layer1.0.gate1": Gate, "layer1.0.layer_gate": Gate}``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Gate)}
+
+
+def set_gate_mode(model: nn.Module, unit: str | None = None, layer: str | None = None,
+                  per_example: bool | None = None) -> None:
+    """Set the mode of every unit and/or layer gate (``None`` leaves that kind unchanged)."""
+    for g in gates_of(model).values():
+        mode = unit if g.kind == "unit" else layer
+        if mode is not None:
+            if mode not in GATE_MODES:
+                raise ValueError(f"unknown gate mode {mode!r}; use one of {GATE_MODES}")
+            g.mode = mode
+        if per_example is not None:
+            g.per_example = per_example
+
+
+def gate_modes(model: nn.Module) -> dict[str, tuple[str, bool]]:
+    return {n: (g.mode, g.per_example) for n, g in gates_of(model).items()}
+
+
+def load_torchvision_state_dict(model: GatedResNet, state: dict[str, torch.Tensor]) -> None:
+    """Load a torchvision ``resnetXX`` state_dict; only gate parameters may be missing."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad_missing = [k for k in missing if not k.endswith(".theta")]
+    if bad_missing or unexpected:
+        raise SpecError(f"state_dict does not match {model.arch_name}: missing {bad_missing[:5]}, "
+                        f"unexpected {list(unexpected)[:5]}")

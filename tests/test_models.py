@@ -1,0 +1,102 @@
+"""Gated ResNets: torchvision equivalence, spec round-trip, gate modes."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from system.models.resnet import Gate, build_model, gates_of, load_torchvision_state_dict, set_gate_mode
+from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_dense_model_matches_torchvision(name):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)(num_classes=7).eval()
+    model = build_model(dense_spec(name, num_classes=7, input_size=64)).eval()
+    load_torchvision_state_dict(model, tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tv(x), rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for n, p in model.named_parameters() if not n.endswith("theta")) == \
+        sum(p.numel() for p in tv.parameters())
+
+
+def test_torchvision_mismatch_is_named():
+    model = build_model(dense_spec("resnet18"))
+    sd = torchvision.models.resnet34().state_dict()
+    with pytest.raises(SpecError, match="does not match resnet18"):
+        load_torchvision_state_dict(model, sd)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("shortcut", [None, "B"])
+def test_spec_model_spec_roundtrip(name, shortcut):
+    spec = dense_spec(name, shortcut=shortcut)
+    model = build_model(spec)
+    assert model.spec() == spec
+    assert ArchSpec.from_json(json.dumps(json.loads(spec.to_json()))) == spec
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_cifar_forward_shapes(shortcut):
+    model = build_model(dense_spec("resnet20", shortcut=shortcut, input_size=28))
+    assert model(torch.randn(3, 3, 28, 28)).shape == (3, 10)
+    has_proj = any(n.endswith("downsample.0.weight") for n, _ in model.named_parameters())
+    assert has_proj == (shortcut == "B")
+
+
+def test_unknown_model_name_is_named():
+    with pytest.raises(SpecError, match="unknown model name 'resnet7'"):
+        dense_spec("resnet7")
+
+
+def test_bad_spec_names_the_block():
+    d = json.loads(dense_spec("resnet20").to_json())
+    d["blocks"][1][2]["inner"] = [0]
+    with pytest.raises(SpecError, match="layer2.2"):
+        ArchSpec.from_dict(d)
+
+
+def test_gate_placement_and_modes():
+    model = build_model(dense_spec("resnet50", input_size=32, num_classes=5))
+    names = set(gates_of(model))
+    assert "layer1.0.gate1" in names and "layer1.0.gate2" in names and "layer1.0.layer_gate" in names
+    assert "layer1.0.gate3" not in names  # the stream (conv3) is never unit-gated
+    assert len([n for n in names if n.endswith("layer_gate")]) == 16
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    set_gate_mode(model, unit="off", layer="off")
+    y_off = model(x)
+    set_gate_mode(model, unit="deterministic", layer="deterministic")
+    torch.testing.assert_close(model(x), y_off)  # theta = 1 -> all gates on
+    set_gate_mode(model, unit="mean", layer="mean")
+    torch.testing.assert_close(model(x), y_off)
+
+
+def test_sampled_gate_is_bernoulli_with_straight_through_gradient():
+    torch.manual_seed(0)
+    g = Gate(4, "unit")
+    g.mode = "sampled"
+    with torch.no_grad():
+        g.theta.copy_(torch.tensor([0.0, 1.0, 0.5, 0.25]))
+    vals = torch.stack([g.value(1, torch.float32).detach()[0] for _ in range(4000)])
+    assert set(vals.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(vals.mean(0), torch.tensor([0.0, 1.0, 0.5, 0.25]), atol=0.03, rtol=0)
+    x = torch.randn(2, 4, 3, 3)
+    y = g(x)
+    y.sum().backward()
+    xi = (y / x)[0, :, 0, 0].detach()
+    torch.testing.assert_close(g.theta.grad, x.sum(dim=(0, 2, 3)))  # dL/dxi, whatever xi was
+    assert set(xi.round().tolist()) <= {0.0, 1.0}
+
+
+def test_per_example_sampling_differs_across_examples():
+    torch.manual_seed(0)
+    g = Gate(64, "unit")
+    g.mode, g.per_example = "sampled", True
+    with torch.no_grad():
+        g.theta.fill_(0.5)
+    v = g.value(8, torch.float32)
+    assert v.shape == (8, 64) and not torch.equal(v[0], v[1])
