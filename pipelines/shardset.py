@@ -1,0 +1,243 @@
+"""On-disk format of a shard set, shared by the shard writer and the loaders.
+
+A shard set is a directory::
+
+    manifest.json           classes, per-split shard list (samples, bytes, sha256), skipped inputs
+    train-000000.tar        WebDataset tar: members ``<key>.jpg`` and ``<key>.cls`` (ASCII class id)
+    train-000000.idx        DALI index (``v1.2 <n>`` then ``jpg <offset> <size> <name> cls ...`` per sample)
+    val-000000.tar / .idx
+
+``ShardSet.open(root)`` validates the directory against its manifest and raises an error naming the
+offending file when it does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "parsimony-wds/1"
+MANIFEST = "manifest.json"
+INDEX_VERSION = "v1.2"
+EXTS = ("jpg", "cls")
+
+
+class ShardSetError(ValueError):
+    """A shard set on disk is missing, empty or does not match its manifest (the message names the file)."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name, fsync, then rename: readers never see a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardIndex:
+    """Per-sample byte ranges of one tar shard (data offsets, as in DALI's index format)."""
+
+    keys: list[str]
+    jpg: np.ndarray  # (n, 2) int64: offset, size
+    cls: np.ndarray  # (n, 2) int64
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lines(self, rows) -> list[str]:
+        """DALI index lines for samples ``rows`` (any order, repeats allowed)."""
+        return [
+            f"jpg {self.jpg[i, 0]} {self.jpg[i, 1]} {self.keys[i]}.jpg "
+            f"cls {self.cls[i, 0]} {self.cls[i, 1]} {self.keys[i]}.cls"
+            for i in rows
+        ]
+
+
+def write_index(path: Path, lines: list[str]) -> None:
+    atomic_write_text(path, f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+
+
+def read_index(path: Path) -> ShardIndex:
+    """Parse a DALI ``v1.2`` index written by ``pipelines.shards`` (or ``wds2idx``)."""
+    try:
+        text = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ShardSetError(f"{path}: cannot read index file: {exc}") from None
+    if not text or not text[0].startswith("v1.2 "):
+        raise ShardSetError(f"{path}: not a DALI v1.2 index file")
+    n = int(text[0].split()[1])
+    rows = text[1 : 1 + n]
+    if len(rows) != n:
+        raise ShardSetError(f"{path}: header says {n} samples, found {len(rows)} lines")
+    keys: list[str] = []
+    jpg = np.zeros((n, 2), np.int64)
+    cls = np.zeros((n, 2), np.int64)
+    for i, line in enumerate(rows):
+        tok = line.split()
+        comps = {tok[j]: tok[j + 1 : j + 4] for j in range(0, len(tok), 4)}
+        if "jpg" not in comps or "cls" not in comps:
+            raise ShardSetError(f"{path}: sample {i} lacks a .jpg or .cls component")
+        jpg[i] = int(comps["jpg"][0]), int(comps["jpg"][1])
+        cls[i] = int(comps["cls"][0]), int(comps["cls"][1])
+        keys.append(comps["jpg"][2].rsplit(".", 1)[0])
+    return ShardIndex(keys, jpg, cls)
+
+
+class TarShardWriter:
+    """Deterministic tar writer (fixed metadata, so identical input gives identical bytes).
+
+    Writes to ``<final>.tmp``; ``close()`` fsyncs and renames the index, then the tar, to their
+    final names, so an interrupted run never leaves a partial shard under a final name.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self.lines: list[str] = []
+        self.count = 0
+
+    def _add(self, name: str, data: bytes) -> tuple[int, int]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+        header = self._f.tell()
+        self._tar.addfile(info, io.BytesIO(data))
+        return header + tarfile.BLOCKSIZE, len(data)
+
+    def write(self, key: str, jpg: bytes, label: int) -> None:
+        jo, js = self._add(f"{key}.jpg", jpg)
+        co, cs = self._add(f"{key}.cls", str(int(label)).encode())
+        self.lines.append(f"jpg {jo} {js} {key}.jpg cls {co} {cs} {key}.cls")
+        self.count += 1
+
+    @property
+    def bytes(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> dict:
+        """Finish the shard; returns its manifest entry."""
+        self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        write_index(self.path.with_suffix(".idx"), self.lines)
+        os.replace(self.tmp, self.path)
+        return {
+            "file": self.path.name,
+            "index": self.path.with_suffix(".idx").name,
+            "samples": self.count,
+            "bytes": self.path.stat().st_size,
+            "sha256": sha256_file(self.path),
+        }
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Shard:
+    path: Path
+    index_path: Path
+    samples: int
+    _index: ShardIndex | None = field(default=None, repr=False)
+
+    @property
+    def index(self) -> ShardIndex:
+        if self._index is None:
+            self._index = read_index(self.index_path)
+        return self._index
+
+
+@dataclass
+class ShardSet:
+    """A validated shard directory: classes and the shards of each split."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[Shard]]
+    manifest: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def shards(self, split: str) -> list[Shard]:
+        if split not in self.splits:
+            raise ShardSetError(f"{self.root / MANIFEST}: no split {split!r} (has {sorted(self.splits)})")
+        return self.splits[split]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.samples for s in self.shards(split))
+
+    @classmethod
+    def open(cls, root: str | Path, verify_checksums: bool = False) -> "ShardSet":
+        """Read and check ``root/manifest.json`` against the files beside it.
+
+        Raises:
+            ShardSetError: missing or empty directory, missing manifest, a shard or index missing,
+                a size / sample count / checksum that differs from the manifest. The message names the file.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise ShardSetError(f"{root}: shard directory does not exist")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            empty = not any(root.iterdir())
+            raise ShardSetError(f"{mpath}: no manifest" + (" (the directory is empty)" if empty else ""))
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ShardSetError(f"{mpath}: unreadable manifest: {exc}") from None
+        if manifest.get("format") != FORMAT:
+            raise ShardSetError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        classes_meta = manifest.get("classes", [])
+        if [c.get("id") for c in classes_meta] != list(range(len(classes_meta))) or not classes_meta:
+            raise ShardSetError(f"{mpath}: class ids must be 0..C-1 in order")
+        classes = [c["name"] for c in classes_meta]
+        splits: dict[str, list[Shard]] = {}
+        for split, meta in manifest.get("splits", {}).items():
+            shards = []
+            if not meta.get("shards"):
+                raise ShardSetError(f"{mpath}: split {split!r} has no shards")
+            for entry in meta["shards"]:
+                path, ipath = root / entry["file"], root / entry["index"]
+                for p in (path, ipath):
+                    if not p.is_file():
+                        raise ShardSetError(f"{p}: listed in {mpath} but missing")
+                size = path.stat().st_size
+                if size != entry["bytes"]:
+                    raise ShardSetError(f"{path}: {size} bytes on disk, manifest says {entry['bytes']}")
+                with open(ipath) as f:
+                    head = f.readline().split()
+                if len(head) != 2 or head[0] != INDEX_VERSION or int(head[1]) != entry["samples"]:
+                    raise ShardSetError(f"{ipath}: index header {head} does not match {entry['samples']} samples")
+                if verify_checksums and sha256_file(path) != entry["sha256"]:
+                    raise ShardSetError(f"{path}: sha256 differs from {mpath}")
+                shards.append(Shard(path, ipath, int(entry["samples"])))
+            if sum(s.samples for s in shards) != meta.get("num_samples"):
+                raise ShardSetError(f"{mpath}: split {split!r} num_samples does not match its shards")
+            splits[split] = shards
+        if not splits:
+            raise ShardSetError(f"{mpath}: no splits")
+        return cls(root, classes, splits, manifest)
