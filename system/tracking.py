@@ -76,6 +76,9 @@ TAG_CODE_VERSION = "code_version"
 TAG_FALLBACK = "parsimony.tracking_fallback_from"   # set when the local store stood in for a server
 TAG_RESUMED_FROM = "parsimony.resumed_from"         # set when a requeued job could not find its run
 
+# Makes the MLflow UI open the experiment on its runs table rather than the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
 SUMMARY_ARTIFACT = "summary.json"
 LAYER_WIDTHS_ARTIFACT = "layer_widths.png"
 UNSENT_FILE = "mlflow_unsent.jsonl"
@@ -387,7 +390,9 @@ class MLflowTracker:
                 location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / self.cfg.experiment
                             ).as_uri() if is_local else None
                 try:
-                    return client, client.create_experiment(self.cfg.experiment, artifact_location=location)
+                    return client, client.create_experiment(
+                        self.cfg.experiment, artifact_location=location,
+                        tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
                 except MlflowException:   # another process created it meanwhile
                     exp = client.get_experiment_by_name(self.cfg.experiment)
                     if exp is None:
@@ -565,7 +570,7 @@ class MLflowTracker:
         self._down_until = time.monotonic() + self.cfg.retry_after_s
         msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         (log.warning if first else log.debug)(
-            "tracking store %s failed (%s); keeping items in %s and retrying in %.0f s",
+            "tracking store %s failed (%s); keeping items in %s and retrying in %g s",
             self.uri, msg, self.spool_path, self.cfg.retry_after_s)
 
     def _spool(self, rec: dict[str, Any], count: int | None = None) -> None:
@@ -605,6 +610,7 @@ class MLflowTracker:
             self._dropped -= self._count(rec)
         self._rewrite_spool()
         if not self._pending:
+            self._down_until = 0.0      # a later outage is announced again
             log.info("tracking store %s answers again; backlog delivered", self.uri)
         return not self._pending
 

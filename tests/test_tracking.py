@@ -262,3 +262,39 @@ def test_plot_layer_widths_writes_png(tmp_path):
     from PIL import Image
     with Image.open(out) as im:
         assert im.size == (1000, 600)
+
+
+def _chromium() -> str | None:
+    import shutil
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (Debian package `chromium`)")
+def test_mlflow_ui_renders_runs(mlflow_server, tmp_path):
+    """The MLflow UI (headless Chromium) shows our runs on its runs table and compare page."""
+    import subprocess
+    from urllib.parse import quote
+
+    cfg = _cfg(mlflow_server.uri)
+    ids = []
+    for name, top1 in (("ui-dense-run", 76.25), ("ui-gate-run", 74.75)):
+        tracker = make_tracker(cfg, 0, tmp_path)
+        ids.append(tracker.start(name, tags={TAG_METHOD: name}))
+        tracker.log_metrics({VAL_TOP1: top1}, step=1)
+        tracker.end()
+    exp_id = _client(mlflow_server.uri).get_experiment_by_name(cfg.experiment).experiment_id
+
+    def dom(fragment: str) -> str:
+        out = subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom",
+             f"{mlflow_server.uri}/#/{fragment}"],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    runs_page = dom(f"experiments/{exp_id}/runs")
+    assert "ui-dense-run" in runs_page and "ui-gate-run" in runs_page
+    compare = dom("compare-runs?runs=" + quote(json.dumps(ids)) + "&experiments=" + quote(json.dumps([exp_id])))
+    assert "ui-dense-run" in compare and "ui-gate-run" in compare
+    assert "76.25" in compare and "74.75" in compare
