@@ -32,7 +32,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipelines.shardset import FORMAT, MANIFEST, TarShardWriter, atomic_write_text
@@ -124,8 +124,11 @@ def check_image(path: str) -> tuple[bytes | None, str, bool]:
             buf = io.BytesIO()
             im.convert("RGB").save(buf, "JPEG", quality=95)
             return buf.getvalue(), "", True
+    except UnidentifiedImageError:
+        return None, "corrupt: not a decodable image", False
     except Exception as exc:  # PIL raises many types for bad input
-        return None, f"{type(exc).__name__}: {exc}", False
+        reason = f"{type(exc).__name__}: {exc}"
+        return None, ("truncated: " if "truncat" in reason.lower() else "corrupt: ") + reason, False
 
 
 def _checked(paths: list[str], workers: int) -> Iterator[tuple[bytes | None, str, bool]]:
