@@ -1,0 +1,98 @@
+"""Engines: how a training step runs.  ``LocalEngine`` is plain torch in one process;
+``system.engine_ds.DeepSpeedEngine`` wraps the same model and optimizer with DeepSpeed.
+
+Both expose the unwrapped ``model`` and the torch ``optimizer`` (pruning always works on
+those) and ``rebuild(model, optimizer)`` for after a pruning event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, from the usual launcher variables."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        env = os.environ
+        return cls(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
+                   local_rank=int(env.get("LOCAL_RANK", 0)))
+
+
+def pick_device(pref: str, local_rank: int) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("config key 'train.device': cuda requested but no GPU is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class LocalEngine:
+    """One process, plain torch: forward, backward, step."""
+
+    kind = "local"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 precision: str = "fp32", channels_last: bool = False):
+        self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.rebuild(model, optimizer)
+
+    def rebuild(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = optimizer
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.model(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpoint contract (DeepSpeedEngine implements the same two calls) ------------
+    def save_state(self, directory: Path) -> None:
+        """Write model and optimizer state into ``directory`` (all ranks call; rank 0 writes)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   Path(directory) / "engine_state.pt")
+
+    def load_state(self, directory: Path) -> None:
+        """Load what :meth:`save_state` wrote; the model must already have the saved spec."""
+        state = torch.load(Path(directory) / "engine_state.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,46 @@
+"""Pruning methods as plug-ins: ``build_method(cfg, total_steps)`` picks one by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from system.config import check
+from system.methods.base import Method, StepContext
+from system.methods.egp import EGP, EGPConfig
+from system.methods.taylor import Taylor, TaylorConfig
+from system.methods.variational import Variational, VariationalConfig
+
+METHODS = {"none": Method, "variational": Variational, "taylor": Taylor, "egp": EGP}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Section ``method``: which plug-in, and each plug-in's own sub-section.
+
+    Unit-only and layer-only are ``name: variational`` with ``variational.layer_gates=false``
+    (and ``alpha: 0``) or ``variational.unit_gates=false``; ``label`` names the row in tables.
+    """
+
+    name: Literal["none", "variational", "taylor", "egp"] = "none"
+    label: str = ""  # e.g. "unit_only"; defaults to name
+    variational: VariationalConfig = field(default_factory=VariationalConfig)
+    taylor: TaylorConfig = field(default_factory=TaylorConfig)
+    egp: EGPConfig = field(default_factory=EGPConfig)
+
+    def __post_init__(self) -> None:
+        check(self.name in METHODS, "name", f"unknown method {self.name!r}; known: {sorted(METHODS)}")
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+def build_method(cfg: MethodConfig, total_steps: int) -> Method:
+    if cfg.name == "none":
+        return Method(None, total_steps)
+    return METHODS[cfg.name](getattr(cfg, cfg.name), total_steps)
+
+
+__all__ = ["Method", "MethodConfig", "StepContext", "build_method", "METHODS",
+           "VariationalConfig", "TaylorConfig", "EGPConfig"]

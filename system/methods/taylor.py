@@ -1,0 +1,150 @@
+"""Taylor-FO-BN importance pruning (Molchanov et al., CVPR 2019), re-implemented from the paper.
+
+Gates ``z = 1`` sit after BN on the same channels as the variational unit gates (mode
+``mean`` with theta fixed at 1, so ``dL/dz`` is theta's gradient; theta's lr is 0).  The
+score of a gate is ``(dL/dz)^2``, averaged over ``check_every`` mini-batches, then smoothed
+across pruning steps with ``momentum``.  All gates are ranked globally; at each pruning step
+the ``per_step`` lowest go, until ``keep_ratio`` of the gates remain; then the network is
+fine-tuned.  A block that would lose every unit is removed whole (it becomes its shortcut).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from system.config import check
+from system.methods.base import Method, StepContext, remap_vector, unit_and_layer_gates
+from system.models.resnet import GatedResNet, set_gate_mode
+from system.surgery import PrunePlan, Slices
+
+
+@dataclass(frozen=True)
+class TaylorConfig:
+    """Section ``method.taylor``."""
+
+    keep_ratio: float = 0.72  # fraction of the prunable gates kept at the end
+    check_every: int = 30  # mini-batches averaged per pruning step
+    per_step: int = 100  # gates removed per pruning step (0: per_step_frac of all gates)
+    per_step_frac: float = 0.0
+    momentum: float = 0.9  # smoothing of scores across pruning steps
+    start_frac: float = 0.2  # train dense for this fraction of the steps first
+    stop_frac: float = 0.7  # stop pruning here at the latest; the rest is fine-tuning
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.keep_ratio <= 1.0, "keep_ratio", "must be in (0, 1]")
+        check(self.check_every >= 1, "check_every", "must be >= 1")
+        check(self.per_step >= 0, "per_step", "must be >= 0")
+        check(0.0 <= self.per_step_frac < 1.0, "per_step_frac", "must be in [0, 1)")
+        check(self.per_step > 0 or self.per_step_frac > 0, "per_step", "per_step or per_step_frac must be > 0")
+        check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        check(0.0 <= self.start_frac < self.stop_frac <= 1.0, "start_frac", "need 0 <= start_frac < stop_frac <= 1")
+
+
+class Taylor(Method):
+    name = "taylor"
+
+    def __init__(self, cfg: TaylorConfig, total_steps: int):
+        super().__init__(cfg, total_steps)
+        self.acc: dict[str, torch.Tensor] = {}
+        self.smooth: dict[str, torch.Tensor] = {}
+        self.n_acc = 0
+        self.n_events = 0
+        self.total_gates: int | None = None
+        self.removed = 0
+
+    def attach(self, model: GatedResNet) -> None:
+        set_gate_mode(model, unit="mean", layer="off")
+        unit, _ = unit_and_layer_gates(model)
+        with torch.no_grad():
+            for g in unit.values():
+                g.theta.fill_(1.0)
+        for n, g in unit.items():
+            self.acc.setdefault(n, torch.zeros_like(g.theta.detach()))
+        if self.total_gates is None:
+            self.total_gates = sum(g.theta.numel() for g in unit.values())
+
+    @property
+    def start_step(self) -> int:
+        return int(self.cfg.start_frac * self.total_steps)
+
+    @property
+    def stop_step(self) -> int:
+        return int(self.cfg.stop_frac * self.total_steps)
+
+    def after_backward(self, model: GatedResNet) -> None:
+        unit, _ = unit_and_layer_gates(model)
+        for n, g in unit.items():
+            if g.theta.grad is not None:
+                self.acc[n] += g.theta.grad.detach().pow(2)
+        self.n_acc += 1
+
+    def after_step(self, model: GatedResNet) -> None:
+        unit, _ = unit_and_layer_gates(model)
+        with torch.no_grad():  # z stays exactly 1 whatever the optimizer does
+            for g in unit.values():
+                g.theta.fill_(1.0)
+
+    def _target_remaining(self) -> int:
+        return int(round(self.cfg.keep_ratio * self.total_gates))
+
+    def check_due(self, step: int) -> bool:
+        return self.start_step < step <= self.stop_step and step % self.cfg.check_every == 0
+
+    def sync_tensors(self) -> list[torch.Tensor]:
+        return [self.acc[n] for n in sorted(self.acc)]
+
+    def on_step_end(self, ctx: StepContext) -> PrunePlan | None:
+        c = self.cfg
+        for n, a in self.acc.items():
+            avg = a / max(1, self.n_acc)
+            prev = self.smooth.get(n)
+            self.smooth[n] = avg.clone() if prev is None else c.momentum * prev + (1 - c.momentum) * avg
+            a.zero_()
+        self.n_acc = 0
+        unit, _ = unit_and_layer_gates(ctx.model)
+        remaining = sum(g.theta.numel() for g in unit.values())
+        excess = remaining - self._target_remaining()
+        if excess <= 0:
+            return None
+        per = c.per_step if c.per_step > 0 else max(1, int(c.per_step_frac * self.total_gates))
+        k = min(per, excess)
+        names = sorted(self.smooth)
+        scores = torch.cat([self.smooth[n] for n in names])
+        owner = [(n, i) for n in names for i in range(self.smooth[n].numel())]
+        # stable global ranking: ties broken by position so every rank agrees
+        order = sorted(range(len(owner)), key=lambda j: (float(scores[j]), j))[:k]
+        chosen: dict[str, list[int]] = {}
+        for j in order:
+            n, i = owner[j]
+            chosen.setdefault(n, []).append(i)
+        units, blocks = {}, []
+        for n, idx in chosen.items():
+            block = n.rsplit(".", 1)[0]
+            if len(idx) == self.smooth[n].numel():
+                if block not in blocks:
+                    blocks.append(block)
+            else:
+                units[n] = tuple(sorted(idx))
+        units = {n: v for n, v in units.items() if n.rsplit(".", 1)[0] not in blocks}
+        return PrunePlan(units=units, blocks=tuple(blocks))
+
+    def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
+        for store in (self.acc, self.smooth):
+            new = remap_vector(store, plan, slices)
+            store.clear()
+            store.update(new)
+        self.n_events += 1
+        self.removed += plan.n_channels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"acc": self.acc, "smooth": self.smooth, "n_acc": self.n_acc, "n_events": self.n_events,
+                "total_gates": self.total_gates, "removed": self.removed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.acc = {k: v.clone() for k, v in state["acc"].items()}
+        self.smooth = {k: v.clone() for k, v in state["smooth"].items()}
+        self.n_acc, self.n_events = int(state["n_acc"]), int(state["n_events"])
+        self.total_gates, self.removed = state["total_gates"], int(state["removed"])

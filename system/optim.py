@@ -1,0 +1,85 @@
+"""Optimizer parameter groups and the learning-rate schedule.
+
+Groups (each carries a ``name`` key, kept through surgery): ``decay`` (conv and fc weights),
+``no_decay`` (BN parameters and biases, unless ``optim.decay_bn_bias``), ``theta_unit`` and
+``theta_layer`` (gate parameters: plain SGD, no decay, the method's own lr).  With the
+variational method's gated decay, branch convs move to ``no_decay`` and are decayed through
+the theta-weighted penalty in the loss instead.
+
+The schedule is a pure function of the step (:func:`lr_at`), so a rebuilt optimizer or a
+resumed run continues at exactly the same learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from system.models.resnet import GatedResNet
+from system.run_config import OptimConfig
+
+
+def param_groups(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, float], lr: float,
+                 gated_decay: bool) -> list[dict]:
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "theta_unit": [], "theta_layer": []}
+    for name, p in model.named_parameters():
+        if name.endswith(".theta"):
+            groups["theta_layer" if name.endswith("layer_gate.theta") else "theta_unit"].append(p)
+        elif p.dim() <= 1:
+            groups["decay" if cfg.decay_bn_bias else "no_decay"].append(p)
+        elif gated_decay and ".conv" in name and name.startswith("layer"):
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    out = []
+    for gname, params in groups.items():
+        if not params:
+            continue
+        theta = gname.startswith("theta")
+        base = theta_lrs["unit" if gname == "theta_unit" else "layer"] if theta else lr
+        out.append({"name": gname, "params": params, "base_lr": base, "lr": base,
+                    "weight_decay": cfg.weight_decay if gname == "decay" else 0.0,
+                    **({"momentum": 0.0, "nesterov": False} if theta and cfg.name == "sgd" else {})})
+    return out
+
+
+def build_optimizer(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, float], global_batch: int,
+                    gated_decay: bool = False) -> torch.optim.Optimizer:
+    lr = scaled_lr(cfg, global_batch)
+    groups = param_groups(model, cfg, theta_lrs, lr, gated_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    return cfg.lr * global_batch / cfg.lr_batch if cfg.lr_batch else cfg.lr
+
+
+def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the weights' base lr at ``step`` (0-based): linear warm-up, then the schedule."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total_steps - warm)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** sum(1 for m in cfg.step_milestones if t >= m)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def set_lrs(opt: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int,
+            theta_on: bool) -> float:
+    """Set every group's lr for ``step``; returns the weights' lr (for logging)."""
+    f = lr_factor(cfg, step, total_steps, steps_per_epoch)
+    weights_lr = 0.0
+    for g in opt.param_groups:
+        if g["name"].startswith("theta"):
+            g["lr"] = g["base_lr"] if theta_on else 0.0
+        else:
+            base = g["base_lr"]
+            g["lr"] = cfg.min_lr + (base - cfg.min_lr) * f if base > cfg.min_lr else base * f
+            weights_lr = g["lr"]
+    return weights_lr
