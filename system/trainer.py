@@ -152,6 +152,10 @@ class Trainer:
         logits = self.engine.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
         total = loss
+        sur = self.method.surrogate_loss(model, self.engine.forward, x, y, lambda lg, t: F.cross_entropy(
+            lg.float(), t, label_smoothing=cfg.optim.label_smoothing), self.state.step)
+        if sur is not None:
+            total = total + sur
         reg = self.method.regularizer(model, self.state.step)
         if reg is not None:
             total = total + reg

@@ -77,6 +77,11 @@ class Method:
     def regularizer(self, model: GatedResNet, step: int) -> torch.Tensor | None:
         return None
 
+    def surrogate_loss(self, model: GatedResNet, forward, x: torch.Tensor, y: torch.Tensor, loss_fn,
+                       step: int) -> torch.Tensor | None:
+        """A term whose gradient carries an estimator the autograd path cannot (called before backward)."""
+        return None
+
     def after_backward(self, model: GatedResNet) -> None:
         pass
 

@@ -124,6 +124,8 @@ class Variational(Method):
         set_gate_mode(model, unit=mode_u, layer=mode_l, per_example=c.per_example)
         for g in gates_of(model).values():
             g.threshold = c.threshold
+            # exact estimator: layer thetas get E[CE(xi=1) - CE(xi=0)] via surrogate_loss instead
+            g.straight_through = not (g.kind == "layer" and c.estimator == "exact_layer")
         if self.full is None:
             spec = model.spec()
             self.full = tuple(float(v) for v in count(spec))
@@ -138,7 +140,9 @@ class Variational(Method):
         return {"unit": c.lr_unit if c.unit_gates else 0.0, "layer": c.lr_layer if c.layer_gates else 0.0}
 
     def theta_active(self, step: int) -> bool:
-        return step >= self.warmup_steps and not self.hardened
+        # nu = 0 is "accuracy only": without a complexity price theta is not trained (it stays 1),
+        # so stochastic noise in the data gradient cannot prune anything.
+        return self.cfg.nu > 0 and step >= self.warmup_steps and not self.hardened
 
     # -- loss ---------------------------------------------------------------------------
     def _active(self, model: GatedResNet):
@@ -164,6 +168,29 @@ class Variational(Method):
             pen = sum((g.theta * (1 - g.theta)).sum() for g in {**unit, **layer}.values())
             terms.append(c.harden_strength * ramp * pen)
         return sum(terms) if terms else None
+
+    def surrogate_loss(self, model, forward, x, y, loss_fn, step):
+        """``exact_layer``: d/dtheta_B of E[CE] = E[CE(xi_B=1) - CE(xi_B=0)], one sample of the rest."""
+        if self.cfg.estimator != "exact_layer" or not self.cfg.layer_gates or not self.theta_active(step):
+            return None
+        _, layer = unit_and_layer_gates(model)
+        diffs, thetas = [], []
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:  # the extra forwards must not move the running statistics
+            m.momentum = 0.0
+        with torch.no_grad():
+            for g in layer.values():
+                vals = []
+                for v in (1.0, 0.0):
+                    g.force = v
+                    vals.append(loss_fn(forward(x), y))
+                g.force = None
+                diffs.append(vals[0] - vals[1])
+                thetas.append(g.theta.reshape(()))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        return sum(d.detach() * t for d, t in zip(diffs, thetas))
 
     def gated_decay(self, model: GatedResNet, weight_decay: float) -> torch.Tensor | None:
         """sum over blocks of theta_B * (lambda/2) * [sum_u theta_u ||w_u||^2 + ||w_last||^2]."""

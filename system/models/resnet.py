@@ -41,6 +41,8 @@ class Gate(nn.Module):
         self.mode = "off"
         self.per_example = False
         self.threshold = 0.5
+        self.straight_through = True  # sampled mode: pass dL/dxi to theta
+        self.force: float | None = None  # if set, the gate value regardless of mode (exact estimator)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, n={self.theta.numel()}, mode={self.mode}"
@@ -49,6 +51,8 @@ class Gate(nn.Module):
         """The multiplier for this forward, shape (B or 1, n), or None in mode ``off``."""
         if self.mode == "off":
             return None
+        if self.force is not None:
+            return torch.full((1, self.theta.numel()), self.force, dtype=dtype, device=self.theta.device)
         theta = self.theta
         if self.mode == "deterministic":
             return (theta.detach() > self.threshold).to(dtype).unsqueeze(0)
@@ -58,6 +62,8 @@ class Gate(nn.Module):
             p = theta.detach().clamp(0.0, 1.0)
             shape = (batch, p.numel()) if self.per_example else (1, p.numel())
             xi = torch.bernoulli(p.expand(shape))
+            if not self.straight_through:
+                return xi.to(dtype)
             return (xi + theta - theta.detach()).to(dtype)
         raise ValueError(f"unknown gate mode {self.mode!r}; use one of {GATE_MODES}")
 

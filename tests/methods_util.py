@@ -1,0 +1,40 @@
+"""Shared helpers for tests that train tiny runs in-process."""
+
+from __future__ import annotations
+
+from system.config import apply_overrides, from_dict
+from system.run_config import RunConfig
+
+TINY = [
+    "model.name=resnet20", "data.loader=synthetic", "data.synthetic_classes=4", "data.synthetic_samples=512",
+    "data.batch_size=16", "data.train_size=16", "data.val_resize=16", "data.val_crop=16", "data.workers=0",
+    "train.epochs=1", "train.progress=false", "train.log_every_steps=5", "train.eval_batches=2",
+    "tracking.enabled=false", "optim.lr=0.05",
+]
+
+
+def tiny_config(tmp_path, *overrides: str) -> RunConfig:
+    data = apply_overrides({}, TINY + [f"run.root={tmp_path}", f"run.dir={tmp_path / 'run'}"] + list(overrides))
+    return from_dict(RunConfig, data)
+
+
+STRONG = {
+    "variational": ["method.name=variational", "method.variational.nu=30", "method.variational.lr_unit=0.5",
+                    "method.variational.lr_layer=0.5", "method.variational.warmup_frac=0",
+                    "method.variational.check_every=2", "method.variational.patience=1",
+                    "method.variational.harden=none", "method.variational.weight_condition=none"],
+    "unit_only": ["method.name=variational", "method.label=unit_only", "method.variational.layer_gates=false",
+                  "method.variational.alpha=0", "method.variational.nu=30", "method.variational.lr_unit=0.5",
+                  "method.variational.warmup_frac=0", "method.variational.check_every=2",
+                  "method.variational.patience=1", "method.variational.harden=none",
+                  "method.variational.weight_condition=none"],
+    "layer_only": ["method.name=variational", "method.label=layer_only", "method.variational.unit_gates=false",
+                   "method.variational.nu=30", "method.variational.lr_layer=1.0",
+                   "method.variational.warmup_frac=0", "method.variational.check_every=2",
+                   "method.variational.patience=1", "method.variational.harden=none",
+                   "method.variational.weight_condition=none"],
+    "taylor": ["method.name=taylor", "method.taylor.keep_ratio=0.5", "method.taylor.check_every=3",
+               "method.taylor.per_step=40", "method.taylor.start_frac=0.1", "method.taylor.stop_frac=0.9"],
+    "egp": ["method.name=egp", "method.egp.iterations=3", "method.egp.prune_frac=0.9",
+            "method.egp.start_frac=0.2", "method.egp.stop_frac=0.9"],
+}

@@ -1,0 +1,128 @@
+"""Every pruning method trains, prunes when strong, stays consistent; the config tree rejects bad input."""
+
+import json
+
+import pytest
+import torch
+
+from launch.inspect import main as inspect_main
+from system.config import ConfigError
+from system.models.resnet import gates_of
+from system.trainer import Trainer
+from tests.methods_util import STRONG, tiny_config
+
+
+def _train(tmp_path, *overrides, steps=24):
+    cfg = tiny_config(tmp_path, f"train.max_steps={steps}", *overrides)
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    return trainer, summary
+
+
+@pytest.mark.parametrize("method", sorted(STRONG))
+def test_strong_method_removes_structures_and_summary_matches_inspect(tmp_path, method, capsys):
+    trainer, summary = _train(tmp_path, *STRONG[method])
+    assert summary["prune_events"] >= 1
+    assert summary["channels_removed"] + summary["blocks_removed"] > 0
+    assert summary["macs"] < summary["macs_dense"]
+    assert summary["train_macs"] < summary["train_macs_dense"]  # later steps were cheaper
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["macs"] == summary["macs"]
+    capsys.readouterr()
+    assert inspect_main([str(run / "final" / "spec.json"), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert (rec["macs"], rec["params"]) == (summary["macs"], summary["params"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["method"]["name"] == trainer.cfg.method.name
+    for k in ("method", "model", "top1", "macs", "params", "macs_dense", "params_dense", "blocks_removed",
+              "channels_removed", "train_macs", "train_macs_dense", "wall_s"):
+        assert k in on_disk
+
+
+def test_training_macs_per_step_drop_after_a_removal(tmp_path):
+    trainer, summary = _train(tmp_path, *STRONG["variational"], steps=12)
+    # recompute: if every step had run on the final (smaller) network, train MACs would be lower still
+    per_step_dense = summary["train_macs_dense"] / summary["steps"]
+    per_step_final = 3.0 * summary["macs"] * 16
+    assert per_step_final < per_step_dense
+    assert per_step_final * summary["steps"] <= summary["train_macs"] < summary["train_macs_dense"]
+
+
+@pytest.mark.parametrize("method", ["variational", "unit_only", "layer_only"])
+def test_theta_stays_in_unit_interval(tmp_path, method):
+    cfg = tiny_config(tmp_path, "train.max_steps=20", *STRONG[method])
+    trainer = Trainer(cfg)
+    seen = []
+    orig = trainer.method.after_step
+
+    def spy(model):
+        orig(model)
+        seen.extend(float(v) for g in gates_of(model).values() for v in g.theta.detach().flatten())
+
+    trainer.method.after_step = spy
+    trainer.run()
+    assert seen and min(seen) >= 0.0 and max(seen) <= 1.0
+    assert min(seen) == 0.0  # the projection was actually exercised
+
+
+def test_nu_zero_prunes_nothing(tmp_path):
+    over = [o for o in STRONG["variational"] if "nu=" not in o] + ["method.variational.nu=0"]
+    _, summary = _train(tmp_path, *over)
+    assert summary["prune_events"] == 0 and summary["macs"] == summary["macs_dense"]
+
+
+@pytest.mark.parametrize("method", ["variational", "taylor"])
+def test_decisions_are_deterministic_for_a_fixed_seed(tmp_path, method):
+    digests = []
+    for i in range(2):
+        trainer, summary = _train(tmp_path / str(i), *STRONG[method], "train.seed=3", steps=16)
+        digests.append([e.digest for e in trainer.coord.events])
+        digests.append(summary["macs"])
+    assert digests[0] and digests[0] == digests[2] and digests[1] == digests[3]
+
+
+def test_egp_reports_sparsity(tmp_path):
+    trainer, summary = _train(tmp_path, *STRONG["egp"])
+    det = summary["method_details"]
+    assert 0.5 < det["sparsity"] < 1.0 and det["iterations"] == 3
+
+
+def test_exact_layer_estimator_runs_and_moves_layer_thetas(tmp_path):
+    over = STRONG["layer_only"] + ["method.variational.estimator=exact_layer"]
+    trainer, summary = _train(tmp_path, *over, steps=6)
+    assert summary["steps"] == 6
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method.variational.alpha=1.5", "method.variational.alpha"),
+    ("optim.lr=fast", "optim.lr"),
+    ("optim.learning_rate=0.1", "optim.learning_rate"),
+    ("model.name=resnet7", "model.name"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("method.name=magic", "method.name"),
+])
+def test_bad_config_names_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, override)
+    assert err.value.key == key
+
+
+def test_cli_refuses_bad_config_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "launch.train", "--config", "configs/demo.yaml",
+                        "method.variational.alpha=1.5", f"run.root={tmp_path}"], capture_output=True, text=True)
+    assert r.returncode == 2 and "method.variational.alpha" in r.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+def test_gradient_of_sampled_gate_flows_to_theta(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=1", *STRONG["variational"])
+    trainer = Trainer(cfg)
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.randint(0, 4, (4,))
+    trainer.train_step(x, y)
+    moved = [g for g in gates_of(trainer.model).values() if not torch.all(g.theta == 1)]
+    assert moved
