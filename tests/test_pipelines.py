@@ -153,6 +153,14 @@ def test_shard_tool_flat_val_needs_labels(tree, tmp_path):
     assert shards.main(["--src", str(src), "--out", str(tmp_path / "o"), "--workers", "1", "--no-progress",
                         "--val-labels", str(tree / "val_labels.txt"), "--max-count", "100"]) == 0
     assert ShardSet.open(tmp_path / "o").num_samples("val") == N
+    for c in range(3):  # val in class folders, the other ImageNet layout
+        (src / "valdirs" / f"n{c:08d}").mkdir(parents=True)
+        shutil.copy(tree / "val" / f"v{c + 4}.JPEG", src / "valdirs" / f"n{c:08d}" / "x.JPEG")
+    shutil.rmtree(src / "val")
+    (src / "valdirs").rename(src / "val")
+    shards.build(src, tmp_path / "o2", workers=1, progress=False)
+    _, batches = _epoch(DataConfig(loader="wds", root=str(tmp_path / "o2"), **SMALL), "val")
+    assert sorted(v for v in _labels(batches) if v != PAD) == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------------------------ plan
