@@ -69,6 +69,23 @@ def widths_of(spec: ArchSpec) -> dict[str, int]:
     return out
 
 
+def rng_neutral(loader):
+    """Iterate ``loader`` without advancing the global torch RNG.
+
+    Starting a DataLoader iterator draws its worker seeds from the global generator, which the
+    gates sample from; isolating it makes gate samples depend on the steps taken only, so a run
+    resumed mid-epoch samples exactly like the uninterrupted one (augmentation is seeded per sample).
+    """
+    it = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
 class Trainer:
     """Builds everything from a :class:`RunConfig` and runs it."""
 
@@ -275,7 +292,7 @@ class Trainer:
             while s.step < self.total_steps and s.epoch < cfg.train.epochs:
                 loader = build_loader(cfg.data, "train", self.env.rank, self.env.world_size, cfg.train.seed,
                                       s.epoch, start_batch=s.batch, device=self.device)
-                for x, y in loader:
+                for x, y in rng_neutral(loader):
                     loss = self.train_step(x, y)
                     s.batch += 1
                     n_log += 1
