@@ -191,8 +191,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe; a missing file or a non-mapping document is a clear error."""
+    """Read a recipe; a missing file or a non-mapping document is a clear error.
+
+    A recipe may start from another with ``base: other.yaml`` (relative to its own folder);
+    its keys override the base's, section by section.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError("--config", f"file not found: {p}")
@@ -202,6 +213,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("--config", f"{p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{p} must hold a mapping at top level")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError("base", f"{p}: 'base' must name a recipe file")
+        data = _merge(read_yaml(p.parent / base), data)
     return data
 
 

@@ -158,6 +158,13 @@ class Trainer:
     def spec(self) -> ArchSpec:
         return self.model.spec()
 
+    def current_macs(self) -> int:
+        """MACs of the network as it is now (cached; the model object changes at every pruning event)."""
+        key = id(self.model)
+        if getattr(self, "_macs_key", None) != key:
+            self._macs_key, self._macs = key, count(self.spec())[0]
+        return self._macs
+
     # ------------------------------------------------------------------ one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         cfg = self.cfg
@@ -184,7 +191,7 @@ class Trainer:
         self.method.after_backward(model)
         self.engine.step()
         self.method.after_step(model)
-        macs = count(self.spec())[0]
+        macs = self.current_macs()
         self.state.train_macs += 3.0 * macs * self.global_batch
         self.state.train_macs_dense += 3.0 * self.dense_macs * self.global_batch
         self.state.step += 1
@@ -298,7 +305,7 @@ class Trainer:
                     n_log += 1
                     if bar is not None and hasattr(bar, "update"):
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.3f}", macs=f"{count(self.spec())[0] / 1e6:.1f}M")
+                        bar.set_postfix(loss=f"{loss:.3f}", macs=f"{self.current_macs() / 1e6:.1f}M")
                     if s.step % cfg.train.log_every_steps == 0:
                         dt = time.perf_counter() - t_log
                         self.tracker.log_metrics({T.TRAIN_LOSS: loss, T.TRAIN_LR: self._lr,

@@ -1,0 +1,132 @@
+"""Training-step time: gate overhead and the speed-up of a physically pruned network.
+
+(a) torchvision ResNet vs our gated model with every gate on (sampled gates at theta = 1,
+    the training configuration) — the cost of the gates;
+(b) a model physically pruned to about 50% of the MACs (inner channels cut uniformly) vs the
+    dense one — the measured speed-up printed beside the MACs ratio.
+
+    python bench/bench_model.py                       # CPU, resnet20 @32 and resnet50 @64
+    python bench/bench_model.py --device cuda --precision bf16 --channels-last \
+        --models resnet50:224:128 resnet20:32:512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from system.complexity import count
+from system.models.resnet import build_model, gates_of, set_gate_mode
+from system.models.spec import dense_spec
+from system.surgery import PrunePlan, apply_plan
+
+
+def uniform_plan(model, keep: float) -> PrunePlan:
+    units = {}
+    for name, g in gates_of(model).items():
+        if g.kind == "unit":
+            n = g.theta.numel()
+            k = max(1, int(round(keep * n)))
+            units[name] = tuple(range(k, n))
+    return PrunePlan(units={k: v for k, v in units.items() if v})
+
+
+def plan_for_macs(model, target: float) -> tuple[PrunePlan, float]:
+    dense = count(model.spec())[0]
+    lo, hi = 0.05, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        _, spec, _ = apply_plan(model, uniform_plan(model, mid))
+        if count(spec)[0] / dense > target:
+            hi = mid
+        else:
+            lo = mid
+    plan = uniform_plan(model, hi)
+    _, spec, _ = apply_plan(model, plan)
+    return plan, count(spec)[0] / dense
+
+
+def step_time(model, batch, size, classes, device, precision, channels_last, iters, warmup) -> float:
+    model = model.to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    times = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet20:32:128", "resnet50:64:16"],
+                    help="name:input_size:batch")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--target", type=float, default=0.5, help="MACs fraction of the pruned model")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for item in args.models:
+        name, size, batch = item.split(":")
+        size, batch = int(size), int(batch)
+        spec = dense_spec(name, input_size=size)
+        classes = spec.num_classes
+        run = lambda m: step_time(m, batch, size, classes, device, args.precision, args.channels_last,
+                                  args.iters, args.warmup)
+        torch.manual_seed(0)
+        gated = build_model(spec)
+        set_gate_mode(gated, unit="sampled", layer="sampled")  # theta = 1: every gate on
+        plan, ratio = plan_for_macs(gated, args.target)
+        pruned, pspec, _ = apply_plan(gated, plan)
+        row = {"model": name, "input": size, "batch": batch, "device": str(device), "precision": args.precision,
+               "channels_last": args.channels_last, "macs_dense": count(spec)[0], "macs_pruned": count(pspec)[0]}
+        if name in ("resnet18", "resnet34", "resnet50", "resnet101"):
+            row["torchvision_s"] = run(getattr(torchvision.models, name)())
+        plain = build_model(spec, gates=False)
+        row["plain_s"] = run(plain)
+        row["gated_s"] = run(gated)
+        row["pruned_s"] = run(pruned)
+        ref = row.get("torchvision_s", row["plain_s"])
+        row["gate_overhead_pct"] = 100.0 * (row["gated_s"] / ref - 1.0)
+        row["macs_ratio"] = ratio
+        row["speedup"] = row["gated_s"] / row["pruned_s"]
+        row["ideal_speedup"] = 1.0 / ratio
+        rows.append(row)
+        print(f"{name}@{size} b{batch} {device} {args.precision}{' CL' if args.channels_last else ''}: "
+              f"torchvision {row.get('torchvision_s', float('nan')) * 1e3:.1f} ms, plain {row['plain_s'] * 1e3:.1f} ms, "
+              f"gated {row['gated_s'] * 1e3:.1f} ms (overhead {row['gate_overhead_pct']:+.1f}%), "
+              f"pruned to {100 * ratio:.1f}% MACs {row['pruned_s'] * 1e3:.1f} ms: "
+              f"speed-up x{row['speedup']:.2f} vs ideal x{row['ideal_speedup']:.2f}", flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
