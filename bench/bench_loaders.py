@@ -87,25 +87,35 @@ def _cpu_seconds() -> float:
 def measure(cfg: DataConfig, device: str, epochs: int) -> dict:
     """Run ``epochs`` training epochs, timed from building the loader to its last batch.
 
-    Start-up (workers, pipeline build) is included: with prefetching, excluding it would count
-    batches prepared before the clock started. Use enough images that it is amortised.
+    ``images_per_s`` includes start-up (workers, pipeline build): with prefetching, excluding it
+    would count batches prepared before the clock started. ``steady_images_per_s`` leaves out the
+    first ``workers * prefetch + 2`` batches of each epoch (use many images for it to mean much).
     """
-    images, wall, cpu = 0, 0.0, 0.0
+    images, wall, cpu, steady_images, steady_wall = 0, 0.0, 0.0, 0, 0.0
+    skip = cfg.workers * cfg.prefetch + 2
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for epoch in range(epochs):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         t0, c0 = time.perf_counter(), _cpu_seconds()
         loader = build_loader(cfg, "train", 0, 1, seed=0, epoch=epoch, device=device)
-        it = iter(loader)
-        for x, _ in it:
+        it, batches = iter(loader), len(loader)
+        for i, (x, _) in enumerate(it):
             images += len(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            if i == skip - 1:
+                sync()
+                t1 = time.perf_counter()
+            elif i >= skip:
+                steady_images += len(x)
+        sync()
+        t2 = time.perf_counter()
         del it, loader  # joins DataLoader workers, so their CPU time is counted
         wall += time.perf_counter() - t0
         cpu += _cpu_seconds() - c0
+        if batches > skip:
+            steady_wall += t2 - t1
     return {"images": images, "images_per_s": images / wall, "images_per_cpu_s": images / max(cpu, 1e-9),
-            "cpu_cores_busy": cpu / wall}
+            "cpu_cores_busy": cpu / wall,
+            "steady_images_per_s": steady_images / steady_wall if steady_wall else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = DataConfig(loader=kind, synthetic_samples=args.images, **base)
             r = {"loader": kind, "device": device, "workers": args.workers, **measure(cfg, device, args.epochs)}
             results.append(r)
-            log.info("%-9s %-7s %8.1f img/s  %7.1f img per CPU-s  (%.2f cores busy)", kind, device,
-                     r["images_per_s"], r["images_per_cpu_s"], r["cpu_cores_busy"])
+            log.info("%-9s %-7s %8.1f img/s (steady %8.1f)  %7.1f img per CPU-s  (%.2f cores busy)", kind,
+                     device, r["images_per_s"], r["steady_images_per_s"], r["images_per_cpu_s"], r["cpu_cores_busy"])
     meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if args.gpu else None,
             "image_size": "500x375 / 375x500 JPEG q90", "train_size": 224, "batch_size": args.batch_size}

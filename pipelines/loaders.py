@@ -30,7 +30,7 @@ import torch
 
 from pipelines.config import DataConfig
 from pipelines.plan import PAD, EpochPlan, epoch_plan, rng_for
-from pipelines.shardset import ShardSet, ShardSetError, write_index
+from pipelines.shardset import ShardSet, ShardSetError, cached_index, write_index
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,8 @@ class _BatchReader(torch.utils.data.Dataset):
         return self.plan.num_batches
 
     def _read(self, s: int, r: int) -> tuple[bytes, int, str]:
-        from pipelines.shardset import read_index
-
         if s not in self._index:
-            self._index[s] = read_index(self.index_paths[s])
+            self._index[s] = cached_index(self.index_paths[s])
             self._files[s] = open(self.paths[s], "rb")
         idx, f = self._index[s], self._files[s]
         if r >= len(idx):
@@ -185,6 +183,9 @@ class WdsLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         workers = self.cfg.workers
+        if workers:  # parse the indexes once here; forked workers inherit the cache
+            for path in self.reader.index_paths:
+                cached_index(path)
         dl = torch.utils.data.DataLoader(
             self.reader, batch_size=None, sampler=range(self.start_batch, self.batches_per_epoch),
             num_workers=workers, prefetch_factor=self.cfg.prefetch if workers else None,

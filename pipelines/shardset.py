@@ -78,27 +78,47 @@ def write_index(path: Path, lines: list[str]) -> None:
 def read_index(path: Path) -> ShardIndex:
     """Parse a DALI ``v1.2`` index written by ``pipelines.shards`` (or ``wds2idx``)."""
     try:
-        text = Path(path).read_text().splitlines()
+        text = Path(path).read_text()
     except OSError as exc:
         raise ShardSetError(f"{path}: cannot read index file: {exc}") from None
-    if not text or not text[0].startswith("v1.2 "):
+    head, _, body = text.partition("\n")
+    if not head.startswith("v1.2 "):
         raise ShardSetError(f"{path}: not a DALI v1.2 index file")
-    n = int(text[0].split()[1])
-    rows = text[1 : 1 + n]
+    n = int(head.split()[1])
+    rows = body.splitlines()[:n]
     if len(rows) != n:
         raise ShardSetError(f"{path}: header says {n} samples, found {len(rows)} lines")
+    tok = np.array(body.split(), dtype=object)
+    if n and tok.size == 8 * n:  # fast path: "jpg off size name cls off size name" on every line
+        tok = tok.reshape(n, 8)
+        if (tok[:, 0] == "jpg").all() and (tok[:, 4] == "cls").all():
+            jpg = tok[:, 1:3].astype(np.int64)
+            cls = tok[:, 5:7].astype(np.int64)
+            return ShardIndex([name.rsplit(".", 1)[0] for name in tok[:, 3]], jpg, cls)
     keys: list[str] = []
     jpg = np.zeros((n, 2), np.int64)
     cls = np.zeros((n, 2), np.int64)
     for i, line in enumerate(rows):
-        tok = line.split()
-        comps = {tok[j]: tok[j + 1 : j + 4] for j in range(0, len(tok), 4)}
+        t = line.split()
+        comps = {t[j]: t[j + 1 : j + 4] for j in range(0, len(t), 4)}
         if "jpg" not in comps or "cls" not in comps:
             raise ShardSetError(f"{path}: sample {i} lacks a .jpg or .cls component")
         jpg[i] = int(comps["jpg"][0]), int(comps["jpg"][1])
         cls[i] = int(comps["cls"][0]), int(comps["cls"][1])
         keys.append(comps["jpg"][2].rsplit(".", 1)[0])
     return ShardIndex(keys, jpg, cls)
+
+
+_INDEX_CACHE: dict[tuple[str, int, int], ShardIndex] = {}
+
+
+def cached_index(path: Path) -> ShardIndex:
+    """``read_index`` memoised per process on (path, size, mtime); forked DataLoader workers inherit it."""
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = read_index(path)
+    return _INDEX_CACHE[key]
 
 
 class TarShardWriter:
@@ -165,7 +185,7 @@ class Shard:
     @property
     def index(self) -> ShardIndex:
         if self._index is None:
-            self._index = read_index(self.index_path)
+            self._index = cached_index(self.index_path)
         return self._index
 
 
