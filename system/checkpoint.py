@@ -455,6 +455,10 @@ class Checkpointer:
                 f"{m['per_rank_batch']}), this run has {tr.global_batch} ({self.world_size} x "
                 f"{cfg.data.batch_size}); set data.batch_size={m['global_batch'] // self.world_size} "
                 f"so the data position and the schedules carry over")
+        kind = getattr(tr.engine, "kind", type(tr.engine).__name__)
+        if m.get("engine") != kind:
+            raise CheckpointError(f"{path}: written by the {m.get('engine')!r} engine, this run uses {kind!r}; "
+                                  f"set engine.kind={m.get('engine')} to resume it")
         if m["total_steps"] != tr.total_steps:
             log.warning("resuming %s: total steps %d -> %d, schedules (LR, pruning) change from here", path,
                         m["total_steps"], tr.total_steps)
