@@ -288,7 +288,8 @@ class DaliLoader(Loader):
         bad = (labels < 0) | (labels >= self.num_classes)
         if bad.any():
             j = int(bad.nonzero()[0, 0])
-            s, r = int(self.plan.shard[g][self.plan.shard[g] != PAD][j]), int(self.plan.row[g][self.plan.shard[g] != PAD][j])
+            real = self.plan.shard[g] != PAD
+            s, r = int(self.plan.shard[g][real][j]), int(self.plan.row[g][real][j])
             raise ShardSetError(f"{self.shards[s].path}: sample {self.shards[s].index.keys[r]} has class id "
                                 f"{int(labels[j])}, outside 0..{self.num_classes - 1}")
 
@@ -318,7 +319,7 @@ class DaliLoader(Loader):
                     except RuntimeError as exc:
                         log.warning("DALI failed on %s batch %d (%s); decoding it in Python",
                                     self.split, g, str(exc).strip().splitlines()[0][:200])
-                        del pipe
+                        pipe = None  # a failed DALI pipeline is not reused
                         images_u8, labels, skipped = self.fallback[g]
                         self._count_skips(skipped, g)
                         pipe = self._pipeline(g + 1)
@@ -329,10 +330,11 @@ class DaliLoader(Loader):
                 yield self._pad(images, labels, g) if not self.train else (images, labels.to(self.device))
                 g += 1
         finally:
-            del pipe
+            pipe = None
             if self._tmp:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
+
 
 # --------------------------------------------------------------------------------------- synthetic
 class SyntheticLoader(Loader):
