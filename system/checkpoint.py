@@ -469,6 +469,12 @@ class Checkpointer:
             log.warning("resuming %s with changed config keys: %s", path,
                         ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
 
+        # The engine may load its files with a full unpickler (DeepSpeed does): first prove that every
+        # torch file of the checkpoint holds only tensors and plain containers.
+        for rel in sorted(m["files"]):
+            if rel.endswith((".pt", ".pth", ".bin")):
+                _load_pt(path / rel)
+
         model = build_model(info.spec)
         method = build_method(cfg.method, tr.total_steps)
         method.check_model(model)

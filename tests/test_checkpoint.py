@@ -187,18 +187,19 @@ class _Payload:
         return (os.system, ("touch PWNED",))
 
 
-def test_loading_never_unpickles_objects(stopped_run, tmp_path, monkeypatch):
-    """A consistent (re-hashed) checkpoint carrying a pickled object is refused, the object never built."""
+@pytest.mark.parametrize("file", ["method_rank0.pt", "engine_state.pt"])
+def test_loading_never_unpickles_objects(stopped_run, tmp_path, monkeypatch, file):
+    """A consistent (re-hashed) checkpoint carrying a pickled object is refused, the object never built
+    (engine files are screened with weights_only before the engine, which may unpickle, sees them)."""
     bad = stopped_run / "checkpoints" / "step-00000008"
-    torch.save({"acc": _Payload()}, bad / "method_rank0.pt")
+    torch.save({"model": _Payload()}, bad / file)
     m = json.loads((bad / MANIFEST).read_text())
-    m["files"]["method_rank0.pt"] = {"sha256": _sha256(bad / "method_rank0.pt"),
-                                     "bytes": (bad / "method_rank0.pt").stat().st_size}
+    m["files"][file] = {"sha256": _sha256(bad / file), "bytes": (bad / file).stat().st_size}
     m["manifest_sha256"] = _manifest_digest(m)
     (bad / MANIFEST).write_text(json.dumps(m))
     assert verify(bad).step == 8
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match="method_rank0.pt.*plain tensors"):
+    with pytest.raises(CheckpointError, match=f"{file}.*plain tensors"):
         record(TAYLOR + [f"run.dir={stopped_run}", f"run.resume={bad}"])
     assert not (tmp_path / "PWNED").exists()
 
