@@ -194,9 +194,10 @@ def test_torchrun_launch_train_prunes_and_records_world_size(ds_ops, tmp_path):
     run_dir = tmp_path / "demo2"
     r = _torchrun(["-m", "launch.train", "--config", "configs/demo.yaml", "train.max_steps=12", "train.progress=false",
                    "train.threads=1", "train.eval_batches=1", "data.workers=0", "data.batch_size=16",
-                   "tracking.enabled=false", "method.variational.warmup_frac=0", "method.variational.nu=20",
+                   "tracking.enabled=false", "method.variational.warmup_frac=0", "method.variational.nu=50",
                    "method.variational.check_every=4", "method.variational.patience=1",
-                   "method.variational.weight_condition=none", "method.variational.lr_unit=0.5",
+                   "method.variational.weight_condition=none", "method.variational.lr_unit=1.0",
+                   "method.variational.lr_layer=0.5", "method.variational.tau_theta=0.3",
                    f"run.dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
