@@ -21,6 +21,8 @@ def parse(argv: list[str] | None = None) -> RunConfig:
     ap = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="recipe YAML (overrides the typed defaults)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=20")
+    # the ``deepspeed`` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     return load_config(RunConfig, args.config, args.overrides)
 
