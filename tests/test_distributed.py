@@ -207,6 +207,27 @@ def test_torchrun_launch_train_prunes_and_records_world_size(ds_ops, tmp_path):
     assert (run_dir / "final").is_dir()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_launch_train(ds_ops, tmp_path):
+    run_dir = tmp_path / "ds"
+    ds = str(Path(PY).with_name("deepspeed"))
+    r = _run([ds, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "launch.train",
+              *SMALL, "data.batch_size=16", "train.max_steps=6", "method.name=taylor", "method.taylor.check_every=3",
+              "method.taylor.start_frac=0", "method.taylor.per_step=20", "method.taylor.keep_ratio=0.5",
+              f"run.dir={run_dir}"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["prune_events"] >= 1
+
+
 # ------------------------------------------------------------------------------ no leak
 @pytest.mark.slow
 def test_twenty_pruning_events_do_not_leak(ds_ops):
