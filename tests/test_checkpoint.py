@@ -74,7 +74,7 @@ def test_interrupted_run_equals_uninterrupted(tmp_path, monkeypatch, method, sto
 
 def test_real_data_resume_mid_epoch(tmp_path, monkeypatch):
     """The WebDataset loader on the demo JPEGs resumes mid-epoch exactly (start_batch)."""
-    over = TAYLOR + WDS + ["train.epochs=1", "train.max_steps=8", "checkpoint.every_steps=0"]
+    over = TAYLOR + WDS + ["data.batch_size=64", "train.epochs=1", "train.max_steps=6", "checkpoint.every_steps=0"]
     monkeypatch.delenv(ENV_STOP, raising=False)
     full = record(over + [f"run.dir={tmp_path / 'full'}"])
     parts = _chain(tmp_path, over, [3], monkeypatch)
@@ -309,25 +309,65 @@ def _launch(out: Path, world: int, overrides: list[str], stop: int = 0) -> list[
     return [json.loads(p.read_text()) for p in paths]
 
 
+DS = TAYLOR + ["engine.kind=deepspeed", "engine.backend=gloo", "run.resume=auto"]
+STOP = 6  # right after the Taylor pruning event of step 6
+
+
+@pytest.fixture(scope="module")
+def two_rank_stopped(tmp_path_factory):
+    """A 2-rank DeepSpeed run (2 x 16) stopped after step 6, and its records."""
+    tmp = tmp_path_factory.mktemp("two_rank")
+    first = _launch(tmp / "first.json", 2, DS + ["data.batch_size=16", f"run.dir={tmp / 'run'}"], stop=STOP)
+    return tmp / "run", first
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_two_rank_resume_is_exact(tmp_path, two_rank_stopped):
+    """N -> N on 2 processes: per-rank RNG, method state and BN buffers make the resumed run exact."""
+    src, first = two_rank_stopped
+    run = _copy_run(src, tmp_path / "run")
+    over = DS + ["data.batch_size=16"]
+    full = _launch(tmp_path / "full.json", 2, over + [f"run.dir={tmp_path / 'full'}"])
+    second = _launch(tmp_path / "b.json", 2, over + [f"run.dir={run}"])
+    for r in range(2):
+        assert first[r]["losses"] + second[r]["losses"] == full[r]["losses"]
+        assert second[r]["events"] == full[r]["events"]
+        suffix = "" if r == 0 else f".rank{r}"
+        w_full = torch.load(f"{tmp_path / 'full.json'}{suffix}.weights.pt", weights_only=True)
+        w_res = torch.load(f"{tmp_path / 'b.json'}{suffix}.weights.pt", weights_only=True)
+        for k, v in w_full.items():
+            assert torch.equal(v, w_res[k]), (r, k)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n, m", [(2, 1), (1, 2)])
-def test_elastic_resume(tmp_path, n, m):
+def test_elastic_resume(tmp_path, two_rank_stopped, n, m):
     """Written by N ranks, resumed on M: same global batch (32), same data position, same plans so far."""
-    run = tmp_path / "run"
-    over = TAYLOR + ["engine.kind=deepspeed", "engine.backend=gloo", f"run.dir={run}", "run.resume=auto"]
-    first = _launch(tmp_path / "first.json", n, over + [f"data.batch_size={32 // n}"], stop=7)
+    if n == 2:
+        run = _copy_run(two_rank_stopped[0], tmp_path / "run")
+        first = two_rank_stopped[1]
+    else:
+        run = tmp_path / "run"
+        first = _launch(tmp_path / "first.json", n, DS + [f"data.batch_size={32 // n}", f"run.dir={run}"], stop=STOP)
     info = find_resumable(run)
-    assert (info.step, info.world_size, info.batch, info.manifest["global_batch"]) == (7, n, 7, 32)
+    assert (info.step, info.world_size, info.batch, info.manifest["global_batch"]) == (STOP, n, STOP, 32)
     assert info.manifest["engine"] == "deepspeed" and "engine/mp_rank_00_model_states.pt" in info.manifest["files"]
     assert {f"rng_rank{r}.pt" for r in range(n)} <= set(info.manifest["files"])
-    second = _launch(tmp_path / "second.json", m, over + [f"data.batch_size={32 // m}"])
+    second = _launch(tmp_path / "second.json", m, DS + [f"data.batch_size={32 // m}", f"run.dir={run}"])
     for rec in first:
-        assert rec["stopped"] == 7 and [s for s, _ in rec["losses"]] == list(range(1, 8))
+        assert rec["stopped"] == STOP and [s for s, _ in rec["losses"]] == list(range(1, STOP + 1))
     for rec in second:
-        assert rec["resumed_from"] == 7
-        # the data position carries over: global batch 7 of epoch 0 is the first one trained
-        assert rec["positions"][0] == [0, 7] and [s for s, _ in rec["losses"]] == list(range(8, STEPS + 1))
-        assert rec["positions"] == [[e, b] for e in (0, 1) for b in range(12)][7:]
+        assert rec["resumed_from"] == STOP
+        # the data position carries over: global batch 6 of epoch 0 is the first one trained
+        assert [s for s, _ in rec["losses"]] == list(range(STOP + 1, STEPS + 1))
+        assert rec["positions"] == [[e, b] for e in (0, 1) for b in range(12)][STOP:]
         assert rec["events"][:2] == first[0]["events"][:2]  # plans of steps 3 and 6, from the checkpoint
         assert rec["summary"]["steps"] == STEPS and rec["summary"]["world_size"] == m
     # every rank ended with the same pruned architecture and weights
@@ -337,20 +377,3 @@ def test_elastic_resume(tmp_path, n, m):
         for k, v in w0.items():
             if "running" not in k and "num_batches" not in k:
                 assert torch.equal(v, wr[k]), k
-
-
-@pytest.mark.slow
-def test_two_rank_resume_is_exact(tmp_path):
-    """N -> N on 2 processes: per-rank RNG, method state and BN buffers make the resumed run exact."""
-    over = TAYLOR + ["engine.kind=deepspeed", "engine.backend=gloo", "data.batch_size=16", "run.resume=auto"]
-    full = _launch(tmp_path / "full.json", 2, over + [f"run.dir={tmp_path / 'full'}"])
-    first = _launch(tmp_path / "a.json", 2, over + [f"run.dir={tmp_path / 'run'}"], stop=6)
-    second = _launch(tmp_path / "b.json", 2, over + [f"run.dir={tmp_path / 'run'}"])
-    for r in range(2):
-        assert first[r]["losses"] + second[r]["losses"] == full[r]["losses"]
-        assert second[r]["events"] == full[r]["events"]
-        suffix = "" if r == 0 else f".rank{r}"
-        w_full = torch.load(f"{tmp_path / 'full.json'}{suffix}.weights.pt", weights_only=True)
-        w_res = torch.load(f"{tmp_path / 'b.json'}{suffix}.weights.pt", weights_only=True)
-        for k, v in w_full.items():
-            assert torch.equal(v, w_res[k]), (r, k)
