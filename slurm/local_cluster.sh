@@ -83,7 +83,8 @@ daemon_pid() {
   f="$(pidfile "$name")"
   [ -s "$f" ] || return 0
   pid="$(tr -dc 0-9 <"$f")"
-  if [ -n "$pid" ] && [ -r "/proc/$pid/comm" ]; then
+  # (a zombie -- dead, not yet reaped by init -- counts as stopped)
+  if [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; then
     comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
     # comm is cut at 15 chars; mariadbd may show as mysqld on some builds.
     case "$name:$comm" in
@@ -293,7 +294,7 @@ cmd_up() {
   start_slurmctld
   start_slurmd
   wait_node_idle
-  log "cluster '$CLUSTER' up in $((SECONDS - t1)) s (plus $((t1 - t0)) s installing): node $HOST $(node_state), state dir $STATE"
+  log "cluster '$CLUSTER' up in $((SECONDS - t1)) s (plus $((t1 - t0)) s checking/installing packages): node $HOST $(node_state), state dir $STATE"
   log "client env:  eval \"\$($0 env)\""
 }
 
