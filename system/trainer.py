@@ -113,7 +113,7 @@ class Trainer:
         self.dense = dense_spec(cfg.model.name, num_classes=self.num_classes, input_size=size,
                                 shortcut=cfg.model.shortcut or None)
         self.dense_macs, self.dense_params = count(self.dense)
-        model = build_model(self.dense)
+        model = build_model(self.dense).to(self.device)  # method state is created on the model's device
         if cfg.model.zero_init_residual:
             for _, blk in model.named_blocks():
                 last = getattr(blk, "bn3", None) or getattr(blk, "bn2", None)

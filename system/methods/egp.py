@@ -80,14 +80,14 @@ class EGP(Method):
             h.remove()
         self._hooks = []
         for gname, (wname, conv, relu) in self._candidates(model).items():
-            self.on_sum.setdefault(gname, torch.zeros(conv.out_channels))
+            self.on_sum.setdefault(gname, torch.zeros(conv.out_channels, device=conv.weight.device))
             self.masks.setdefault(wname, torch.ones_like(conv.weight.detach()))
             self._hooks.append(relu.register_forward_hook(self._hook(gname)))
 
     def _hook(self, gname: str):
         def fn(module, inputs, output):
             if module.training:
-                self.on_sum[gname] += (output.detach() > 0).float().mean(dim=(0, 2, 3)).cpu()
+                self.on_sum[gname] += (output.detach() > 0).float().mean(dim=(0, 2, 3))
         return fn
 
     def after_backward(self, model: GatedResNet) -> None:
@@ -97,7 +97,7 @@ class EGP(Method):
         params = dict(model.named_parameters())
         with torch.no_grad():
             for wname, m in self.masks.items():
-                params[wname].mul_(m.to(params[wname].device))
+                params[wname].mul_(m)
 
     def _schedule(self) -> list[int]:
         c = self.cfg
@@ -141,8 +141,8 @@ class EGP(Method):
             if k <= 0:
                 continue
             wname = cands[g][0]
-            w = params[wname].detach().abs().cpu().flatten()
-            m = self.masks[wname].flatten()
+            w = params[wname].detach().abs().flatten()
+            m = self.masks[wname].view(-1)
             w = torch.where(m > 0, w, torch.full_like(w, float("inf")))
             idx = torch.argsort(w, stable=True)[:k]
             m[idx] = 0

@@ -309,7 +309,7 @@ class Variational(Method):
                     blocks.append(bname)
                     continue
                 for gn in empties:  # keep the unit with the largest theta, then the largest signal
-                    keep = int(torch.argmax(unit[gn].theta.detach() + 1e-6 * torch.arange(unit[gn].theta.numel())))
+                    keep = int(torch.argmax(unit[gn].theta.detach() + 1e-6 * torch.arange(unit[gn].theta.numel(), device=unit[gn].theta.device)))
                     flagged[gn][keep] = False
             for gn in gnames:
                 idx = tuple(int(i) for i in torch.nonzero(flagged[gn]).flatten())
