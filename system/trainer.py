@@ -30,6 +30,7 @@ from system.methods import StepContext, build_method
 from system.models.resnet import GatedResNet, build_model
 from system.models.spec import ArchSpec, dense_spec
 from system.optim import build_optimizer, set_lrs
+from system import preemption
 from system import tracking as T
 from system.run_config import RunConfig
 
@@ -77,13 +78,20 @@ def rng_neutral(loader):
     resumed mid-epoch samples exactly like the uninterrupted one (augmentation is seeded per sample).
     """
     it = iter(loader)
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-        yield item
+    try:
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        # shut the loader's workers (and pin-memory thread) down now, not at interpreter exit:
+        # a DataLoader left half-iterated with pinned memory can hang the process at exit
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 class Trainer:
@@ -227,19 +235,26 @@ class Trainer:
         model.eval()
         n = correct1 = correct5 = loss_sum = 0.0
         with self.method.eval_gates(model):
-            for i, (x, y) in enumerate(loader):
-                if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-                    break
-                logits = self.engine.forward(x).float()
-                keep = y >= 0
-                logits, y = logits[keep], y[keep]
-                if y.numel() == 0:
-                    continue
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                correct1 += float((top[:, 0] == y).sum())
-                correct5 += float((top == y[:, None]).any(dim=1).sum())
-                n += y.numel()
+            batches = iter(loader)
+            try:
+                for i, (x, y) in enumerate(batches):
+                    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+                        break
+                    logits = self.engine.forward(x).float()
+                    keep = y >= 0
+                    logits, y = logits[keep], y[keep]
+                    if y.numel() == 0:
+                        continue
+                    loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                    correct1 += float((top[:, 0] == y).sum())
+                    correct5 += float((top == y[:, None]).any(dim=1).sum())
+                    n += y.numel()
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+
         n, correct1, correct5, loss_sum = self.coord.sum_scalars([n, correct1, correct5, loss_sum])
         model.train(was_training)
         res = {"top1": correct1 / max(1.0, n), "top5": correct5 / max(1.0, n), "loss": loss_sum / max(1.0, n),
@@ -278,6 +293,9 @@ class Trainer:
         try:
             self._loop()
             status = "FINISHED"
+        except preemption.Preempted:
+            status = "KILLED"  # resumed later into the same MLflow run
+            raise
         finally:
             if status != "FINISHED":
                 self.tracker.end("FAILED" if status == "FAILED" else status)
@@ -299,7 +317,8 @@ class Trainer:
             while s.step < self.total_steps and s.epoch < cfg.train.epochs:
                 loader = build_loader(cfg.data, "train", self.env.rank, self.env.world_size, cfg.train.seed,
                                       s.epoch, start_batch=s.batch, device=self.device)
-                for x, y in rng_neutral(loader):
+                batches = rng_neutral(loader)
+                for x, y in batches:
                     loss = self.train_step(x, y)
                     s.batch += 1
                     n_log += 1
@@ -321,6 +340,9 @@ class Trainer:
                         self.checkpointer.after_step(self)
                     if s.step >= self.total_steps:
                         break
+                    if preemption.watching() and self.coord.any_flag(preemption.stop_requested()):
+                        self._stop_agreed()
+                batches.close()
                 if s.batch >= loader.batches_per_epoch:
                     self.maybe_prune("epoch_end")
                     s.epoch += 1
@@ -329,6 +351,18 @@ class Trainer:
                         self.evaluate()
                     if self.checkpointer is not None:
                         self.checkpointer.after_epoch(self)
+
+    def _stop_agreed(self) -> None:
+        """Every rank agreed to stop (preemption): save together at this step, then raise Preempted."""
+        s = self.state
+        path = ""
+        if self.checkpointer is not None:
+            if self.checkpointer.last_step != s.step:
+                self.checkpointer.save(self, "preempted")
+            path = str(self.checkpointer.root / f"step-{s.step:08d}")
+        log.warning("stop requested (%s): checkpoint of step %d saved, stopping", preemption.reason() or
+                    "on another rank", s.step)
+        raise preemption.Preempted(s.step, path, preemption.reason())
 
     def finish(self) -> dict[str, Any]:
         """Final plan, evaluation, export, summary.json and the tracker's final metrics."""
