@@ -1,0 +1,396 @@
+"""``python -m launch.submit --config FILE [dotted.key=value ...]``: train on Slurm through submitit.
+
+The recipe's ``launch`` section (see :mod:`launch.config`; overrides ``launch.nodes=2`` ...) says
+where the job runs: nodes x tasks per node ranks, GPUs and CPUs, partition, time limit,
+account/qos and extra ``#SBATCH`` options.  A ``launch.sweep`` (or ``--sweep key=v1,v2``) over
+run-config keys becomes one job array, one run per combination.  Everything is validated before
+anything is submitted: the configs, then the cluster itself (the partition exists, the time
+limit, nodes, CPUs and GPUs fit it, and ``sbatch --test-only`` accepts the exact batch script).
+It prints the job ids, the submitit log folder and the MLflow tracking URI and run names;
+``--wait`` waits for the jobs and prints their result or error (with the log path).
+
+Inside the job every task sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
+from submitit's job environment and calls :func:`launch.train.run` with ``run.resume=auto`` and a
+run name fixed by the job id (which a requeued job keeps), so a restarted job continues its run.
+
+Preemption and time limits: Slurm sends USR2 (``signal_delay_s`` before the limit; on preemption
+right away).  The handler only sets a flag (:mod:`system.preemption`); at the next step all ranks
+agree through one all-reduce, save a checkpoint together and stop; then rank 0 hands over to
+submitit's own handler, which calls :meth:`TrainJob.checkpoint` (a resubmission of the same call),
+requeues the job and exits.  The requeued job resumes from that checkpoint into the same MLflow
+run.  An external ``scontrol requeue`` restarts the job the same way and it resumes from its newest
+checkpoint (``checkpoint.every_steps`` bounds what is lost).
+
+Examples::
+
+    python -m launch.submit --config configs/demo.yaml launch.tasks_per_node=2 launch.time_min=30
+    python -m launch.submit --config configs/demo.yaml --sweep method.variational.nu=1.0,3.0 --wait
+    python -m launch.submit --config configs/demo.yaml launch.partition=gpu --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from launch.config import Job, LaunchConfig, load_job
+from system import preemption
+from system.config import ConfigError, from_dict, to_dict
+
+try:  # a project dependency; only needed to submit and inside jobs
+    import submitit
+    from submitit.helpers import Checkpointable
+except ImportError:  # pragma: no cover
+    submitit = None
+    Checkpointable = object  # type: ignore[misc,assignment]
+
+log = logging.getLogger("launch.submit")
+
+#: the MASTER_PORT of a job: derived from its id (and restart count, so a requeued job never waits
+#: for its previous incarnation's socket)
+PORT_BASE, PORT_SPAN = 20000, 40000
+
+
+def master_port(job_id: str, restart: int = 0) -> int:
+    digits = int(re.sub(r"\D", "", job_id) or 0)
+    return PORT_BASE + ((digits % (PORT_SPAN // 8)) * 8 + restart % 8)
+
+
+def run_name(base: str, job_id: str) -> str:
+    """The run name of a submitted job: stable across requeues (same job id), unique per array task."""
+    return f"{base}-{job_id}"
+
+
+def base_name(job: Job) -> str:
+    cfg = job.cfg
+    base = cfg.run.name or f"{cfg.method.display}-{cfg.model.name}"
+    for key, value in job.sweep_values.items():
+        base += f"-{key.split('.')[-1]}{value}"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", base)
+
+
+# ---------------------------------------------------------------------------------- in the job
+class TrainJob(Checkpointable):
+    """What every task of a submitted job runs: one rank of one training run.
+
+    Args:
+        cfg: the resolved run config as a plain dict (``system.config.to_dict``).
+        name: the run's base name; the job id is appended inside the job.
+    """
+
+    def __init__(self, cfg: dict[str, Any], name: str):
+        self.cfg = cfg
+        self.name = name
+
+    def __call__(self) -> dict[str, Any]:
+        from launch.train import run, setup_logging
+        from system.run_config import RunConfig
+
+        env = submitit.JobEnvironment()
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
+                          LOCAL_RANK=str(env.local_rank), MASTER_ADDR=str(env.hostnames[0]),
+                          MASTER_PORT=str(master_port(os.environ.get("SLURM_JOB_ID", env.job_id), restart)))
+        setup_logging()
+        handover = self._install_signal_handler(env)
+        cfg = from_dict(RunConfig, self.cfg)
+        threads = cfg.train.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name(self.name, env.job_id),
+                                                               resume="auto"),
+                                  train=dataclasses.replace(cfg.train, threads=threads))
+        log.info("job %s (restart %d), rank %d of %d, master %s:%s, run %s", env.job_id, restart, env.global_rank,
+                 env.num_tasks, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], cfg.run.name)
+        try:
+            return run(cfg)
+        except preemption.Preempted as stop:
+            log.warning("%s", stop)
+            if env.global_rank == 0 and handover is not None:
+                # submitit's handler: checkpoint() -> resubmission pickle, scontrol requeue, exit
+                handover(env._usr_sig(), None)
+            # other ranks: leave at once (the requeue ends the job anyway; an exception here would
+            # write an error result for this task)
+            sys.exit(-1)
+
+    def _install_signal_handler(self, env):
+        """Replace submitit's preemption handler by one that only sets the stop flag; return submitit's."""
+        sig = env._usr_sig()
+        previous = signal.getsignal(sig)
+        preemption.reset()
+        preemption.watch()
+        signal.signal(sig, lambda signum, frame: preemption.request_stop(signal.Signals(signum).name))
+        return previous if callable(previous) else None
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Called by submitit on preemption / time-out (rank 0): the job is resubmitted as is.
+
+        Saving is not done here: by the time submitit calls this, every rank has already saved
+        the agreed checkpoint (see the module doc); the rerun finds it through ``run.resume=auto``.
+        """
+        preemption.request_stop("checkpoint")
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- submission
+def _slurm(*cmd: str) -> str:
+    out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {(out.stderr or out.stdout).strip()}")
+    return out.stdout
+
+
+def _minutes(limit: str) -> float | None:
+    """Slurm time (``UNLIMITED``, ``MM``, ``HH:MM:SS``, ``D-HH:MM:SS``) in minutes; None = no limit."""
+    limit = limit.strip()
+    if limit.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
+        return None
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts[-3:]
+    return int(days or 0) * 1440 + h * 60 + m + s / 60
+
+
+def _partition_info(name: str) -> dict[str, str]:
+    text = _slurm("scontrol", "show", "partition", name, "-o")
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
+def _gpus_per_node(partition: str) -> int:
+    """The most GPUs any node of ``partition`` has (from its gres, e.g. ``gpu:a100:4(S:0-1)``)."""
+    best = 0
+    for gres in _slurm("sinfo", "-h", "-p", partition, "-o", "%G").split():
+        for item in gres.split(","):
+            m = re.match(r"gpu(?::[^:(]+)?:(\d+)", item)
+            if m:
+                best = max(best, int(m.group(1)))
+    return best
+
+
+def check_cluster(launch: LaunchConfig) -> str:
+    """Check the allocation against the cluster; return the partition that will be used.
+
+    Raises:
+        ConfigError: naming the ``launch.*`` key the cluster cannot satisfy.
+    """
+    lines = _slurm("sinfo", "-h", "-o", "%P").split()
+    partitions = [p.rstrip("*") for p in lines]
+    default = next((p.rstrip("*") for p in lines if p.endswith("*")), partitions[0] if partitions else "")
+    partition = launch.partition or default
+    if launch.partition and launch.partition not in partitions:
+        raise ConfigError("launch.partition", f"the cluster has no partition {launch.partition!r} "
+                                              f"(it has: {', '.join(sorted(set(partitions)))})")
+    if not partition:
+        raise ConfigError("launch.partition", "the cluster has no default partition; name one")
+    info = _partition_info(partition)
+    if info.get("State", "UP") != "UP":
+        raise ConfigError("launch.partition", f"partition {partition!r} is {info.get('State')}")
+    max_min = _minutes(info.get("MaxTime", "UNLIMITED"))
+    if max_min is not None and launch.time_min > max_min:
+        raise ConfigError("launch.time_min", f"{launch.time_min} min exceeds partition {partition!r}'s "
+                                             f"MaxTime {info['MaxTime']} ({max_min:g} min)")
+    total_nodes = int(info.get("TotalNodes", "0") or 0)
+    if total_nodes and launch.nodes > total_nodes:
+        raise ConfigError("launch.nodes", f"{launch.nodes} nodes requested, partition {partition!r} has "
+                                          f"{total_nodes}")
+    cpus = max((int(c.rstrip("+")) for c in _slurm("sinfo", "-h", "-p", partition, "-o", "%c").split()),
+               default=0)
+    need = launch.tasks_per_node * launch.cpus_per_task
+    if cpus and need > cpus:
+        raise ConfigError("launch.tasks_per_node", f"{launch.tasks_per_node} tasks x {launch.cpus_per_task} CPUs "
+                                                   f"(launch.cpus_per_task) = {need} CPUs per node, the nodes of "
+                                                   f"partition {partition!r} have {cpus}")
+    if launch.gpus_per_node:
+        gpus = _gpus_per_node(partition)
+        if launch.gpus_per_node > gpus:
+            raise ConfigError("launch.gpus_per_node", f"{launch.gpus_per_node} GPUs per node requested, the "
+                                                      f"nodes of partition {partition!r} have {gpus}")
+    return partition
+
+
+def _sbatch_test_only(script: str) -> str | None:
+    """None if ``sbatch --test-only`` accepts ``script``, else sbatch's reason."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
+        fh.write(script)
+        path = fh.name
+    try:
+        out = subprocess.run(["sbatch", "--test-only", path], capture_output=True, text=True, timeout=60)
+    finally:
+        os.unlink(path)
+    return None if out.returncode == 0 else (out.stderr or out.stdout).strip()
+
+
+def make_executor(launch: LaunchConfig, folder: Path, job_name: str, extra: dict[str, Any] | None = None):
+    cluster = None if launch.cluster == "auto" else launch.cluster
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=launch.max_num_timeout)
+    params: dict[str, Any] = dict(
+        name=launch.name or job_name, timeout_min=launch.time_min, nodes=launch.nodes,
+        tasks_per_node=launch.tasks_per_node, cpus_per_task=launch.cpus_per_task,
+    )
+    if launch.gpus_per_node:
+        params["gpus_per_node"] = launch.gpus_per_node
+    if launch.mem_gb:
+        params["mem_gb"] = launch.mem_gb
+    if ex.cluster == "slurm":
+        additional = {"requeue": True}  # so that `scontrol requeue` (ours or an admin's) restarts it
+        additional.update(launch.slurm_extra if extra is None else extra)
+        params.update(slurm_signal_delay_s=launch.signal_delay_s, slurm_array_parallelism=launch.array_parallelism,
+                      slurm_additional_parameters=additional)
+        if launch.partition:
+            params["slurm_partition"] = launch.partition
+        if launch.account:
+            params["slurm_account"] = launch.account
+        if launch.qos:
+            params["slurm_qos"] = launch.qos
+        if launch.setup:
+            params["slurm_setup"] = list(launch.setup)
+    ex.update_parameters(**params)
+    return ex
+
+
+def batch_script(ex) -> str:
+    """The sbatch script submitit would submit (the command itself is a placeholder)."""
+    return ex._executor._make_submission_file_text("true", "test")
+
+
+def validate(launch: LaunchConfig, folder: Path, job_name: str) -> Any:
+    """Build the executor and check it against the cluster; nothing is submitted.
+
+    Raises:
+        ConfigError: the allocation does not fit the cluster (naming the key), or sbatch rejects
+            the batch script (``launch.slurm_extra`` when only the extra options make it fail).
+    """
+    ex = make_executor(launch, folder, job_name)
+    if ex.cluster != "slurm":
+        return ex
+    check_cluster(launch)
+    reason = _sbatch_test_only(batch_script(ex))
+    if reason is not None:
+        key = "launch"
+        if launch.slurm_extra and _sbatch_test_only(batch_script(make_executor(launch, folder, job_name, {}))) is None:
+            key = "launch.slurm_extra"
+        opts = [line for line in batch_script(ex).splitlines() if line.startswith("#SBATCH")]
+        raise ConfigError(key, f"the cluster rejects this job: {reason}\n  options: {' '.join(opts)}")
+    return ex
+
+
+def resolve_paths(job: Job) -> Job:
+    """Absolute run.root (jobs may start in another directory): what is printed is where it lands."""
+    run = job.cfg.run
+    root = str(Path(run.root).resolve())
+    new = dataclasses.replace(run, root=root, dir=str(Path(run.dir).resolve()) if run.dir else "")
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, run=new))
+
+
+@dataclasses.dataclass
+class Submitted:
+    job: Any
+    run_name: str
+    run_dir: Path
+    tracking_uri: str
+    sweep_values: dict[str, Any]
+
+
+def submit(launch: LaunchConfig, jobs: list[Job]) -> list[Submitted]:
+    """Validate, then submit every run (one job, or a job array for a sweep)."""
+    from system.tracking import resolve_uri
+
+    jobs = [resolve_paths(j) for j in jobs]
+    folder = Path(launch.folder).resolve()
+    name = base_name(dataclasses.replace(jobs[0], sweep_values={}))
+    ex = validate(launch, folder, name)
+    calls = [TrainJob(to_dict(j.cfg), base_name(j)) for j in jobs]
+    if len(calls) == 1:
+        handles = [ex.submit(calls[0])]
+    else:
+        with ex.batch():
+            handles = [ex.submit(c) for c in calls]
+    out = []
+    for job, call, handle in zip(jobs, calls, handles):
+        rname = run_name(call.name, str(handle.job_id))
+        run_dir = Path(job.cfg.run.dir) if job.cfg.run.dir else Path(job.cfg.run.root) / rname
+        out.append(Submitted(handle, rname, run_dir, resolve_uri(job.cfg.tracking, job.cfg.run.root),
+                             job.sweep_values))
+    return out
+
+
+def report(sub: list[Submitted]) -> None:
+    for s in sub:
+        sweep = f"  sweep {json.dumps(s.sweep_values)}" if s.sweep_values else ""
+        print(f"job {s.job.job_id}: run {s.run_name}{sweep}")
+        print(f"  run dir   {s.run_dir}")
+        print(f"  logs      {s.job.paths.stdout}  (stderr {s.job.paths.stderr})")
+        print(f"  mlflow    {s.tracking_uri}  run name {s.run_name}")
+
+
+def wait(sub: list[Submitted]) -> int:
+    """Wait for every job; print its summary or its error and log path; 1 if any failed."""
+    failed = 0
+    for s in sub:
+        try:
+            results = s.job.results()
+        except Exception as exc:  # submitit raises the job's traceback (or why there is no result)
+            failed += 1
+            print(f"job {s.job.job_id} ({s.run_name}) FAILED: {str(exc).strip()[-3000:]}", file=sys.stderr)
+            print(f"  stderr: {s.job.paths.stderr}\n  stdout: {s.job.paths.stdout}", file=sys.stderr)
+            continue
+        summary = results[0] if results else {}
+        keys = ("top1", "macs_pct", "prune_events", "steps", "world_size", "run_id")
+        print(f"job {s.job.job_id} ({s.run_name}) done: " +
+              ", ".join(f"{k}={summary.get(k)}" for k in keys if isinstance(summary, dict)))
+    return 1 if failed else 0
+
+
+def parse(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="recipe YAML (a `launch` section sets the allocation)")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, launch.* included")
+    ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                    help="sweep a run-config key (repeatable: the cartesian product is one job array)")
+    ap.add_argument("--wait", action="store_true", help="wait for the jobs; print results or errors")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the batch script; submit nothing")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse(argv)
+    if submitit is None:
+        print("error: submitit is not installed", file=sys.stderr)
+        return 2
+    try:
+        launch, jobs = load_job(args.config, args.overrides, args.sweep)
+        if args.dry_run:
+            folder = Path(launch.folder).resolve()
+            ex = validate(launch, folder, base_name(dataclasses.replace(jobs[0], sweep_values={})))
+            print(f"ok: {len(jobs)} run(s) on {ex.cluster}; nothing submitted")
+            if ex.cluster == "slurm":
+                print(batch_script(ex))
+            return 0
+        sub = submit(launch, jobs)
+    except ConfigError as exc:
+        print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
+        return 2
+    report(sub)
+    sys.stdout.flush()
+    return wait(sub) if args.wait else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
