@@ -288,12 +288,15 @@ class Trainer:
         s = self.state
         if not s.width_history:
             s.width_history.append((0, widths_of(self.spec())))
+            # a fresh run: the model.macs curve starts at the dense network
+            self.tracker.log_metrics({T.MODEL_MACS: self.current_macs(), T.MODEL_PARAMS: count(self.spec())[1]},
+                                     step=s.step)
         self._t_start = time.perf_counter() - s.wall_s
         status = "FAILED"
         try:
             self._loop()
             status = "FINISHED"
-        except preemption.Preempted:
+        except (preemption.Preempted, SystemExit, KeyboardInterrupt):  # incl. checkpoint.InjectedStop
             status = "KILLED"  # resumed later into the same MLflow run
             raise
         finally:
@@ -375,6 +378,11 @@ class Trainer:
                 s.channels_removed += ev.channels
                 s.blocks_removed += ev.blocks
                 s.prune_events += 1
+                self.tracker.log_metrics({T.PRUNE_EVENTS: s.prune_events,
+                                          T.PRUNE_CHANNELS_REMOVED: s.channels_removed,
+                                          T.PRUNE_BLOCKS_REMOVED: s.blocks_removed, T.PRUNE_REBUILD_S: ev.rebuild_s},
+                                         step=s.step)
+                self.tracker.log_dict(self.spec().to_dict(), f"specs/step{s.step:08d}-final.json")
         res = self.evaluate()
         s.wall_s = time.perf_counter() - self._t_start
         gates = cfg.run.export_gates
@@ -422,3 +430,4 @@ class Trainer:
         tr.end("FINISHED")
         if tr.dropped:
             summary["tracking_unsent"] = tr.dropped
+            atomic_write_json(self.run_dir / "summary.json", summary)  # the file on disk says so too
