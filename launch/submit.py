@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,10 @@ log = logging.getLogger("launch.submit")
 #: the MASTER_PORT of a job: derived from its id (and restart count, so a requeued job never waits
 #: for its previous incarnation's socket)
 PORT_BASE, PORT_SPAN = 20000, 40000
+#: after a stop caused by SIGTERM alone, rank 0 waits this long for Slurm's kill or a USR2 (preemption)
+SIGTERM_WAIT_S = 60.0
+#: the signals this job process received (module level: never pickled with the job)
+_RECEIVED: list[str] = []
 
 
 def master_port(job_id: str, restart: int = 0) -> int:
@@ -114,20 +119,39 @@ class TrainJob(Checkpointable):
             return run(cfg)
         except preemption.Preempted as stop:
             log.warning("%s", stop)
-            if env.global_rank == 0 and handover is not None:
+            self._after_stop(env, handover)
+
+    def _after_stop(self, env, handover) -> None:
+        """Every rank saved the agreed checkpoint; requeue (rank 0, on the preemption signal) and leave."""
+        usr = env._usr_sig()
+        if env.global_rank == 0 and handover is not None:
+            # SIGTERM alone (an external `scontrol requeue`, a cancel, or the first half of a preemption):
+            # Slurm itself requeues or ends the job; wait for its kill, or for the USR2 that may follow.
+            deadline = time.monotonic() + SIGTERM_WAIT_S
+            while usr.name not in _RECEIVED and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if usr.name in _RECEIVED:
                 # submitit's handler: checkpoint() -> resubmission pickle, scontrol requeue, exit
-                handover(env._usr_sig(), None)
-            # other ranks: leave at once (the requeue ends the job anyway; an exception here would
-            # write an error result for this task)
-            sys.exit(-1)
+                handover(usr, None)
+        # leave without a result (an exception would record an error for this task); the rerun
+        # writes the results
+        sys.exit(-1)
 
     def _install_signal_handler(self, env):
-        """Replace submitit's preemption handler by one that only sets the stop flag; return submitit's."""
-        sig = env._usr_sig()
-        previous = signal.getsignal(sig)
+        """Preemption (USR2) and SIGTERM only set the stop flag; return submitit's USR2 handler."""
+        usr = env._usr_sig()
+        previous = signal.getsignal(usr)
         preemption.reset()
         preemption.watch()
-        signal.signal(sig, lambda signum, frame: preemption.request_stop(signal.Signals(signum).name))
+        _RECEIVED.clear()
+
+        def on_signal(signum, frame):
+            name = signal.Signals(signum).name
+            _RECEIVED.append(name)
+            preemption.request_stop(name)
+
+        signal.signal(usr, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         return previous if callable(previous) else None
 
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -295,6 +319,16 @@ def resolve_paths(job: Job) -> Job:
     return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, run=new))
 
 
+def init_local_store(uri: str) -> None:
+    """Create a missing embedded sqlite store now: the runs of an array would race to create its tables."""
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 @dataclasses.dataclass
 class Submitted:
     job: Any
@@ -313,6 +347,9 @@ def submit(launch: LaunchConfig, jobs: list[Job]) -> list[Submitted]:
     name = base_name(dataclasses.replace(jobs[0], sweep_values={}))
     ex = validate(launch, folder, name)
     calls = [TrainJob(to_dict(j.cfg), base_name(j)) for j in jobs]
+    if len(jobs) > 1:
+        for uri in sorted({resolve_uri(j.cfg.tracking, j.cfg.run.root) for j in jobs if j.cfg.tracking.enabled}):
+            init_local_store(uri)
     if len(calls) == 1:
         handles = [ex.submit(calls[0])]
     else:
