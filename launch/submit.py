@@ -234,7 +234,7 @@ def check_cluster(launch: LaunchConfig) -> str:
                default=0)
     need = launch.tasks_per_node * launch.cpus_per_task
     if cpus and need > cpus:
-        raise ConfigError("launch.tasks_per_node", f"{launch.tasks_per_node} tasks x {launch.cpus_per_task} CPUs "
+        raise ConfigError("launch.tasks_per_node" if launch.tasks_per_node > cpus else "launch.cpus_per_task", f"{launch.tasks_per_node} tasks x {launch.cpus_per_task} CPUs "
                                                    f"(launch.cpus_per_task) = {need} CPUs per node, the nodes of "
                                                    f"partition {partition!r} have {cpus}")
     if launch.gpus_per_node:
