@@ -18,8 +18,9 @@ right away).  The handler only sets a flag (:mod:`system.preemption`); at the ne
 agree through one all-reduce, save a checkpoint together and stop; then rank 0 hands over to
 submitit's own handler, which calls :meth:`TrainJob.checkpoint` (a resubmission of the same call),
 requeues the job and exits.  The requeued job resumes from that checkpoint into the same MLflow
-run.  An external ``scontrol requeue`` restarts the job the same way and it resumes from its newest
-checkpoint (``checkpoint.every_steps`` bounds what is lost).
+run.  SIGTERM (an external ``scontrol requeue``, ``scancel``) also stops the ranks at an agreed step
+with a checkpoint, but leaves the requeue to Slurm; a restarted job resumes from its newest complete
+checkpoint (``checkpoint.every_steps`` bounds what is lost if the kill comes first).  See docs/slurm.md.
 
 Examples::
 
@@ -307,7 +308,7 @@ def validate(launch: LaunchConfig, folder: Path, job_name: str) -> Any:
         if launch.slurm_extra and _sbatch_test_only(batch_script(make_executor(launch, folder, job_name, {}))) is None:
             key = "launch.slurm_extra"
         opts = [line for line in batch_script(ex).splitlines() if line.startswith("#SBATCH")]
-        raise ConfigError(key, f"the cluster rejects this job: {reason}\n  options: {' '.join(opts)}")
+        raise ConfigError(key, f"the cluster rejects this job: {reason}\n  batch options:\n    " + "\n    ".join(opts))
     return ex
 
 
