@@ -235,9 +235,9 @@ def check_cluster(launch: LaunchConfig) -> str:
                default=0)
     need = launch.tasks_per_node * launch.cpus_per_task
     if cpus and need > cpus:
-        raise ConfigError("launch.tasks_per_node" if launch.tasks_per_node > cpus else "launch.cpus_per_task", f"{launch.tasks_per_node} tasks x {launch.cpus_per_task} CPUs "
-                                                   f"(launch.cpus_per_task) = {need} CPUs per node, the nodes of "
-                                                   f"partition {partition!r} have {cpus}")
+        key = "launch.tasks_per_node" if launch.tasks_per_node > cpus else "launch.cpus_per_task"
+        raise ConfigError(key, f"{launch.tasks_per_node} tasks x {launch.cpus_per_task} CPUs (launch.cpus_per_task) "
+                               f"= {need} CPUs per node, the nodes of partition {partition!r} have {cpus}")
     if launch.gpus_per_node:
         gpus = _gpus_per_node(partition)
         if launch.gpus_per_node > gpus:
