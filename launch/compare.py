@@ -171,7 +171,7 @@ def plot_pareto(rows: Sequence[RunRow], path: str | Path) -> Path:
         for r, (x, y) in zip(pts, xy):
             ax.annotate(r.run_name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("inference MACs (G)")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel("top-1 (fraction of the test set)")
     ax.set_title("Accuracy vs MACs")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")

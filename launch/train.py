@@ -15,6 +15,7 @@ import sys
 
 from system.config import ConfigError, load_config
 from system.run_config import RunConfig
+from system.tracking import TrackingUnavailable
 
 
 def parse(argv: list[str] | None = None) -> RunConfig:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TrackingUnavailable) as exc:
         logging.getLogger("launch.train").error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2

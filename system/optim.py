@@ -33,9 +33,9 @@ def param_groups(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, floa
         else:
             groups["decay"].append(p)
     out = []
+    # every group exists even when empty, so an optimizer rebuilt for a pruned model (resume)
+    # has the same groups as the one that was transplanted through the pruning events
     for gname, params in groups.items():
-        if not params:
-            continue
         theta = gname.startswith("theta")
         base = theta_lrs["unit" if gname == "theta_unit" else "layer"] if theta else lr
         out.append({"name": gname, "params": params, "base_lr": base, "lr": base,
