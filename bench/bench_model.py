@@ -52,31 +52,45 @@ def plan_for_macs(model, target: float) -> tuple[PrunePlan, float]:
     return plan, count(spec)[0] / dense
 
 
-def step_time(model, batch, size, classes, device, precision, channels_last, iters, warmup) -> float:
-    model = model.to(device).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
+class Stepper:
+    """One model's training step on fixed random data (model, optimizer, batch prepared once)."""
+
+    def __init__(self, model, batch, size, classes, device, precision, channels_last):
+        self.device = device
+        self.model = model.to(device).train()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.x = torch.randn(batch, 3, size, size, device=device)
+        if channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, classes, (batch,), device=device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = F.cross_entropy(self.model(self.x).float(), self.y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+
+def interleaved(steppers: dict, iters: int, warmup: int) -> dict:
+    """Median step time of each stepper, measured in alternation so drift hits all alike."""
+    for st in steppers.values():
+        for _ in range(warmup):
+            st()
+    times = {k: [] for k in steppers}
+    for _ in range(iters):
+        for k, st in steppers.items():
+            times[k].append(st())
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -98,8 +112,6 @@ def main() -> None:
         size, batch = int(size), int(batch)
         spec = dense_spec(name, input_size=size)
         classes = spec.num_classes
-        run = lambda m: step_time(m, batch, size, classes, device, args.precision, args.channels_last,
-                                  args.iters, args.warmup)
         torch.manual_seed(0)
         gated = build_model(spec)
         set_gate_mode(gated, unit="sampled", layer="sampled")  # theta = 1: every gate on
@@ -107,12 +119,13 @@ def main() -> None:
         pruned, pspec, _ = apply_plan(gated, plan)
         row = {"model": name, "input": size, "batch": batch, "device": str(device), "precision": args.precision,
                "channels_last": args.channels_last, "macs_dense": count(spec)[0], "macs_pruned": count(pspec)[0]}
+        models = {"plain": build_model(spec, gates=False), "gated": gated, "pruned": pruned}
         if name in ("resnet18", "resnet34", "resnet50", "resnet101"):
-            row["torchvision_s"] = run(getattr(torchvision.models, name)())
-        plain = build_model(spec, gates=False)
-        row["plain_s"] = run(plain)
-        row["gated_s"] = run(gated)
-        row["pruned_s"] = run(pruned)
+            models["torchvision"] = getattr(torchvision.models, name)()
+        steppers = {k: Stepper(m, batch, size, classes, device, args.precision, args.channels_last)
+                    for k, m in models.items()}
+        for k, t in interleaved(steppers, args.iters, args.warmup).items():
+            row[f"{k}_s"] = t
         ref = row.get("torchvision_s", row["plain_s"])
         row["gate_overhead_pct"] = 100.0 * (row["gated_s"] / ref - 1.0)
         row["macs_ratio"] = ratio
