@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -56,6 +57,13 @@ def test_export_folds_gates_and_loads_back(tmp_path, mode):
     exported = torch.export.export(back, (x,)).module()  # a graph export of the pruned network runs
     with torch.no_grad():
         torch.testing.assert_close(exported(x), plain(x))
+    with warnings.catch_warnings():  # TorchScript still runs; torch marks it deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.trace(back, x)
+    path = tmp_path / "model.pt"
+    scripted.save(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(path))(x), plain(x))
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
 
 
