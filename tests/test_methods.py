@@ -126,3 +126,11 @@ def test_gradient_of_sampled_gate_flows_to_theta(tmp_path):
     trainer.train_step(x, y)
     moved = [g for g in gates_of(trainer.model).values() if not torch.all(g.theta == 1)]
     assert moved
+
+
+def test_method_refuses_a_model_variant_it_cannot_handle(tmp_path):
+    cfg = tiny_config(tmp_path, "model.zero_init_residual=true", *STRONG["variational"])
+    with pytest.raises(ValueError, match="method.name.*zero-initialised residual.*layer_gate"):
+        Trainer(cfg)
+    # unit-only has no layer gates: the same model variant is fine
+    Trainer(tiny_config(tmp_path, "model.zero_init_residual=true", *STRONG["unit_only"]))

@@ -117,6 +117,18 @@ class Variational(Method):
         self.removed_blocks = 0
 
     # -- set-up -------------------------------------------------------------------------
+    def check_model(self, model: GatedResNet) -> None:
+        super().check_model(model)
+        if self.cfg.layer_gates and self.cfg.nu > 0:
+            for name, blk in model.named_blocks():
+                last = getattr(blk, "bn3", None) or getattr(blk, "bn2", None)
+                if last is not None and not bool(last.weight.detach().any()):
+                    raise ValueError(
+                        f"method 'variational' with layer gates cannot prune a zero-initialised residual "
+                        f"network (block {name} starts with its branch at 0, so its layer gate gets no data "
+                        f"gradient and the complexity price removes it before it learns): set "
+                        f"model.zero_init_residual=false or method.variational.layer_gates=false")
+
     def attach(self, model: GatedResNet) -> None:
         c = self.cfg
         mode_u = "sampled" if c.unit_gates else "off"
