@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from system.io import atomic_write_text  # noqa: F401  (re-exported for pipelines.shards)
+
 FORMAT = "parsimony-wds/1"
 MANIFEST = "manifest.json"
 INDEX_VERSION = "v1.2"
@@ -39,16 +41,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name, fsync, then rename: readers never see a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from system.config import flatten, to_dict
-from system.io import atomic_write_text
+from system.io import atomic_write_text, replace_dir
 from system.models.spec import ArchSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -378,14 +378,8 @@ class Checkpointer:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             _fsync_file(tmp / MANIFEST)
             _fsync_dir(tmp)
-            if final.exists():  # the epoch-end checkpoint supersedes a step one at the same step
-                old = self.root / f"{TMP_PREFIX}old-{name}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            # the epoch-end checkpoint supersedes a step one at the same step
+            replace_dir(tmp, final, self.root / f"{TMP_PREFIX}old-{name}")
             _fsync_dir(self.root)
             atomic_write_text(self.root / LATEST, name + "\n")
             self._prune()

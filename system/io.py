@@ -36,6 +36,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
+def replace_dir(tmp: Path, final: Path, old: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``final``; an existing ``final`` is moved to ``old``
+    first and deleted after, so ``final`` is at every moment either the old or the new one."""
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def atomic_dir(final: str | Path, fill: Callable[[Path], None]) -> Path:
     """Build a directory under a temporary name with ``fill(tmp_dir)``, then rename it to ``final``.
 
@@ -46,14 +58,7 @@ def atomic_dir(final: str | Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         fill(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final, final.with_name(f".{final.name}.old"))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
