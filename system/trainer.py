@@ -167,10 +167,10 @@ class Trainer:
         return self.model.spec()
 
     def current_macs(self) -> int:
-        """MACs of the network as it is now (cached; the model object changes at every pruning event)."""
-        key = id(self.model)
-        if getattr(self, "_macs_key", None) != key:
-            self._macs_key, self._macs = key, count(self.spec())[0]
+        """MACs of the network as it is now (cached per spec; the spec changes at every pruning event)."""
+        spec = self.spec()
+        if getattr(self, "_macs_spec", None) is not spec:
+            self._macs_spec, self._macs = spec, count(spec)[0]
         return self._macs
 
     # ------------------------------------------------------------------ one step

@@ -115,7 +115,7 @@ class Taylor(Method):
         scores = torch.cat([self.smooth[n] for n in names])
         owner = [(n, i) for n in names for i in range(self.smooth[n].numel())]
         # stable global ranking: ties broken by position so every rank agrees
-        order = sorted(range(len(owner)), key=lambda j: (float(scores[j]), j))[:k]
+        order = torch.argsort(scores, stable=True)[:k].tolist()
         chosen: dict[str, list[int]] = {}
         for j in order:
             n, i = owner[j]

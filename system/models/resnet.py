@@ -171,6 +171,7 @@ class GatedResNet(nn.Module):
         self.family, self.block_kind, self.shortcut_kind = spec.family, spec.block, spec.shortcut
         self.arch_name, self.input_size, self.has_gates = spec.name, spec.input_size, gates
         self.stage_widths = tuple(spec.stage_widths)
+        self._spec: ArchSpec | None = None
         if spec.family == "cifar":
             self.conv1 = _conv(spec.in_channels, spec.stem_width, 3)
             self.maxpool = nn.Identity()
@@ -224,7 +225,16 @@ class GatedResNet(nn.Module):
         return self.fc(self.features(x))
 
     def spec(self) -> ArchSpec:
-        """The spec read off the modules' actual shapes (so spec -> model -> spec is a real check)."""
+        """The spec read off the modules' actual shapes (so spec -> model -> spec is a real check).
+
+        Read once and kept: a model's shape never changes (surgery builds a new model), and the
+        loop and the variational cost ask for it every step.
+        """
+        if self._spec is None:
+            self._spec = self._read_spec()
+        return self._spec
+
+    def _read_spec(self) -> ArchSpec:
         blocks = []
         for stage in self.stages():
             row = []
