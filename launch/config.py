@@ -182,5 +182,25 @@ def load_job(path: str | Path | None, overrides: list[str] | None = None,
     return launch, jobs
 
 
+def load_jobs(paths: list[str | Path] | None, overrides: list[str] | None = None,
+              sweeps: list[str] | None = None) -> tuple[LaunchConfig, list[Job]]:
+    """:func:`load_job` for several recipes (a grid's method axis): the first recipe's ``launch``
+    section (plus the ``launch.*`` overrides) holds for all; every recipe gets the same overrides and
+    sweeps.  Two recipes that would give their runs the same name are refused (``run.name``)."""
+    paths = list(paths or [None])
+    launch, jobs = load_job(paths[0], overrides, sweeps)
+    owner = {(j.cfg.run.name, json.dumps(j.sweep_values, sort_keys=True)): paths[0] for j in jobs}
+    for path in paths[1:]:
+        more = load_job(path, overrides, sweeps)[1]
+        for j in more:
+            key = (j.cfg.run.name, json.dumps(j.sweep_values, sort_keys=True))
+            if key in owner:
+                raise ConfigError("run.name", f"{owner[key]} and {path} both name their runs {j.cfg.run.name!r}; "
+                                  "give each recipe its own run.name")
+            owner[key] = path
+        jobs += more
+    return launch, jobs
+
+
 def launch_dict(launch: LaunchConfig) -> dict[str, Any]:
     return to_dict(launch)

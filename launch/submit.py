@@ -27,6 +27,10 @@ Examples::
     python -m launch.submit --config configs/demo.yaml launch.tasks_per_node=2 launch.time_min=30
     python -m launch.submit --config configs/demo.yaml --sweep method.variational.nu=1.0,3.0 --wait
     python -m launch.submit --config configs/demo.yaml launch.partition=gpu --dry-run
+    # a grid (method x budget x seed) as 2 local processes of 1 thread; a re-run skips finished runs
+    python -m launch.submit --config configs/study_variational.yaml --config configs/study_taylor.yaml \
+        --sweep method.target_macs=0.3,0.5,0.7 --sweep train.seed=0,1 \
+        launch.cluster=local launch.array_parallelism=2 train.threads=1 --wait
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.config import Job, LaunchConfig, load_job
+from launch.config import Job, LaunchConfig, load_jobs
 from system import preemption
 from system.config import ConfigError, from_dict, to_dict
 
@@ -94,9 +98,10 @@ class TrainJob(Checkpointable):
         name: the run's base name; the job id is appended inside the job.
     """
 
-    def __init__(self, cfg: dict[str, Any], name: str):
+    def __init__(self, cfg: dict[str, Any], name: str, stable: bool = False):
         self.cfg = cfg
         self.name = name
+        self.stable = stable  # a sweep's run: the name alone (no job id), so a re-run finds it
 
     def __call__(self) -> dict[str, Any]:
         from launch.train import run, setup_logging
@@ -111,7 +116,8 @@ class TrainJob(Checkpointable):
         handover = self._install_signal_handler(env)
         cfg = from_dict(RunConfig, self.cfg)
         threads = cfg.train.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name(self.name, env.job_id),
+        name = self.name if getattr(self, "stable", False) else run_name(self.name, env.job_id)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name,
                                                                resume="auto"),
                                   train=dataclasses.replace(cfg.train, threads=threads))
         log.info("job %s (restart %d), rank %d of %d, master %s:%s, run %s", env.job_id, restart, env.global_rank,
@@ -339,26 +345,86 @@ class Submitted:
     sweep_values: dict[str, Any]
 
 
-def submit(launch: LaunchConfig, jobs: list[Job]) -> list[Submitted]:
-    """Validate, then submit every run (one job, or a job array for a sweep)."""
+def finished(job: Job, name: str) -> bool:
+    """Whether the run ``name`` of ``job`` already finished: a FINISHED run of that name in its
+    tracking store (or, with tracking off, its ``summary.json``, written only at the very end)."""
+    from system.tracking import resolve_uri
+
+    cfg = job.cfg
+    if not cfg.tracking.enabled:
+        return (Path(cfg.run.root) / name / "summary.json").is_file()
+    uri = resolve_uri(cfg.tracking, cfg.run.root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return False
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return False
+    safe = name.replace("'", "")
+    runs = client.search_runs([exp.experiment_id], max_results=1,
+                              filter_string=f"attributes.run_name = '{safe}' and attributes.status = 'FINISHED'")
+    return len(runs) > 0
+
+
+def _run_local_pool(ex, calls: list["TrainJob"], parallel: int) -> list[Any]:
+    """submitit's local executor starts every job at once; keep at most ``parallel`` running
+    (each with its own thread budget: oversubscribed cores made training 5-10x slower here)."""
+    handles: list[Any] = []
+    pending = list(calls)
+    running: list[Any] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            call = pending.pop(0)
+            h = ex.submit(call)
+            handles.append(h)
+            running.append(h)
+            print(f"started {call.name} (job {h.job_id}); {len(pending)} waiting", flush=True)
+        time.sleep(1.0)
+        for h in [h for h in running if h.done()]:
+            running.remove(h)
+            state = "failed" if h.exception() is not None else "done"
+            print(f"{state}: job {h.job_id}", flush=True)
+    return handles
+
+
+def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = None) -> list[Submitted]:
+    """Validate, then submit every run (one job, or a job array for a sweep).
+
+    A sweep's runs are named by their values alone, so a re-run finds them: the ones that already
+    finished are skipped (``skip_finished``, default on for sweeps), unfinished ones resume.  On the
+    ``local`` cluster the runs go as at most ``launch.array_parallelism`` processes at once, and
+    this call returns when all of them ended.
+    """
     from system.tracking import resolve_uri
 
     jobs = [resolve_paths(j) for j in jobs]
     folder = Path(launch.folder).resolve()
     name = base_name(dataclasses.replace(jobs[0], sweep_values={}))
     ex = validate(launch, folder, name)
-    calls = [TrainJob(to_dict(j.cfg), base_name(j)) for j in jobs]
+    stable = len(jobs) > 1
+    calls = [TrainJob(to_dict(j.cfg), base_name(j), stable=stable) for j in jobs]
     if len(jobs) > 1:
         for uri in sorted({resolve_uri(j.cfg.tracking, j.cfg.run.root) for j in jobs if j.cfg.tracking.enabled}):
             init_local_store(uri)
-    if len(calls) == 1:
+    if skip_finished if skip_finished is not None else stable:
+        todo = [(j, c) for j, c in zip(jobs, calls) if not finished(j, c.name)]
+        if len(todo) < len(jobs):
+            print(f"skipping {len(jobs) - len(todo)} finished run(s); {len(todo)} to run", flush=True)
+        jobs, calls = [j for j, _ in todo], [c for _, c in todo]
+    if not calls:
+        return []
+    if ex.cluster == "local" and len(calls) > 1:
+        handles = _run_local_pool(ex, calls, launch.array_parallelism)
+    elif len(calls) == 1:
         handles = [ex.submit(calls[0])]
     else:
         with ex.batch():
             handles = [ex.submit(c) for c in calls]
     out = []
     for job, call, handle in zip(jobs, calls, handles):
-        rname = run_name(call.name, str(handle.job_id))
+        rname = call.name if call.stable else run_name(call.name, str(handle.job_id))
         run_dir = Path(job.cfg.run.dir) if job.cfg.run.dir else Path(job.cfg.run.root) / rname
         out.append(Submitted(handle, rname, run_dir, resolve_uri(job.cfg.tracking, job.cfg.run.root),
                              job.sweep_values))
@@ -394,7 +460,9 @@ def wait(sub: list[Submitted]) -> int:
 
 def parse(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="recipe YAML (a `launch` section sets the allocation)")
+    ap.add_argument("--config", action="append", default=[],
+                    help="recipe YAML (a `launch` section sets the allocation); repeat it for a grid over "
+                         "recipes (e.g. one per method): every recipe gets the same overrides and sweeps")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, launch.* included")
     ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                     help="sweep a run-config key (repeatable: the cartesian product is one job array)")
@@ -410,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: submitit is not installed", file=sys.stderr)
         return 2
     try:
-        launch, jobs = load_job(args.config, args.overrides, args.sweep)
+        launch, jobs = load_jobs(args.config, args.overrides, args.sweep)
         if args.dry_run:
             folder = Path(launch.folder).resolve()
             ex = validate(launch, folder, base_name(dataclasses.replace(jobs[0], sweep_values={})))

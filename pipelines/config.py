@@ -42,6 +42,8 @@ class DataConfig:
         prefetch: batches prepared ahead (per worker for wds, DALI queue depth for dali).
         shuffle: shuffle the training split (shard order and order inside shards) every epoch.
         verify_checksums: hash every shard against the manifest when a loader is built (slow on ImageNet).
+        eval_split: the split evaluations read: ``val`` (choices are made here) or ``test`` (shard sets
+            built with a held-out test split; read only for final tables).
         synthetic_classes / synthetic_samples: size of the synthetic data set (train split; val is a tenth).
         synthetic_size: image side of synthetic data (0: use ``train_size`` / ``val_crop``).
     """
@@ -63,6 +65,7 @@ class DataConfig:
     prefetch: int = 2
     shuffle: bool = True
     verify_checksums: bool = False
+    eval_split: str = "val"
     synthetic_classes: int = 1000
     synthetic_samples: int = 10_000
     synthetic_size: int = 0
@@ -78,6 +81,7 @@ class DataConfig:
         check(0.0 < self.min_ratio <= self.max_ratio, "min_ratio", "need 0 < min_ratio <= max_ratio")
         check(len(self.mean) == 3, "mean", "needs 3 values")
         check(len(self.std) == 3 and all(s > 0 for s in self.std), "std", "needs 3 values > 0")
+        check(self.eval_split in ("val", "test"), "eval_split", f"must be 'val' or 'test', got {self.eval_split!r}")
         check(self.workers >= 0, "workers", "must be >= 0")
         check(self.prefetch >= 1, "prefetch", "must be >= 1")
         check(self.synthetic_classes >= 1, "synthetic_classes", "must be >= 1")

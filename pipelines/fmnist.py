@@ -2,13 +2,14 @@
 
 Usage::
 
-    python -m pipelines.fmnist --out /data/fmnist-wds                 # full: 60,000 train / 10,000 val
-    python -m pipelines.fmnist --out pipelines/demo_data --train 4000 --val 1000 --max-count 1000
+    python -m pipelines.fmnist --out data/fmnist        # 55,000 train / 5,000 val (from train) / 10,000 test
+    python -m pipelines.fmnist --out data/fmnist-4k --train 4000       # the 2-core study's training subset
 
 The images are written as greyscale JPEGs into an ImageNet-layout folder tree (class folders
-``0_T-shirt_top`` ... ``9_Ankle_boot``, so sorted folder order equals the official label ids; the
-official test set is the ``val`` split), which is then converted by ``pipelines.shards``. Subsets
-(``--train`` / ``--val``) are class-balanced and drawn with ``--seed``.
+``0_T-shirt_top`` ... ``9_Ankle_boot``, so sorted folder order equals the official label ids),
+which is then converted by ``pipelines.shards``.  ``val`` is carved out of the official training
+set (class-balanced, disjoint from ``train``); the official test set is the ``test`` split.
+Subsets are class-balanced and drawn with ``--seed``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import gzip
 import logging
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from pipelines import shards
+from pipelines import tree
 
 log = logging.getLogger(__name__)
 
@@ -58,50 +57,19 @@ def load(split: str, src: Path = SRC) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def balanced_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    """Indices of a class-balanced random subset of size ``n`` (all indices when ``n`` is None)."""
-    if n is None or n >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
-    picks = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, per)]
-    return np.sort(np.concatenate(picks))
-
-
-def write_tree(root: Path, counts: dict[str, int | None], seed: int, quality: int = 90) -> None:
-    """Write ``root/{train,val}/<class>/<index>.jpg`` from the Debian package."""
-    for split, n in counts.items():
-        images, labels = load(split)
-        for c, name in enumerate(CLASSES):
-            (root / split / f"{c}_{name}").mkdir(parents=True, exist_ok=True)
-        for i in balanced_subset(labels, n, seed):
-            c = int(labels[i])
-            Image.fromarray(images[i], "L").save(root / split / f"{c}_{CLASSES[c]}" / f"{i:05d}.jpg",
-                                                 "JPEG", quality=quality)
-
-
-def build(out: str | Path, train: int | None = None, val: int | None = None, seed: int = 0,
-          max_count: int = 1000, workers: int | None = None, progress: bool = True) -> dict:
-    """Write Fashion-MNIST shards into ``out``; returns the manifest."""
-    with tempfile.TemporaryDirectory(prefix="fmnist-") as tmp:
-        write_tree(Path(tmp), {"train": train, "val": val}, seed)
-        return shards.build(tmp, out, max_count=max_count, seed=seed, workers=workers, progress=progress,
-                            source=f"{SRC} (Fashion-MNIST, MIT licence)")
+def build(out: str | Path, train: int | None = None, val: int = 5000, seed: int = 0, max_count: int = 1000,
+          workers: int | None = None, progress: bool = True, test: int | None = None) -> dict:
+    """Write Fashion-MNIST shards into ``out`` (train / val carved from train / official test); returns the manifest."""
+    return tree.build(out, CLASSES, load("train"), load("val"), train, val, test, seed, max_count, workers,
+                      progress, source=f"{SRC} (Fashion-MNIST, MIT licence)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.fmnist", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--train", type=int, default=None, help="train images (default: all 60,000)")
-    ap.add_argument("--val", type=int, default=None, help="val images (default: all 10,000)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-count", type=int, default=1000)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--no-progress", action="store_true")
+    tree.add_arguments(ap, n_val=5000)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build(args.out, args.train, args.val, args.seed, args.max_count, args.workers, not args.no_progress)
+    build(args.out, args.train, args.val, args.seed, args.max_count, args.workers, not args.no_progress, args.test)
     return 0
 
 

@@ -34,7 +34,7 @@ from pipelines.shardset import ShardSet, ShardSetError, cached_index, write_inde
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 
 class Loader:
@@ -357,7 +357,7 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, seed: 
 
     Args:
         cfg: data config (``cfg.loader`` picks DALI, WebDataset or synthetic).
-        split: ``"train"`` (shuffled, augmented, remainder dropped) or ``"val"`` (every sample once
+        split: ``"train"`` (shuffled, augmented, remainder dropped) or ``"val"`` / ``"test"`` (every sample once
             across ranks, padded with label -1 so every rank has the same number of batches).
         rank, world_size: this rank and the number of ranks.
         seed, epoch: the epoch's order depends only on these (and rank / world_size).

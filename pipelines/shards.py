@@ -97,6 +97,13 @@ def discover(src: Path, val_labels: Path | None = None) -> tuple[list[str], dict
                     raise ValueError(f"{labels_file}: class {name!r} of {p.name} is not a train/ class")
                 items.append((str(p), ids[name]))
             splits["val"] = items
+    test = src / "test"  # optional held-out split (class folders), e.g. the official test set
+    if test.is_dir():
+        sub = sorted(p for p in test.iterdir() if p.is_dir())
+        unknown = [p.name for p in sub if p.name not in ids]
+        if unknown:
+            raise ValueError(f"{test}: class folders not in train/: {unknown[:5]}")
+        splits["test"] = [(str(p), ids[d.name]) for d in sub for p in _images(d)]
     for split, items in splits.items():
         if not items:
             raise FileNotFoundError(f"{src / split}: no images")
@@ -276,7 +283,7 @@ def build(
     keep = {s[k] for sp in manifest["splits"].values() for s in sp["shards"] for k in ("file", "index")}
     for p in sorted(out.iterdir()):
         stale = p.suffix in (".tar", ".idx") and p.name not in keep
-        if stale and p.name.split("-")[0] in ("train", "val"):
+        if stale and p.name.split("-")[0] in ("train", "val", "test"):
             log.info("removing stale %s", p)
             p.unlink()
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")

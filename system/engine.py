@@ -50,6 +50,8 @@ class LocalEngine:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  precision: str = "fp32", channels_last: bool = False):
         self.device, self.precision, self.channels_last = device, precision, channels_last
+        # fp16 needs loss scaling; methods read gradients divided by grad_scale()
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.rebuild(model, optimizer)
 
     def rebuild(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -71,10 +73,20 @@ class LocalEngine:
             return self.model(x)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
         loss.backward()
 
+    def grad_scale(self) -> float:
+        """The loss scale the gradients carry after :meth:`backward` (1.0 without a scaler)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
     def step(self) -> None:
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def zero_grad(self) -> None:

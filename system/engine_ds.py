@@ -212,6 +212,12 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self._ds.backward(loss)  # all-reduces (averages) the gradients across ranks
 
+    def grad_scale(self) -> float:
+        """The loss scale the gradients carry between backward and step (fp16 under ZeRO 0 with
+        ``torch_autocast`` scales the loss with a GradScaler and unscales only inside ``step``)."""
+        scaler = getattr(self._ds, "torch_autocast_z0_gradscaler", None)
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
     def step(self) -> None:
         self._ds.step()  # optimizer step (lrs as set_lrs left them) + zero_grad
         self.optimizer.zero_grad(set_to_none=True)

@@ -49,7 +49,11 @@ def deploy_model(model: GatedResNet, gate_eval: str = "deterministic", threshold
 def export_model(model: GatedResNet, out_dir: str | Path, gate_eval: str = "deterministic",
                  threshold: float = 0.5) -> ArchSpec:
     """Write the deployed network to ``out_dir`` atomically; return its spec."""
-    plain = deploy_model(model, gate_eval, threshold)
+    return save_deployed(deploy_model(model, gate_eval, threshold), out_dir)
+
+
+def save_deployed(plain: GatedResNet, out_dir: str | Path) -> ArchSpec:
+    """Write a gate-free network (from :func:`deploy_model`) to ``out_dir`` atomically; return its spec."""
     spec = plain.spec()
     state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
 

@@ -24,7 +24,7 @@ from system.complexity import count
 from system.config import flatten, to_dict
 from system.coordinator import Coordinator
 from system.engine import DistEnv, LocalEngine, pick_device
-from system.export import export_model
+from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
 from system.methods import StepContext, build_method
 from system.models.resnet import GatedResNet, build_model
@@ -35,6 +35,9 @@ from system import tracking as T
 from system.run_config import RunConfig
 
 log = logging.getLogger(__name__)
+
+#: a run with ``method.target_macs`` reached it when its final MACs fraction is this close
+TARGET_TOLERANCE = 0.05
 
 
 @dataclass
@@ -55,11 +58,16 @@ class LoopState:
     width_history: list = field(default_factory=list)  # [(step, {gate: width})]
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """Same weights init on every rank (seed), own gate samples per rank (seed, rank)."""
+def seed_everything(seed: int) -> None:
+    """The same stream on every rank: the weights are initialised identically everywhere."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
+
+
+def seed_rank_stream(seed: int, rank: int) -> None:
+    """After the weights exist: each rank's own torch stream, so gate samples differ across ranks."""
+    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + 1) % (2**63))
 
 
 def widths_of(spec: ArchSpec) -> dict[str, int]:
@@ -105,7 +113,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.coord = Coordinator(self.env.rank, self.env.world_size, self.device)
         self.run_dir = self._run_dir()
-        seed_everything(cfg.train.seed, self.env.rank)
+        seed_everything(cfg.train.seed)
 
         probe = build_loader(cfg.data, "train", self.env.rank, self.env.world_size, cfg.train.seed, 0)
         self.steps_per_epoch = probe.batches_per_epoch
@@ -133,6 +141,7 @@ class Trainer:
         except ValueError as exc:
             raise ValueError(f"config key 'method.name': {exc}") from None
         self.method.attach(model)
+        seed_rank_stream(cfg.train.seed, self.env.rank)  # gate samples: per rank (ALGORITHM.md section 1)
         gated_decay = bool(getattr(self.method.cfg, "gated_decay", False))
         self.gated_decay = gated_decay and cfg.optim.weight_decay > 0
         opt = build_optimizer(model, cfg.optim, self.method.theta_lrs(), self.global_batch, self.gated_decay)
@@ -182,10 +191,15 @@ class Trainer:
                      self.method.theta_active(self.state.step))
         self._lr = lr
         logits = self.engine.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+
+        def per_example(lg: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(lg.float(), t, label_smoothing=cfg.optim.label_smoothing, reduction="none")
+
+        losses = per_example(logits, y)
+        loss = losses.mean()
         total = loss
-        sur = self.method.surrogate_loss(model, self.engine.forward, x, y, lambda lg, t: F.cross_entropy(
-            lg.float(), t, label_smoothing=cfg.optim.label_smoothing), self.state.step)
+        sur = self.method.surrogate_loss(model, self.engine.forward, x, y, per_example, self.state.step,
+                                         per_example_loss=losses)
         if sur is not None:
             total = total + sur
         reg = self.method.regularizer(model, self.state.step)
@@ -196,11 +210,12 @@ class Trainer:
             if dec is not None:
                 total = total + dec
         self.engine.backward(total)
-        self.method.after_backward(model)
+        self.method.after_backward(model, grad_scale=self.engine.grad_scale())
         self.engine.step()
         self.method.after_step(model)
         macs = self.current_macs()
-        self.state.train_macs += 3.0 * macs * self.global_batch
+        # forward + backward ~ 3 forwards; an estimator's extra forwards (no backward) count once each
+        self.state.train_macs += (3.0 + self.method.extra_forwards()) * macs * self.global_batch
         self.state.train_macs_dense += 3.0 * self.dense_macs * self.global_batch
         self.state.step += 1
         return float(loss.detach())
@@ -225,12 +240,27 @@ class Trainer:
         self.tracker.log_dict(spec.to_dict(), f"specs/step{s.step:08d}.json")
 
     # ------------------------------------------------------------------ evaluation
+    def _plain_forward(self, net: torch.nn.Module):
+        """A forward for a gate-free network outside the engine, with the run's precision."""
+        p = self.cfg.train.precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p)
+
+        def fwd(x: torch.Tensor) -> torch.Tensor:
+            if self.cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                return net(x)
+        return fwd
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, net: torch.nn.Module | None = None) -> dict[str, float]:
+        """Top-1/top-5/loss on ``data.eval_split``: of the training model under the method's eval
+        gates, or of ``net`` (the deployed network) when given."""
         cfg = self.cfg
-        loader = build_loader(cfg.data, "val", self.env.rank, self.env.world_size, cfg.train.seed, 0,
+        loader = build_loader(cfg.data, cfg.data.eval_split, self.env.rank, self.env.world_size, cfg.train.seed, 0,
                               device=self.device)
-        model = self.model
+        model = self.model if net is None else net
+        forward = self.engine.forward if net is None else self._plain_forward(net)
         was_training = model.training
         model.eval()
         n = correct1 = correct5 = loss_sum = 0.0
@@ -240,7 +270,7 @@ class Trainer:
                 for i, (x, y) in enumerate(batches):
                     if cfg.train.eval_batches and i >= cfg.train.eval_batches:
                         break
-                    logits = self.engine.forward(x).float()
+                    logits = forward(x).float()
                     keep = y >= 0
                     logits, y = logits[keep], y[keep]
                     if y.numel() == 0:
@@ -383,18 +413,27 @@ class Trainer:
                                           T.PRUNE_BLOCKS_REMOVED: s.blocks_removed, T.PRUNE_REBUILD_S: ev.rebuild_s},
                                          step=s.step)
                 self.tracker.log_dict(self.spec().to_dict(), f"specs/step{s.step:08d}-final.json")
-        res = self.evaluate()
-        s.wall_s = time.perf_counter() - self._t_start
         gates = cfg.run.export_gates
         if gates == "auto":
             gates = "deterministic" if getattr(self.method, "hardened", False) else "mean"
             if cfg.method.name in ("none", "taylor", "egp"):
                 gates = "mean"
-        final_spec = self.spec()
+        # the summary's top-1 is measured on exactly the network that is exported and counted
+        with self.method.eval_gates(self.model):
+            deployed = deploy_model(self.model, gate_eval=gates)
+        res = self.evaluate(net=deployed)
+        s.wall_s = time.perf_counter() - self._t_start
+        final_spec = deployed.spec()
         if self.env.rank == 0:
-            with self.method.eval_gates(self.model):
-                final_spec = export_model(self.model, self.run_dir / "final", gate_eval=gates)
+            save_deployed(deployed, self.run_dir / "final")
         macs, params = count(final_spec)
+        target = cfg.method.target_macs
+        reached = None
+        if target is not None:
+            reached = abs(macs / self.dense_macs - target) <= TARGET_TOLERANCE
+            if not reached:
+                log.warning("target not reached: method.target_macs=%.3f but the final network has %.3f of the "
+                            "dense MACs (tolerance %.2f)", target, macs / self.dense_macs, TARGET_TOLERANCE)
         s.width_history.append((s.step, widths_of(final_spec)))
         summary = {
             "method": cfg.method.display, "model": cfg.model.name, "top1": res["top1"], "top5": res["top5"],
@@ -408,6 +447,7 @@ class Trainer:
             "wall_s": s.wall_s, "steps": s.step, "epochs": cfg.train.epochs, "world_size": self.env.world_size,
             "device": str(self.device), "run_dir": str(self.run_dir), "run_id": getattr(self, "run_id", None),
             "method_details": self.method.summary(),
+            "target_macs": target, "target_reached": reached, "eval_split": cfg.data.eval_split,
         }
         if self.env.rank == 0:
             atomic_write_json(self.run_dir / "summary.json", summary)

@@ -358,5 +358,7 @@ def test_fmnist_reader_matches_debian_package():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     images, labels = fmnist.load("val")
     assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
-    sub = fmnist.balanced_subset(labels, 95, seed=0)
+    from pipelines import tree
+
+    sub = tree.balanced_subset(labels, 95, seed=0)
     assert len(sub) == len(set(sub)) == 95 and sorted(np.bincount(labels[sub])) == [9] * 5 + [10] * 5

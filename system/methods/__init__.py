@@ -24,12 +24,22 @@ class MethodConfig:
 
     name: Literal["none", "variational", "taylor", "egp"] = "none"
     label: str = ""  # e.g. "unit_only"; defaults to name
+    #: budget mode: the final network's inference MACs as a fraction of the dense network's
+    #: (None = off; each structured method steers its own pressure to land there)
+    target_macs: float | None = None
     variational: VariationalConfig = field(default_factory=VariationalConfig)
     taylor: TaylorConfig = field(default_factory=TaylorConfig)
     egp: EGPConfig = field(default_factory=EGPConfig)
 
     def __post_init__(self) -> None:
         check(self.name in METHODS, "name", f"unknown method {self.name!r}; known: {sorted(METHODS)}")
+        if self.target_macs is not None:
+            check(0.0 < self.target_macs <= 1.0, "target_macs",
+                  f"must be a fraction of the dense MACs in (0, 1], got {self.target_macs}")
+            check(self.name not in ("none", "egp"), "target_macs",
+                  "method 'none' prunes nothing" if self.name == "none" else
+                  "method 'egp' prunes weights unstructured and removes only layers whose entropy reaches 0, "
+                  "so its MACs cannot be steered to a target; sweep method.egp.iterations instead")
 
     @property
     def display(self) -> str:
@@ -39,6 +49,8 @@ class MethodConfig:
 def build_method(cfg: MethodConfig, total_steps: int) -> Method:
     if cfg.name == "none":
         return Method(None, total_steps)
+    if cfg.name in ("variational", "taylor"):
+        return METHODS[cfg.name](getattr(cfg, cfg.name), total_steps, target_macs=cfg.target_macs)
     return METHODS[cfg.name](getattr(cfg, cfg.name), total_steps)
 
 

@@ -78,11 +78,19 @@ class Method:
         return None
 
     def surrogate_loss(self, model: GatedResNet, forward, x: torch.Tensor, y: torch.Tensor, loss_fn,
-                       step: int) -> torch.Tensor | None:
-        """A term whose gradient carries an estimator the autograd path cannot (called before backward)."""
+                       step: int, per_example_loss: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A term whose gradient carries an estimator the autograd path cannot (called before backward).
+
+        ``loss_fn(logits, y)`` gives per-example losses; ``per_example_loss`` is the main forward's.
+        """
         return None
 
-    def after_backward(self, model: GatedResNet) -> None:
+    def extra_forwards(self) -> int:
+        """Forwards the last step ran beyond the main one (counted in the training MACs)."""
+        return 0
+
+    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
+        """Gradients are there.  ``grad_scale`` is the loss scale they carry (fp16): divide by it."""
         pass
 
     def after_step(self, model: GatedResNet) -> None:

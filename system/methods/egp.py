@@ -90,7 +90,7 @@ class EGP(Method):
                 self.on_sum[gname] += (output.detach() > 0).float().mean(dim=(0, 2, 3))
         return fn
 
-    def after_backward(self, model: GatedResNet) -> None:
+    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
         self.n_batches += 1
 
     def after_step(self, model: GatedResNet) -> None:

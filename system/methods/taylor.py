@@ -2,10 +2,13 @@
 
 Gates ``z = 1`` sit after BN on the same channels as the variational unit gates (mode
 ``mean`` with theta fixed at 1, so ``dL/dz`` is theta's gradient; theta's lr is 0).  The
-score of a gate is ``(dL/dz)^2``, averaged over ``check_every`` mini-batches, then smoothed
-across pruning steps with ``momentum``.  All gates are ranked globally; at each pruning step
-the ``per_step`` lowest go, until ``keep_ratio`` of the gates remain; then the network is
-fine-tuned.  A block that would lose every unit is removed whole (it becomes its shortcut).
+score of a gate is ``(dL/dz)^2``, averaged over the ``check_every`` mini-batches before each
+pruning step, then smoothed across pruning steps with ``momentum``.  All gates are ranked
+globally; at each pruning step the lowest go, until ``keep_ratio`` of the gates remain (or, with
+``method.target_macs``, until the network's MACs are at or under the target); then the network
+is fine-tuned.  The number removed per step is ``max(per_step, ceil(still needed / pruning steps
+left))``, so the target is always reached by ``stop_frac``.  A block that would lose every unit
+is removed whole (it becomes its shortcut).
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+import math
+
 import torch
 
+from system.complexity import count, expected
 from system.config import check
 from system.methods.base import Method, StepContext, remap_vector, unit_and_layer_gates
 from system.models.resnet import GatedResNet, set_gate_mode
 from system.surgery import PrunePlan, Slices
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,8 +36,8 @@ class TaylorConfig:
 
     keep_ratio: float = 0.72  # fraction of the prunable gates kept at the end
     check_every: int = 30  # mini-batches averaged per pruning step
-    per_step: int = 100  # gates removed per pruning step (0: per_step_frac of all gates)
-    per_step_frac: float = 0.0
+    per_step: int = 0  # at least this many gates per pruning step (0: only what reaching the target needs)
+    per_step_frac: float = 0.0  # the same minimum as a fraction of all gates
     momentum: float = 0.9  # smoothing of scores across pruning steps
     start_frac: float = 0.2  # train dense for this fraction of the steps first
     stop_frac: float = 0.7  # stop pruning here at the latest; the rest is fine-tuning
@@ -38,7 +47,6 @@ class TaylorConfig:
         check(self.check_every >= 1, "check_every", "must be >= 1")
         check(self.per_step >= 0, "per_step", "must be >= 0")
         check(0.0 <= self.per_step_frac < 1.0, "per_step_frac", "must be in [0, 1)")
-        check(self.per_step > 0 or self.per_step_frac > 0, "per_step", "per_step or per_step_frac must be > 0")
         check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         check(0.0 <= self.start_frac < self.stop_frac <= 1.0, "start_frac", "need 0 <= start_frac < stop_frac <= 1")
 
@@ -46,8 +54,11 @@ class TaylorConfig:
 class Taylor(Method):
     name = "taylor"
 
-    def __init__(self, cfg: TaylorConfig, total_steps: int):
+    def __init__(self, cfg: TaylorConfig, total_steps: int, target_macs: float | None = None):
         super().__init__(cfg, total_steps)
+        self.target = target_macs
+        self.dense_macs: float | None = None
+        self._step = 0
         self.acc: dict[str, torch.Tensor] = {}
         self.smooth: dict[str, torch.Tensor] = {}
         self.n_acc = 0
@@ -65,6 +76,8 @@ class Taylor(Method):
             self.acc.setdefault(n, torch.zeros_like(g.theta.detach()))
         if self.total_gates is None:
             self.total_gates = sum(g.theta.numel() for g in unit.values())
+        if self.dense_macs is None:
+            self.dense_macs = float(count(model.spec())[0])
 
     @property
     def start_step(self) -> int:
@@ -74,14 +87,22 @@ class Taylor(Method):
     def stop_step(self) -> int:
         return int(self.cfg.stop_frac * self.total_steps)
 
-    def after_backward(self, model: GatedResNet) -> None:
+    @property
+    def first_check(self) -> int:
+        return (self.start_step // self.cfg.check_every + 1) * self.cfg.check_every
+
+    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
+        # the first window is the check_every batches before the first pruning step, like every other
+        if self._step + 1 <= self.first_check - self.cfg.check_every:
+            return
         unit, _ = unit_and_layer_gates(model)
         for n, g in unit.items():
             if g.theta.grad is not None:
-                self.acc[n] += g.theta.grad.detach().pow(2)
+                self.acc[n] += (g.theta.grad.detach() / grad_scale).pow(2)
         self.n_acc += 1
 
     def after_step(self, model: GatedResNet) -> None:
+        self._step += 1
         unit, _ = unit_and_layer_gates(model)
         with torch.no_grad():  # z stays exactly 1 whatever the optimizer does
             for g in unit.values():
@@ -104,20 +125,19 @@ class Taylor(Method):
             self.smooth[n] = avg.clone() if prev is None else c.momentum * prev + (1 - c.momentum) * avg
             a.zero_()
         self.n_acc = 0
-        unit, _ = unit_and_layer_gates(ctx.model)
-        remaining = sum(g.theta.numel() for g in unit.values())
-        excess = remaining - self._target_remaining()
-        if excess <= 0:
-            return None
-        per = c.per_step if c.per_step > 0 else max(1, int(c.per_step_frac * self.total_gates))
-        k = min(per, excess)
+        self._step = ctx.step
         names = sorted(self.smooth)
         scores = torch.cat([self.smooth[n] for n in names])
         owner = [(n, i) for n in names for i in range(self.smooth[n].numel())]
         # stable global ranking: ties broken by position so every rank agrees
-        order = torch.argsort(scores, stable=True)[:k].tolist()
+        ranking = torch.argsort(scores, stable=True).tolist()
+        needed = self._needed(ctx.model, names, owner, ranking)
+        if needed <= 0:
+            return None
+        floor = max(c.per_step, int(c.per_step_frac * self.total_gates))
+        k = min(needed, max(floor, math.ceil(needed / self.events_left(ctx.step))))
         chosen: dict[str, list[int]] = {}
-        for j in order:
+        for j in ranking[:k]:
             n, i = owner[j]
             chosen.setdefault(n, []).append(i)
         units, blocks = {}, []
@@ -131,6 +151,37 @@ class Taylor(Method):
         units = {n: v for n, v in units.items() if n.rsplit(".", 1)[0] not in blocks}
         return PrunePlan(units=units, blocks=tuple(blocks))
 
+    def events_left(self, step: int) -> int:
+        """Pruning steps from ``step`` (included) to ``stop_frac``."""
+        ce = self.cfg.check_every
+        first = max(step, self.start_step + 1)
+        return max(1, self.stop_step // ce - (first - 1) // ce)
+
+    def _needed(self, model: GatedResNet, names, owner, ranking) -> int:
+        """How many of the lowest-ranked gates must go to reach the target (gate count or MACs)."""
+        remaining = len(owner)
+        if self.target is None:
+            return remaining - self._target_remaining()
+        spec = model.spec()
+
+        def frac(k: int) -> float:
+            on = {n: torch.ones(self.smooth[n].numel(), dtype=torch.float64) for n in names}
+            for j in ranking[:k]:
+                n, i = owner[j]
+                on[n][i] = 0.0
+            return float(expected(spec, on, None)[0]) / self.dense_macs
+
+        if frac(0) <= self.target:
+            return 0
+        lo, hi = 1, remaining
+        while lo < hi:  # the fewest removals that bring the MACs to the target (monotone in k)
+            mid = (lo + hi) // 2
+            if frac(mid) <= self.target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
         for store in (self.acc, self.smooth):
             new = remap_vector(store, plan, slices)
@@ -141,10 +192,17 @@ class Taylor(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"acc": self.acc, "smooth": self.smooth, "n_acc": self.n_acc, "n_events": self.n_events,
-                "total_gates": self.total_gates, "removed": self.removed}
+                "total_gates": self.total_gates, "removed": self.removed, "step": self._step,
+                "dense_macs": self.dense_macs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.acc = {k: v.clone() for k, v in state["acc"].items()}
         self.smooth = {k: v.clone() for k, v in state["smooth"].items()}
         self.n_acc, self.n_events = int(state["n_acc"]), int(state["n_events"])
         self.total_gates, self.removed = state["total_gates"], int(state["removed"])
+        self._step = int(state.get("step", 0))
+        self.dense_macs = state.get("dense_macs", self.dense_macs)
+
+    def summary(self) -> dict[str, Any]:
+        kept = None if self.total_gates is None else (self.total_gates - self.removed) / self.total_gates
+        return {"gates_kept_frac": kept, "keep_ratio": self.cfg.keep_ratio if self.target is None else None}

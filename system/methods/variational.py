@@ -4,17 +4,47 @@ unit-only and layer-only special cases.
 theta in [0, 1] is trained by projected SGD in its own parameter groups.  The loss adds
 
     nu * [alpha * E[MACs]/MACs_full + (1 - alpha) * E[Params]/Params_full]   (layer part x beta)
-    + sum_j theta_j * (lambda/2) * ||w_j||^2                                    (gated decay)
-    + harden * s(t) * sum theta (1 - theta)                                     (optional, [ours])
+    + sum_j theta_j * (lambda/2) * ||w_j||^2                                    (optional gated decay)
+    + drive * s(t) * sum_j c_j theta_j (1 - theta_j)                            (drive to {0, 1}, [ours])
 
 E[MACs] and E[Params] are the exact multilinear polynomials of :mod:`system.complexity`,
 so autograd gives each structure its marginal cost (the automatic coefficients).
 
-Pruning rule [ours, configurable]: at every check (every ``check_every`` steps after the
-theta warm-up) a structure whose theta <= ``tau_theta`` has its zero-counter raised, else
-reset (a reset after a hit counts as a revival).  It is removed once the counter reaches
-``patience`` and the weight condition holds, or once it has revived ``max_revivals`` times
-and sits at zero again (theta cannot bounce back forever).  Weight conditions:
+The theta step [ours, configurable]:
+
+- ``theta_step: normalized`` (default) divides each theta's gradient by its structure's price
+  coefficient ``c_j`` (its marginal cost in the current network with every gate on).  Every
+  theta then moves at ``nu * beta_kind`` minus its data importance per unit of cost, with one
+  learning rate for both kinds (``1 / (theta_travel * total_steps)``: the price alone moves a
+  theta across [0, 1] in ``theta_travel`` of the run).  ``beta`` is then really the layer/unit
+  balance, and a structure is pruned when its importance per MAC is below ``nu``.
+- ``theta_step: raw`` is the plain gradient with per-kind rates ``lr_unit`` / ``lr_layer``.
+
+Layer-gate estimators of d E[CE] / d theta_B = E[CE | xi_B = 1] - E[CE | xi_B = 0]:
+
+- ``conditional`` (default, free): gates are sampled per example; the difference of the mean
+  per-example loss of the examples with the block on and off, in the same forward (every other
+  gate is independent of xi_B, so each mean is unbiased for its conditional expectation).
+- ``exact``: one extra forward per block (``exact_blocks`` random blocks per step, rescaled),
+  with every other gate replaying the main forward's draw (common random numbers); its forwards
+  are counted in the training MACs (:meth:`extra_forwards`).
+- ``autograd``: the derivative w.r.t. the sampled gate value (first order; biased: its
+  expectation shrinks as theta falls and has interior equilibria).
+
+Unit gates use the autograd estimator; they sit after the ReLU, so a unit sampled off still
+sees the first-order benefit of switching on.
+
+Budget mode: with ``method.target_macs = T``, nu becomes a dual variable.  A scheduled budget
+m*(t) falls from 1 at the end of the warm-up to T at ``target_by`` of the run, and
+``nu <- max(0, nu + dual_gain * (E[MACs]/MACs_full - m*(t)) / (theta_travel * total_steps))``
+each step (dual ascent on the budget constraint; nu starts at 0, so structures leave in order
+of importance per cost).  The safety-net rounding at ``harden_at`` picks the cut that lands the
+deterministic network at or just under T.
+
+Pruning rule: at every check (every ``check_every`` steps after the warm-up) a structure whose
+theta <= ``tau_theta`` has its zero-counter raised, else reset (a reset after a hit counts as
+a revival).  It is removed once the counter reaches ``patience`` and the weight condition
+holds, or once it has revived ``max_revivals`` times and sits at zero again.  Weight conditions:
 
 - ``grad``: the theta gradient averaged since the last check is >= 0, i.e. the full
   objective pushes theta further into 0: it is in 0's domain of attraction;
@@ -23,13 +53,14 @@ and sits at zero again (theta cannot bounce back forever).  Weight conditions:
 - ``none``: theta alone decides.
 
 A unit decision that would empty a branch becomes a block removal if the block's layer
-condition holds (or layer gates are off); otherwise the strongest unit is kept.
+condition holds (or layer gates are off); otherwise the unit with the largest theta is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -46,22 +77,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VariationalConfig:
-    """Section ``method.variational``.  Defaults: see docs/results.md for the calibration."""
+    """Section ``method.variational``.  Defaults: see docs/results.md for how they were chosen."""
 
     unit_gates: bool = True
     layer_gates: bool = True
-    nu: float = 1.0  # accuracy vs pruning strength
-    alpha: float = 0.5  # MACs (1) vs parameters (0)
-    beta: float = 1.0  # scale of the layer-gate part of the complexity gradient
-    # theta learning rates (plain SGD, projected to [0, 1]).  A unit's marginal cost is 1/16-1/64
-    # of a block's, so units need a ~100x larger rate to move at all (docs/results.md, calibration:
-    # at 0.05 no unit theta reached 0 in 1,400 steps on Fashion-MNIST).
-    lr_unit: float = 1.0
+    nu: float = 1.0  # accuracy vs pruning strength (the start of the dual variable under a target: 0)
+    alpha: float = 1.0  # MACs (1) vs parameters (0)
+    beta: float = 1.0  # layer vs unit balance (scale of the layer-gate price)
+    theta_step: Literal["normalized", "raw"] = "normalized"
+    theta_travel: float = 0.1  # normalized: the price alone moves theta across [0, 1] in this fraction of the run
+    lr_unit: float = 1.0  # raw: theta learning rates (plain SGD, projected to [0, 1])
     lr_layer: float = 0.01
     warmup_frac: float = 0.2  # weights only for this fraction of the steps
-    estimator: Literal["autograd", "exact_layer"] = "autograd"
-    per_example: bool = False  # sample xi per example instead of per mini-batch
-    gated_decay: bool = True  # weight decay of gated weights scaled by theta (in the loss)
+    estimator: Literal["conditional", "exact", "autograd"] = "conditional"
+    exact_blocks: int = 0  # exact: blocks differenced per step (0 = all)
+    per_example: bool = True  # sample xi per example (required by the conditional estimator)
+    gated_decay: bool = False  # weight decay of gated weights scaled by theta (in the loss)
+    # budget mode (method.target_macs): dual ascent on nu
+    target_by: float = 0.4  # the scheduled budget reaches the target at this fraction of the run
+    dual_gain: float = 2.0
     # pruning conditions
     check_every: int = 50
     patience: int = 3
@@ -69,10 +103,10 @@ class VariationalConfig:
     weight_condition: Literal["grad", "signal", "none"] = "grad"
     tau_w: float = 0.5
     max_revivals: int = 3
-    # determinism at the end [ours]
-    harden: Literal["none", "concave", "final"] = "final"
-    harden_at: float = 0.7  # "final": at this fraction of steps round theta to {0,1} and prune
-    harden_strength: float = 1.0  # "concave": weight of s(t) * theta (1 - theta), s ramps 0->1
+    # determinism [ours]: a drive to {0, 1}, and a safety-net rounding
+    drive: float = 1.0  # weight of s(t) * c_j theta (1 - theta), s ramps 0 -> 1 from warm-up to target_by
+    harden: Literal["none", "final"] = "final"
+    harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
     threshold: float = 0.5  # deterministic gate: xi = 1[theta > threshold]
 
@@ -80,16 +114,25 @@ class VariationalConfig:
         check(self.nu >= 0, "nu", "must be >= 0")
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.beta >= 0, "beta", "must be >= 0")
-        check(self.lr_unit >= 0 and self.lr_layer >= 0, "lr_unit", "theta learning rates must be >= 0")
+        check(0.0 < self.theta_travel <= 1.0, "theta_travel", f"must be in (0, 1], got {self.theta_travel}")
+        check(self.lr_unit >= 0, "lr_unit", f"a theta learning rate must be >= 0, got {self.lr_unit}")
+        check(self.lr_layer >= 0, "lr_layer", f"a theta learning rate must be >= 0, got {self.lr_layer}")
         check(0.0 <= self.warmup_frac < 1.0, "warmup_frac", "must be in [0, 1)")
         check(self.unit_gates or self.layer_gates, "unit_gates", "at least one of unit_gates/layer_gates must be on")
+        check(self.exact_blocks >= 0, "exact_blocks", "must be >= 0")
+        check(self.estimator != "conditional" or self.per_example or not self.layer_gates, "estimator",
+              "'conditional' compares examples with the block on and off in one batch: it needs "
+              "method.variational.per_example=true (or use 'exact' / 'autograd')")
+        check(self.warmup_frac < self.target_by <= 1.0, "target_by", "must be in (warmup_frac, 1]")
+        check(self.dual_gain > 0, "dual_gain", "must be > 0")
         check(self.check_every >= 1, "check_every", "must be >= 1")
         check(self.patience >= 1, "patience", "must be >= 1")
         check(0.0 <= self.tau_theta < 0.5, "tau_theta", "must be in [0, 0.5)")
         check(self.tau_w >= 0, "tau_w", "must be >= 0")
         check(self.max_revivals >= 1, "max_revivals", "must be >= 1")
+        check(self.drive >= 0, "drive", "must be >= 0")
         check(0.0 < self.harden_at <= 1.0, "harden_at", "must be in (0, 1]")
-        check(self.harden_strength >= 0, "harden_strength", "must be >= 0")
+        check(self.harden == "none" or self.harden_at > self.warmup_frac, "harden_at", "must be after warmup_frac")
         check(0.0 < self.threshold < 1.0, "threshold", "must be in (0, 1)")
 
 
@@ -103,23 +146,32 @@ def _scale_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
 class Variational(Method):
     name = "variational"
 
-    def __init__(self, cfg: VariationalConfig, total_steps: int):
+    def __init__(self, cfg: VariationalConfig, total_steps: int, target_macs: float | None = None):
         super().__init__(cfg, total_steps)
+        self.target = target_macs
         self.warmup_steps = int(cfg.warmup_frac * total_steps)
         self.harden_step = int(cfg.harden_at * total_steps) if cfg.harden == "final" else None
+        self.target_step = max(self.warmup_steps + 1, int(cfg.target_by * total_steps))
         self.hardened = False
         self.full: tuple[float, float] | None = None
+        self.nu = 0.0 if target_macs is not None else cfg.nu
         self.zero_count: dict[str, torch.Tensor] = {}
         self.revivals: dict[str, torch.Tensor] = {}
         self.grad_acc: dict[str, torch.Tensor] = {}
         self.grad_n = 0
         self.removed_units = 0
         self.removed_blocks = 0
+        self.extra_forward_count = 0  # forwards of the exact estimator, per step (for the MACs account)
+        self.expected_macs = 1.0  # E[MACs] / dense MACs after the last step
+        self.removal_steps: list[tuple[int, int, int]] = []  # (step, channels, blocks) of every event
+        self._price_spec = None
+        self._price: dict[str, torch.Tensor] = {}
+        self._step = 0
 
     # -- set-up -------------------------------------------------------------------------
     def check_model(self, model: GatedResNet) -> None:
         super().check_model(model)
-        if self.cfg.layer_gates and self.cfg.nu > 0:
+        if self.cfg.layer_gates and (self.cfg.nu > 0 or self.target is not None):
             for name, blk in model.named_blocks():
                 last = getattr(blk, "bn3", None) or getattr(blk, "bn2", None)
                 if last is not None and not bool(last.weight.detach().any()):
@@ -139,11 +191,10 @@ class Variational(Method):
         set_gate_mode(model, unit=mode_u, layer=mode_l, per_example=c.per_example)
         for g in gates_of(model).values():
             g.threshold = c.threshold
-            # exact estimator: layer thetas get E[CE(xi=1) - CE(xi=0)] via surrogate_loss instead
-            g.straight_through = not (g.kind == "layer" and c.estimator == "exact_layer")
+            # the layer thetas get E[CE(xi=1) - CE(xi=0)] through surrogate_loss instead
+            g.straight_through = not (g.kind == "layer" and c.estimator != "autograd")
         if self.full is None:
-            spec = model.spec()
-            self.full = tuple(float(v) for v in count(spec))
+            self.full = tuple(float(v) for v in count(model.spec()))
         unit, layer = unit_and_layer_gates(model)
         for n, g in {**unit, **layer}.items():
             self.zero_count.setdefault(n, torch.zeros_like(g.theta.detach()))
@@ -152,60 +203,143 @@ class Variational(Method):
 
     def theta_lrs(self) -> dict[str, float]:
         c = self.cfg
+        if c.theta_step == "normalized":
+            lr = 1.0 / (c.theta_travel * max(1, self.total_steps))
+            return {"unit": lr if c.unit_gates else 0.0, "layer": lr if c.layer_gates else 0.0}
         return {"unit": c.lr_unit if c.unit_gates else 0.0, "layer": c.lr_layer if c.layer_gates else 0.0}
 
     def theta_active(self, step: int) -> bool:
-        # nu = 0 is "accuracy only": without a complexity price theta is not trained (it stays 1),
+        # nu = 0 without a target is "accuracy only": theta is not trained (it stays 1),
         # so stochastic noise in the data gradient cannot prune anything.
-        return self.cfg.nu > 0 and step >= self.warmup_steps and not self.hardened
+        priced = self.cfg.nu > 0 or self.target is not None
+        return priced and step >= self.warmup_steps and not self.hardened
 
     # -- loss ---------------------------------------------------------------------------
-    def _active(self, model: GatedResNet):
+    def _active(self, model: GatedResNet, thetas=None):
         unit, layer = unit_and_layer_gates(model)
-        u = {n: g.theta for n, g in unit.items()} if self.cfg.unit_gates else {}
-        lyr = {n: _scale_grad(g.theta, self.cfg.beta) for n, g in layer.items()} if self.cfg.layer_gates else {}
+        get = (lambda n, g: g.theta) if thetas is None else (lambda n, g: thetas[n])
+        u = {n: get(n, g) for n, g in unit.items()} if self.cfg.unit_gates else {}
+        lyr = {n: _scale_grad(get(n, g), self.cfg.beta) for n, g in layer.items()} if self.cfg.layer_gates else {}
         return u, lyr
 
-    def complexity_cost(self, model: GatedResNet) -> torch.Tensor:
+    def _cost(self, model: GatedResNet, thetas=None) -> torch.Tensor:
         c = self.cfg
-        u, lyr = self._active(model)
+        u, lyr = self._active(model, thetas)
         em, ep = expected(model.spec(), u, lyr)
-        return c.nu * (c.alpha * em / self.full[0] + (1.0 - c.alpha) * ep / self.full[1])
+        return c.alpha * em / self.full[0] + (1.0 - c.alpha) * ep / self.full[1]
+
+    def complexity_cost(self, model: GatedResNet) -> torch.Tensor:
+        return self.nu * self._cost(model)
+
+    def prices(self, model: GatedResNet) -> dict[str, torch.Tensor]:
+        """Each gate's price coefficient c_j (layer part x beta) with every gate of the current network on."""
+        spec = model.spec()
+        if self._price_spec is not spec:
+            ones = {n: torch.ones_like(g.theta.detach(), dtype=torch.float64).requires_grad_(True)
+                    for n, g in gates_of(model).items()}
+            cost = self._cost(model, ones)
+            grads = torch.autograd.grad(cost, list(ones.values()), allow_unused=True)
+            self._price = {n: (gr if gr is not None else torch.zeros_like(t)).to(torch.float32).clamp_min(1e-12)
+                           .to(model.fc.weight.device) for (n, t), gr in zip(ones.items(), grads)}
+            self._price_spec = spec
+        return self._price
+
+    def _ramp(self, step: int) -> float:
+        """0 at the end of the warm-up, 1 when the budget is due (``target_by``)."""
+        end = self.target_step
+        return min(1.0, max(0.0, (step - self.warmup_steps) / max(1, end - self.warmup_steps)))
+
+    def scheduled_budget(self, step: int) -> float:
+        """m*(t): the budget the dual variable tracks (1 until the warm-up ends, T from ``target_by``)."""
+        if self.target is None:
+            return 1.0
+        r = min(1.0, max(0.0, (step - self.warmup_steps) / max(1, self.target_step - self.warmup_steps)))
+        return 1.0 - (1.0 - self.target) * r
 
     def regularizer(self, model: GatedResNet, step: int) -> torch.Tensor | None:
         c = self.cfg
+        if not self.theta_active(step):
+            return None
         terms = []
-        if self.theta_active(step) and c.nu > 0:
+        if self.nu > 0:
             terms.append(self.complexity_cost(model))
-        if c.harden == "concave" and self.theta_active(step) and c.harden_strength > 0:
-            ramp = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        s = self._ramp(step)
+        if c.drive > 0 and s > 0:
+            price = self.prices(model)
             unit, layer = unit_and_layer_gates(model)
-            pen = sum((g.theta * (1 - g.theta)).sum() for g in {**unit, **layer}.values())
-            terms.append(c.harden_strength * ramp * pen)
+            on = {**(unit if c.unit_gates else {}), **(layer if c.layer_gates else {})}
+            terms.append(c.drive * s * sum((price[n] * g.theta * (1 - g.theta)).sum() for n, g in on.items()))
         return sum(terms) if terms else None
 
-    def surrogate_loss(self, model, forward, x, y, loss_fn, step):
-        """``exact_layer``: d/dtheta_B of E[CE] = E[CE(xi_B=1) - CE(xi_B=0)], one sample of the rest."""
-        if self.cfg.estimator != "exact_layer" or not self.cfg.layer_gates or not self.theta_active(step):
+    def surrogate_loss(self, model, forward, x, y, loss_fn, step, per_example_loss=None):
+        """Layer estimators other than autograd: a term whose theta_B gradient is the estimate."""
+        c = self.cfg
+        self.extra_forward_count = 0
+        if c.estimator == "autograd" or not c.layer_gates or not self.theta_active(step):
             return None
         _, layer = unit_and_layer_gates(model)
-        diffs, thetas = [], []
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        if not layer:
+            return None
+        if c.estimator == "conditional":
+            return self._conditional(layer, per_example_loss)
+        return self._exact(model, layer, forward, x, y, loss_fn, per_example_loss)
+
+    @staticmethod
+    def _conditional(layer, per_example_loss: torch.Tensor) -> torch.Tensor:
+        loss = per_example_loss.detach()
+        terms = []
+        for g in layer.values():
+            xi = g.last_xi.reshape(-1)
+            if xi.numel() != loss.numel():
+                raise RuntimeError("conditional estimator: gates must be sampled per example")
+            on = xi > 0.5
+            n_on, n_off = int(on.sum()), int((~on).sum())
+            if n_on == 0 or n_off == 0:
+                continue  # no contrast in this batch (theta at 0 or 1): the price alone moves theta
+            diff = loss[on].mean() - loss[~on].mean()
+            terms.append(diff * g.theta.reshape(()))
+        return sum(terms) if terms else None
+
+    def _exact(self, model, layer, forward, x, y, loss_fn, per_example_loss) -> torch.Tensor:
+        """CE(xi_B=1) - CE(xi_B=0) per example, every other gate replaying the main draw."""
+        c = self.cfg
+        names = sorted(layer)
+        k = len(names) if c.exact_blocks == 0 else min(c.exact_blocks, len(names))
+        if k < len(names):
+            pick = torch.randperm(len(names))[:k].tolist()
+            names = [names[i] for i in sorted(pick)]
+        scale = len(layer) / k
+        main = per_example_loss.detach()
+        gates = gates_of(model)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
-        for m in bns:  # the extra forwards must not move the running statistics
-            m.momentum = 0.0
-        with torch.no_grad():
-            for g in layer.values():
-                vals = []
-                for v in (1.0, 0.0):
-                    g.force = v
-                    vals.append(loss_fn(forward(x), y))
-                g.force = None
-                diffs.append(vals[0] - vals[1])
-                thetas.append(g.theta.reshape(()))
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        return sum(d.detach() * t for d, t in zip(diffs, thetas))
+        terms = []
+        try:
+            for m in bns:  # the extra forwards must not move the running statistics
+                m.momentum = 0.0
+            for g in gates.values():
+                g.replay = True
+            with torch.no_grad():
+                for n in names:
+                    g = layer[n]
+                    xi = g.last_xi
+                    g.last_xi = 1.0 - xi  # the complement of the main draw, per example
+                    other = loss_fn(forward(x), y)
+                    g.last_xi = xi
+                    xi = xi.reshape(-1).expand(main.shape[0]) if xi.numel() == 1 else xi.reshape(-1)
+                    diff = torch.where(xi > 0.5, main - other, other - main).mean()
+                    terms.append(scale * diff * g.theta.reshape(()))
+        finally:
+            for g in gates.values():
+                g.replay = False
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+        self.extra_forward_count = k
+        return sum(terms)
+
+    def extra_forwards(self) -> int:
+        """Forwards this step ran beyond the main one (the exact estimator's)."""
+        return self.extra_forward_count
 
     def gated_decay(self, model: GatedResNet, weight_decay: float) -> torch.Tensor | None:
         """sum over blocks of theta_B * (lambda/2) * [sum_u theta_u ||w_u||^2 + ||w_last||^2]."""
@@ -231,16 +365,36 @@ class Variational(Method):
         return 0.5 * weight_decay * total
 
     # -- per step -----------------------------------------------------------------------
-    def after_backward(self, model: GatedResNet) -> None:
+    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
+        normalized = self.cfg.theta_step == "normalized" and self.theta_active(self._step)
+        price = self.prices(model) if normalized else {}
         for n, g in gates_of(model).items():
-            if g.theta.grad is not None and n in self.grad_acc:
-                self.grad_acc[n] += g.theta.grad.detach()
+            if g.theta.grad is None or n not in self.grad_acc:
+                continue
+            if normalized:  # in place: the optimizer steps on the normalized gradient
+                g.theta.grad.div_(price[n])
+            self.grad_acc[n] += g.theta.grad.detach() / grad_scale
         self.grad_n += 1
 
     def after_step(self, model: GatedResNet) -> None:
         with torch.no_grad():
             for g in gates_of(model).values():
                 g.theta.clamp_(0.0, 1.0)
+            active = self.theta_active(self._step)
+            self._step += 1
+            if not active:
+                return
+            self.expected_macs = float(expected(model.spec(), *self._thetas(model))[0]) / self.full[0]
+            if self.target is not None:
+                gap = self.expected_macs - self.scheduled_budget(self._step)
+                rate = self.cfg.dual_gain / (self.cfg.theta_travel * max(1, self.total_steps))
+                self.nu = max(0.0, self.nu + rate * gap)
+
+    def _thetas(self, model: GatedResNet):
+        unit, layer = unit_and_layer_gates(model)
+        u = {n: g.theta.detach() for n, g in unit.items()} if self.cfg.unit_gates else {}
+        lyr = {n: g.theta.detach() for n, g in layer.items()} if self.cfg.layer_gates else {}
+        return u, lyr
 
     def check_due(self, step: int) -> bool:
         if self.hardened:
@@ -254,21 +408,65 @@ class Variational(Method):
 
     def on_step_end(self, ctx: StepContext) -> PrunePlan | None:
         model = ctx.model
+        self._step = ctx.step
         if self.harden_step is not None and ctx.step >= self.harden_step and not self.hardened:
             return self._harden(model)
         return self._check(model)
 
+    def _round(self, model: GatedResNet) -> dict[str, torch.Tensor]:
+        """theta rounded to {0, 1}: at ``threshold``, or, under a target, the cut nearest the target from below."""
+        c = self.cfg
+        u, lyr = self._thetas(model)
+        thetas = {**u, **lyr}
+        on = {n: (t > c.threshold).to(t.dtype) for n, t in thetas.items()}
+        if self.target is None or not thetas:
+            return on
+        spec = model.spec()
+
+        def macs(vals):
+            return float(expected(spec, {n: vals[n] for n in u}, {n: vals[n] for n in lyr})[0]) / self.full[0]
+
+        def with_flips(cands, k, value):
+            vals = {n: t.clone() for n, t in on.items()}
+            for n, i in cands[:k]:
+                vals[n][i] = value
+            return vals
+
+        order = [(float(thetas[n][i]), n, i) for n in thetas for i in range(thetas[n].numel())]
+        if macs(on) > self.target:  # cut more: the lowest theta among the kept first
+            cands = [(n, i) for t, n, i in sorted(order) if on[n][i] > 0]
+            lo, hi = 0, len(cands)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if macs(with_flips(cands, mid, 0.0)) <= self.target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return with_flips(cands, lo, 0.0)
+        # keep more: the highest theta among the cut ones, while still within the target
+        cands = [(n, i) for t, n, i in sorted(order, reverse=True) if on[n][i] == 0]
+        lo, hi = 0, len(cands)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if macs(with_flips(cands, mid, 1.0)) <= self.target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return with_flips(cands, lo, 1.0)
+
     def _harden(self, model: GatedResNet) -> PrunePlan:
         """Round theta to {0, 1}, switch to deterministic gates, cut every gate that is off."""
         c = self.cfg
+        rounded = self._round(model)
+        gates = gates_of(model)
         with torch.no_grad():
-            for g in gates_of(model).values():
-                on = g.theta > c.threshold
-                g.theta.copy_(on.to(g.theta.dtype))
+            for n, v in rounded.items():
+                gates[n].theta.copy_(v)
         self.hardened = True
         self.attach(model)
         plan = plan_from_gates(model, threshold=c.threshold)
-        log.info("hardening: theta rounded, %d channels and %d blocks cut", plan.n_channels, len(plan.blocks))
+        log.info("hardening at step %d: theta rounded, %d channels and %d blocks cut", self._step,
+                 plan.n_channels, len(plan.blocks))
         return plan
 
     def _weight_ok(self, model: GatedResNet, name: str, mean_grad: torch.Tensor) -> torch.Tensor:
@@ -309,6 +507,10 @@ class Variational(Method):
         for v in self.grad_acc.values():
             v.zero_()
         self.grad_n = 0
+        at0 = sum(int((g.theta.detach() <= c.tau_theta).sum()) for g in {**unit, **layer}.values())
+        log.info("check at step %d: nu %.4f, E[MACs] %.3f of dense (budget %.3f), %d gates at theta <= %g, "
+                 "%d flagged", self._step, self.nu, self.expected_macs, self.scheduled_budget(self._step), at0,
+                 c.tau_theta, sum(int(f.sum()) for f in flagged.values()))
         units: dict[str, tuple[int, ...]] = {}
         blocks: list[str] = []
         for bname, blk in model.named_blocks():
@@ -320,17 +522,21 @@ class Variational(Method):
             empties = [gn for gn in gnames if bool(flagged[gn].all())]
             if empties:
                 layer_ok = (not c.layer_gates) or (lg in flagged and bool((self.zero_count[lg] > 0).all()))
-                if layer_ok or not c.layer_gates:
+                if layer_ok:
                     blocks.append(bname)
                     continue
-                for gn in empties:  # keep the unit with the largest theta, then the largest signal
-                    keep = int(torch.argmax(unit[gn].theta.detach() + 1e-6 * torch.arange(unit[gn].theta.numel(), device=unit[gn].theta.device)))
+                for gn in empties:  # keep the unit with the largest theta (ties: the lowest index)
+                    keep = int(torch.argmax(unit[gn].theta.detach()))
                     flagged[gn][keep] = False
             for gn in gnames:
                 idx = tuple(int(i) for i in torch.nonzero(flagged[gn]).flatten())
                 if idx:
                     units[gn] = idx
         plan = PrunePlan(units=units, blocks=tuple(blocks))
+        if self.target is not None and self.expected_macs < self.target:
+            # the budget overshot: structures at 0 wait (they may revive as nu falls) instead of
+            # being cut below the target for good
+            return None
         return None if plan.empty else plan
 
     def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
@@ -340,6 +546,7 @@ class Variational(Method):
             store.update(new)
         self.removed_units += plan.n_channels
         self.removed_blocks += len(plan.blocks)
+        self.removal_steps.append((self._step, plan.n_channels, len(plan.blocks)))
 
     # -- evaluation ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -355,14 +562,17 @@ class Variational(Method):
                 g.mode = saved[n]
 
     def final_plan(self, model: GatedResNet) -> PrunePlan | None:
-        plan = plan_from_gates(model, threshold=self.cfg.threshold) if self.hardened else None
-        return None if plan is None or plan.empty else plan
+        """The network the run ends with is deterministic: round now if nothing rounded before."""
+        plan = self._harden(model) if not self.hardened else plan_from_gates(model, threshold=self.cfg.threshold)
+        return None if plan.empty else plan
 
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"hardened": self.hardened, "full": list(self.full) if self.full else None,
                 "zero_count": self.zero_count, "revivals": self.revivals, "grad_acc": self.grad_acc,
-                "grad_n": self.grad_n, "removed_units": self.removed_units, "removed_blocks": self.removed_blocks}
+                "grad_n": self.grad_n, "removed_units": self.removed_units, "removed_blocks": self.removed_blocks,
+                "nu": self.nu, "step": self._step, "expected_macs": self.expected_macs,
+                "removal_steps": [list(r) for r in self.removal_steps]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.hardened = bool(state["hardened"])
@@ -372,6 +582,17 @@ class Variational(Method):
             getattr(self, key).update({k: v.clone() for k, v in state[key].items()})
         self.grad_n = int(state["grad_n"])
         self.removed_units, self.removed_blocks = int(state["removed_units"]), int(state["removed_blocks"])
+        self.nu = float(state.get("nu", self.nu))
+        self._step = int(state.get("step", 0))
+        self.expected_macs = float(state.get("expected_macs", 1.0))
+        self.removal_steps = [tuple(r) for r in state.get("removal_steps", [])]
 
     def summary(self) -> dict[str, Any]:
-        return {"hardened": self.hardened}
+        removed_by = {}
+        total_ch = sum(r[1] for r in self.removal_steps) or 0
+        if self.removal_steps and self.total_steps:
+            cut = int(0.6 * self.total_steps)
+            early = sum(r[1] for r in self.removal_steps if r[0] <= cut)
+            removed_by = {"channels_removed_by_60pct": early, "channels_removed_total": total_ch}
+        return {"hardened": self.hardened, "nu_final": self.nu, "expected_macs_frac": self.expected_macs,
+                "removal_steps": [list(r) for r in self.removal_steps], **removed_by}

@@ -1,7 +1,8 @@
 """Gated ResNets: CIFAR-style (ResNet-20/32/56/110) and torchvision v1.5 (ResNet-18/34/50/101).
 
-Plain ``nn.Module``s built from an :class:`ArchSpec`.  Unit gates sit right after the
-BatchNorm of every inner conv of a residual branch; one layer gate per block multiplies
+Plain ``nn.Module``s built from an :class:`ArchSpec`.  Unit gates sit after the BatchNorm
+and ReLU of every inner conv of a residual branch (``xi * relu(bn(conv(x)))``: the same forward
+values as a gate before the ReLU, but a unit sampled off still gets a data gradient); one layer gate per block multiplies
 the whole branch: ``out = relu(shortcut(x) + xi_B * branch(x))``.  Parameter and buffer
 names follow torchvision, so a dense model loads a torchvision state_dict.
 """
@@ -43,6 +44,8 @@ class Gate(nn.Module):
         self.threshold = 0.5
         self.straight_through = True  # sampled mode: pass dL/dxi to theta
         self.force: float | None = None  # if set, the gate value regardless of mode (exact estimator)
+        self.replay = False  # sampled mode: reuse the last draw (common random numbers)
+        self.last_xi: torch.Tensor | None = None  # the last sampled draw, shape (B or 1, n)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, n={self.theta.numel()}, mode={self.mode}"
@@ -59,9 +62,12 @@ class Gate(nn.Module):
         if self.mode == "mean":
             return theta.to(dtype).unsqueeze(0)
         if self.mode == "sampled":
+            if self.replay and self.last_xi is not None:
+                return self.last_xi.to(dtype)
             p = theta.detach().clamp(0.0, 1.0)
             shape = (batch, p.numel()) if self.per_example else (1, p.numel())
             xi = torch.bernoulli(p.expand(shape))
+            self.last_xi = xi
             if not self.straight_through:
                 return xi.to(dtype)
             return (xi + theta - theta.detach()).to(dtype)
@@ -104,7 +110,7 @@ def _shortcut(spec: ArchSpec, cin: int, cout: int, stride: int) -> nn.Module | N
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-gate1-ReLU-conv3x3-BN, times the layer gate, plus the shortcut, ReLU."""
+    """conv3x3-BN-ReLU-gate1-conv3x3-BN, times the layer gate, plus the shortcut, ReLU."""
 
     def __init__(self, spec: ArchSpec, cin: int, width: int, cout: int, stride: int, gates: bool):
         super().__init__()
@@ -116,7 +122,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.gate1(self.bn1(self.conv1(x))))
+        out = self.gate1(self.relu1(self.bn1(self.conv1(x))))
         return self.bn2(self.conv2(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +131,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision v1.5 bottleneck (stride on the 3x3) with unit gates after bn1 and bn2."""
+    """torchvision v1.5 bottleneck (stride on the 3x3) with unit gates after bn1-ReLU and bn2-ReLU."""
 
     def __init__(self, spec: ArchSpec, cin: int, widths: tuple[int, int], cout: int, stride: int, gates: bool):
         super().__init__()
@@ -140,8 +146,8 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.gate1(self.bn1(self.conv1(x))))
-        out = self.relu2(self.gate2(self.bn2(self.conv2(out))))
+        out = self.gate1(self.relu1(self.bn1(self.conv1(x))))
+        out = self.gate2(self.relu2(self.bn2(self.conv2(out))))
         return self.bn3(self.conv3(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
