@@ -5,9 +5,17 @@ Usage::
     python -m launch.compare                                  # embedded store runs/mlflow.db
     python -m launch.compare --tracking-uri http://127.0.0.1:5000 --experiment r50 --json
     python -m launch.compare --plot runs/pareto.png
+    python -m launch.compare --runs-root runs/study --experiment study --budgets --plot docs/study.png
 
 Reads the ``final.*`` metrics and the ``method``/``model`` tags that the training loop logs at
-the end of a run (names in ``system.tracking``).  Only runs with status FINISHED are listed.
+the end of a run (names in ``system.tracking``), and the run's ``method.target_macs``,
+``train.seed`` and ``data.root`` parameters.  Only runs with status FINISHED are listed.
+
+``--budgets`` groups the runs by dataset, method and budget (``method.target_macs``; EGP by its
+iteration count), and prints top-1 at matched budgets as mean +- half the range over seeds, the
+real MACs each group landed on, and training MACs and wall-clock against the dense runs of the
+same dataset.  With ``--plot`` it draws one Pareto front per method (mean over seeds, error bars
+spanning the seeds), one panel per dataset.
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ class RunRow:
     blocks_removed: float | None
     train_macs_pct: float | None        # 100 * train_macs / train_macs_dense
     wall_s: float | None
+    target_macs: float | None = None    # the run's method.target_macs
+    seed: int | None = None
+    dataset: str | None = None          # the last folder of data.root
+    setting: str | None = None          # what else sets the operating point (EGP: its iterations)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -69,9 +81,16 @@ def _pct(num: float | None, den: float | None) -> float | None:
     return 100.0 * num / den if num is not None and den else None
 
 
+def _num(text: str | None) -> float | None:
+    try:
+        return None if text in (None, "", "None") else float(text)
+    except ValueError:
+        return None
+
+
 def row_from_run(run: Any) -> RunRow:
     """Build a row from an ``mlflow.entities.Run``."""
-    m, tags = run.data.metrics, run.data.tags
+    m, tags, params = run.data.metrics, run.data.tags, getattr(run.data, "params", {}) or {}
     f = {k: m.get(T.FINAL_PREFIX + k) for k in T.FINAL_KEYS}
     removed = _pct(f["macs"], f["macs_dense"])
     return RunRow(
@@ -86,6 +105,10 @@ def row_from_run(run: Any) -> RunRow:
         blocks_removed=f["blocks_removed"],
         train_macs_pct=_pct(f["train_macs"], f["train_macs_dense"]),
         wall_s=f["wall_s"],
+        target_macs=_num(params.get("method.target_macs")),
+        seed=None if _num(params.get("train.seed")) is None else int(_num(params.get("train.seed"))),
+        dataset=Path(params["data.root"]).name if params.get("data.root") else None,
+        setting=(f"iterations={params.get('method.egp.iterations')}" if params.get("method.name") == "egp" else None),
     )
 
 
@@ -151,6 +174,129 @@ def format_table(rows: Sequence[RunRow]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Group:
+    """The runs of one dataset x method x budget, over seeds."""
+
+    dataset: str
+    method: str
+    budget: float | None       # the target MACs fraction, or None (dense, EGP)
+    setting: str | None
+    n: int
+    top1: float                # mean over seeds
+    top1_spread: float         # half the range over seeds (0 for one seed)
+    macs_pct: float            # real MACs landed on, % of dense (mean)
+    macs_pct_spread: float
+    train_macs_pct: float | None
+    wall_vs_dense: float | None  # mean wall-clock / the dense runs' mean wall-clock
+
+
+def _mean_half(values: list[float]) -> tuple[float, float]:
+    return sum(values) / len(values), (max(values) - min(values)) / 2.0
+
+
+def group_runs(rows: Sequence[RunRow]) -> list[Group]:
+    """Aggregate runs over seeds: one group per dataset, method and budget (or EGP setting)."""
+    keyed: dict[tuple, list[RunRow]] = {}
+    for r in rows:
+        if r.top1 is None or r.macs_removed_pct is None:
+            continue
+        keyed.setdefault((r.dataset or "-", r.method or "-", r.target_macs, r.setting), []).append(r)
+    dense_wall: dict[str, float] = {}
+    for (ds, method, target, _), rs in keyed.items():
+        if target is None and method in ("dense", "none"):
+            walls = [r.wall_s for r in rs if r.wall_s]
+            if walls:
+                dense_wall[ds] = sum(walls) / len(walls)
+    out = []
+    for (ds, method, target, setting), rs in sorted(keyed.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], -1.0 if kv[0][2] is None else kv[0][2], kv[0][3] or "")):
+        top1, top1_s = _mean_half([r.top1 for r in rs])
+        macs, macs_s = _mean_half([100.0 - r.macs_removed_pct for r in rs])
+        tm = [r.train_macs_pct for r in rs if r.train_macs_pct is not None]
+        walls = [r.wall_s for r in rs if r.wall_s]
+        wall = (sum(walls) / len(walls)) / dense_wall[ds] if walls and ds in dense_wall else None
+        out.append(Group(ds, method, target, setting, len(rs), top1, top1_s, macs, macs_s,
+                         sum(tm) / len(tm) if tm else None, wall))
+    return out
+
+
+def matched_table(groups: Sequence[Group]) -> str:
+    """Top-1 at matched budgets: per dataset, one row per method, one column per target.
+
+    A cell is ``top1 +- half-range (n) @ real MACs%``; the best mean of each column is marked
+    with ``*``.  Runs without a target (dense, EGP) are listed under ``own`` with their real MACs.
+    """
+    lines = []
+    for ds in sorted({g.dataset for g in groups}):
+        gs = [g for g in groups if g.dataset == ds]
+        budgets = sorted({g.budget for g in gs if g.budget is not None})
+        methods = sorted({g.method for g in gs}, key=lambda m: (m not in ("dense", "none"), m))
+        best = {b: max((g.top1 for g in gs if g.budget == b), default=None) for b in budgets}
+        header = ["method"] + [f"MACs target {b:.0%}" for b in budgets] + ["own operating point", "train MACs",
+                                                                          "wall vs dense"]
+        cells = [header]
+        for m in methods:
+            row = [m]
+            for b in budgets:
+                g = next((g for g in gs if g.method == m and g.budget == b), None)
+                row.append("-" if g is None else
+                           f"{100 * g.top1:.2f}+-{100 * g.top1_spread:.2f} ({g.n}) @{g.macs_pct:.0f}%"
+                           + ("*" if g.top1 == best[b] else ""))
+            own = [g for g in gs if g.method == m and g.budget is None]
+            row.append("; ".join(f"{100 * g.top1:.2f}+-{100 * g.top1_spread:.2f} ({g.n}) @{g.macs_pct:.0f}%"
+                                 + (f" [{g.setting}]" if g.setting else "") for g in own) or "-")
+            mine = [g for g in gs if g.method == m]
+            tm = [g.train_macs_pct for g in mine if g.train_macs_pct is not None]
+            wl = [g.wall_vs_dense for g in mine if g.wall_vs_dense is not None]
+            row.append(f"{min(tm):.0f}-{max(tm):.0f}%" if tm else "-")
+            row.append(f"x{min(wl):.2f}-{max(wl):.2f}" if wl else "-")
+            cells.append(row)
+        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+        lines.append(f"dataset {ds}: top-1 % (mean +- half-range over seeds, (runs) @ real MACs % of dense; "
+                     f"* best at that target)")
+        for n, r in enumerate(cells):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if n == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def plot_fronts(groups: Sequence[Group], path: str | Path) -> Path:
+    """One panel per dataset: each method's front (mean top-1 against mean real MACs over seeds,
+    error bars spanning the seeds), dense as a horizontal band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    datasets = sorted({g.dataset for g in groups}) or ["-"]
+    fig = Figure(figsize=(6.5 * len(datasets), 5))
+    FigureCanvasAgg(fig)
+    for k, ds in enumerate(datasets):
+        ax = fig.add_subplot(1, len(datasets), k + 1)
+        gs = [g for g in groups if g.dataset == ds]
+        for m in sorted({g.method for g in gs}):
+            pts = sorted((g for g in gs if g.method == m), key=lambda g: g.macs_pct)
+            if m in ("dense", "none"):
+                for g in pts:
+                    ax.axhspan(100 * (g.top1 - g.top1_spread), 100 * (g.top1 + g.top1_spread), color="0.85")
+                    ax.axhline(100 * g.top1, color="0.3", linestyle="--", linewidth=1, label=f"dense ({g.n} seeds)")
+                continue
+            ax.errorbar([g.macs_pct for g in pts], [100 * g.top1 for g in pts],
+                        xerr=[g.macs_pct_spread for g in pts], yerr=[100 * g.top1_spread for g in pts],
+                        marker="o", capsize=3, linewidth=1.3, label=m)
+        ax.set_xlabel("inference MACs (% of dense)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{ds}: accuracy vs MACs (mean over seeds)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
+
 def plot_pareto(rows: Sequence[RunRow], path: str | Path) -> Path:
     """Top-1 against MACs for every run with both, the Pareto front highlighted and joined."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -188,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--plot", default=None, metavar="PATH", help="write the accuracy-vs-MACs PNG here")
+    p.add_argument("--budgets", action="store_true",
+                   help="group over seeds: top-1 at matched budgets, per-method Pareto fronts (with --plot)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -196,6 +344,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"compare: no runs recorded yet: {Path(args.runs_root) / 'mlflow.db'} "
                          "does not exist (pass --runs-root or --tracking-uri)")
     rows = load_rows(uri, args.experiment)
+    if args.budgets:
+        groups = group_runs(rows)
+        if args.json:
+            print(json.dumps([asdict(g) for g in groups], indent=2))
+        else:
+            print(matched_table(groups) if groups else f"no finished runs in experiment {args.experiment!r}")
+        if args.plot:
+            plot_fronts(groups, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
     else:

@@ -237,6 +237,9 @@ class Variational(Method):
         if self._price_spec is not spec:
             ones = {n: torch.ones_like(g.theta.detach(), dtype=torch.float64).requires_grad_(True)
                     for n, g in gates_of(model).items()}
+            if not ones:  # every block is gone
+                self._price, self._price_spec = {}, spec
+                return self._price
             cost = self._cost(model, ones)
             grads = torch.autograd.grad(cost, list(ones.values()), allow_unused=True)
             self._price = {n: (gr if gr is not None else torch.zeros_like(t)).to(torch.float32).clamp_min(1e-12)
@@ -268,7 +271,9 @@ class Variational(Method):
             price = self.prices(model)
             unit, layer = unit_and_layer_gates(model)
             on = {**(unit if c.unit_gates else {}), **(layer if c.layer_gates else {})}
-            terms.append(c.drive * s * sum((price[n] * g.theta * (1 - g.theta)).sum() for n, g in on.items()))
+            if on:
+                terms.append(c.drive * s * sum((price[n] * g.theta * (1 - g.theta)).sum()
+                                               for n, g in on.items()))
         return sum(terms) if terms else None
 
     def surrogate_loss(self, model, forward, x, y, loss_fn, step, per_example_loss=None):
@@ -327,15 +332,14 @@ class Variational(Method):
                     other = loss_fn(forward(x), y)
                     g.last_xi = xi
                     xi = xi.reshape(-1).expand(main.shape[0]) if xi.numel() == 1 else xi.reshape(-1)
-                    diff = torch.where(xi > 0.5, main - other, other - main).mean()
-                    terms.append(scale * diff * g.theta.reshape(()))
+                    terms.append((n, torch.where(xi > 0.5, main - other, other - main).mean()))
         finally:
             for g in gates.values():
                 g.replay = False
             for m, mom in zip(bns, momenta):
                 m.momentum = mom
         self.extra_forward_count = k
-        return sum(terms)
+        return sum(scale * diff * layer[n].theta.reshape(()) for n, diff in terms)
 
     def extra_forwards(self) -> int:
         """Forwards this step ran beyond the main one (the exact estimator's)."""
