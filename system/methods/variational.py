@@ -35,10 +35,10 @@ Unit gates use the autograd estimator; they sit after the ReLU, so a unit sample
 sees the first-order benefit of switching on.
 
 Budget mode: with ``method.target_macs = T``, nu becomes a dual variable.  A scheduled budget
-m*(t) falls from 1 at the end of the warm-up to T at ``target_by`` of the run, and
-``nu <- max(0, nu + dual_gain * (E[MACs]/MACs_full - m*(t)) / (theta_travel * total_steps))``
-each step (dual ascent on the budget constraint; nu starts at 0, so structures leave in order
-of importance per cost).  The safety-net rounding at ``harden_at`` picks the cut that lands the
+m*(t) falls from 1 at the end of the warm-up to T at ``target_by`` of the run, and nu follows
+the relative gap ``(E[MACs]/MACs_full - m*(t)) / (1 - T)`` through a PI controller in log space
+(:meth:`Variational._dual_step`; dual ascent on the budget constraint).  nu starts small
+(``nu_start``), so structures leave in order of importance per cost.  The safety-net rounding at ``harden_at`` picks the cut that lands the
 deterministic network at or just under T.
 
 Pruning rule: at every check (every ``check_every`` steps after the warm-up) a structure whose
@@ -70,7 +70,7 @@ from system.complexity import count, expected
 from system.config import check
 from system.methods.base import Method, StepContext, remap_vector, unit_and_layer_gates
 from system.models.resnet import GatedResNet, gates_of, set_gate_mode
-from system.surgery import PrunePlan, Slices, plan_from_gates
+from system.surgery import PrunePlan, Slices, plan_from_gates, plan_spec
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ class VariationalConfig:
     gated_decay: bool = False  # weight decay of gated weights scaled by theta (in the loss)
     # budget mode (method.target_macs): dual ascent on nu
     target_by: float = 0.4  # the scheduled budget reaches the target at this fraction of the run
-    dual_gain: float = 2.0
+    nu_start: float = 0.1  # the dual variable's start under a target
+    dual_gain: float = 3.0  # integral gain (log space)
+    dual_kp: float = 2.0  # proportional gain (log space)
     # pruning conditions
     check_every: int = 50
     patience: int = 3
@@ -125,6 +127,8 @@ class VariationalConfig:
               "method.variational.per_example=true (or use 'exact' / 'autograd')")
         check(self.warmup_frac < self.target_by <= 1.0, "target_by", "must be in (warmup_frac, 1]")
         check(self.dual_gain > 0, "dual_gain", "must be > 0")
+        check(self.dual_kp >= 0, "dual_kp", "must be >= 0")
+        check(self.nu_start > 0, "nu_start", "must be > 0")
         check(self.check_every >= 1, "check_every", "must be >= 1")
         check(self.patience >= 1, "patience", "must be >= 1")
         check(0.0 <= self.tau_theta < 0.5, "tau_theta", "must be in [0, 0.5)")
@@ -154,7 +158,8 @@ class Variational(Method):
         self.target_step = max(self.warmup_steps + 1, int(cfg.target_by * total_steps))
         self.hardened = False
         self.full: tuple[float, float] | None = None
-        self.nu = 0.0 if target_macs is not None else cfg.nu
+        self.nu = cfg.nu_start if target_macs is not None else cfg.nu
+        self.nu_i = self.nu  # the integral part of the dual variable (budget mode)
         self.zero_count: dict[str, torch.Tensor] = {}
         self.revivals: dict[str, torch.Tensor] = {}
         self.grad_acc: dict[str, torch.Tensor] = {}
@@ -164,6 +169,7 @@ class Variational(Method):
         self.extra_forward_count = 0  # forwards of the exact estimator, per step (for the MACs account)
         self.expected_macs = 1.0  # E[MACs] / dense MACs after the last step
         self.removal_steps: list[tuple[int, int, int]] = []  # (step, channels, blocks) of every event
+        self._rounding = False  # the plan in flight comes from the rounding step
         self._price_spec = None
         self._price: dict[str, torch.Tensor] = {}
         self._step = 0
@@ -390,9 +396,20 @@ class Variational(Method):
                 return
             self.expected_macs = float(expected(model.spec(), *self._thetas(model))[0]) / self.full[0]
             if self.target is not None:
-                gap = self.expected_macs - self.scheduled_budget(self._step)
-                rate = self.cfg.dual_gain / (self.cfg.theta_travel * max(1, self.total_steps))
-                self.nu = max(0.0, self.nu + rate * gap)
+                self._dual_step()
+
+    def _dual_step(self) -> None:
+        """Budget mode: nu from a PI controller in log space on the relative gap to the scheduled budget.
+
+        ``gap = (E[MACs]/MACs_full - m*(t)) / (1 - T)``; ``log nu_I += dual_gain * gap / (theta_travel * steps)``
+        (integral: a gap of one full budget held for one theta travel time multiplies nu by e^dual_gain)
+        and ``nu = nu_I * exp(dual_kp * gap)`` (proportional: an overshoot relaxes the pressure at once).
+        """
+        c = self.cfg
+        gap = (self.expected_macs - self.scheduled_budget(self._step)) / max(1e-6, 1.0 - self.target)
+        rate = c.dual_gain / (c.theta_travel * max(1, self.total_steps))
+        self.nu_i = min(1e6, max(1e-6, self.nu_i * math.exp(rate * gap)))
+        self.nu = self.nu_i * math.exp(c.dual_kp * max(-5.0, min(5.0, gap)))
 
     def _thetas(self, model: GatedResNet):
         unit, layer = unit_and_layer_gates(model)
@@ -469,6 +486,7 @@ class Variational(Method):
         self.hardened = True
         self.attach(model)
         plan = plan_from_gates(model, threshold=c.threshold)
+        self._rounding = not plan.empty
         log.info("hardening at step %d: theta rounded, %d channels and %d blocks cut", self._step,
                  plan.n_channels, len(plan.blocks))
         return plan
@@ -537,11 +555,15 @@ class Variational(Method):
                 if idx:
                     units[gn] = idx
         plan = PrunePlan(units=units, blocks=tuple(blocks))
-        if self.target is not None and self.expected_macs < self.target:
-            # the budget overshot: structures at 0 wait (they may revive as nu falls) instead of
-            # being cut below the target for good
+        if plan.empty:
             return None
-        return None if plan.empty else plan
+        if self.target is not None:
+            macs = count(plan_spec(model.spec(), plan)[0])[0] / self.full[0]
+            if macs < self.target:
+                # the cut would take the network under its budget for good: the structures at 0 wait
+                # (they may revive as nu falls; the rounding step settles them)
+                return None
+        return plan
 
     def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
         for store in (self.zero_count, self.revivals, self.grad_acc):
@@ -550,7 +572,10 @@ class Variational(Method):
             store.update(new)
         self.removed_units += plan.n_channels
         self.removed_blocks += len(plan.blocks)
-        self.removal_steps.append((self._step, plan.n_channels, len(plan.blocks)))
+        kind = "rounding" if self._rounding else "rule"
+        self._rounding = False
+        self.removal_steps.append((self._step, plan.n_channels, len(plan.blocks), kind,
+                                   float(count(model.spec())[0])))
 
     # -- evaluation ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -575,7 +600,7 @@ class Variational(Method):
         return {"hardened": self.hardened, "full": list(self.full) if self.full else None,
                 "zero_count": self.zero_count, "revivals": self.revivals, "grad_acc": self.grad_acc,
                 "grad_n": self.grad_n, "removed_units": self.removed_units, "removed_blocks": self.removed_blocks,
-                "nu": self.nu, "step": self._step, "expected_macs": self.expected_macs,
+                "nu": self.nu, "nu_i": self.nu_i, "step": self._step, "expected_macs": self.expected_macs,
                 "removal_steps": [list(r) for r in self.removal_steps]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -587,16 +612,21 @@ class Variational(Method):
         self.grad_n = int(state["grad_n"])
         self.removed_units, self.removed_blocks = int(state["removed_units"]), int(state["removed_blocks"])
         self.nu = float(state.get("nu", self.nu))
+        self.nu_i = float(state.get("nu_i", self.nu_i))
         self._step = int(state.get("step", 0))
         self.expected_macs = float(state.get("expected_macs", 1.0))
         self.removal_steps = [tuple(r) for r in state.get("removal_steps", [])]
 
     def summary(self) -> dict[str, Any]:
-        removed_by = {}
-        total_ch = sum(r[1] for r in self.removal_steps) or 0
-        if self.removal_steps and self.total_steps:
-            cut = int(0.6 * self.total_steps)
-            early = sum(r[1] for r in self.removal_steps if r[0] <= cut)
-            removed_by = {"channels_removed_by_60pct": early, "channels_removed_total": total_ch}
-        return {"hardened": self.hardened, "nu_final": self.nu, "expected_macs_frac": self.expected_macs,
-                "removal_steps": [list(r) for r in self.removal_steps], **removed_by}
+        """``macs_removed_by_rule_frac``: the share of all removed MACs that the pruning rule took out
+        during training (the rest went at the rounding step); ``..._before_60pct``: of those, before 60%."""
+        out = {"hardened": self.hardened, "nu_final": self.nu, "expected_macs_frac": self.expected_macs,
+               "removal_steps": [list(r) for r in self.removal_steps]}
+        if self.removal_steps and self.full:
+            dense, final = self.full[0], self.removal_steps[-1][4]
+            total = max(1.0, dense - final)
+            rule = [r for r in self.removal_steps if r[3] == "rule"]
+            early = [r for r in rule if r[0] < 0.6 * self.total_steps]
+            out["macs_removed_by_rule_frac"] = (dense - rule[-1][4]) / total if rule else 0.0
+            out["macs_removed_by_rule_before_60pct_frac"] = (dense - early[-1][4]) / total if early else 0.0
+        return out
