@@ -106,7 +106,7 @@ class VariationalConfig:
     tau_w: float = 0.5
     max_revivals: int = 3
     # determinism [ours]: a drive to {0, 1}, and a safety-net rounding
-    drive: float = 1.0  # weight of s(t) * c_j theta (1 - theta), s ramps 0 -> 1 from warm-up to target_by
+    drive: float = 3.0  # weight of s(t) * c_j theta (1 - theta), s ramps 0 -> 1 from warm-up to target_by
     harden: Literal["none", "final"] = "final"
     harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
