@@ -31,8 +31,8 @@ WDS = ["data.loader=wds", "data.batch_size=200"]
 TAYLOR = ["method.name=taylor", "method.taylor.check_every=3", "method.taylor.start_frac=0.1",
           "method.taylor.stop_frac=0.7", "method.taylor.per_step=40", "method.taylor.keep_ratio=0.5"]
 VARIATIONAL = ["method.name=variational", "method.variational.check_every=2", "method.variational.patience=1",
-               "method.variational.warmup_frac=0.1", "method.variational.nu=20.0",
-               "method.variational.lr_unit=0.5", "method.variational.harden_at=0.75"]
+               "method.variational.warmup_frac=0.1", "method.variational.nu=2.0",
+               "method.variational.theta_travel=1.0", "method.variational.harden_at=0.75"]
 
 
 def record(overrides: list[str], weights_out: Path | None = None) -> dict:
