@@ -14,9 +14,7 @@ Subsets are class-balanced and drawn with ``--seed``.
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import logging
 import struct
 import sys
 from pathlib import Path
@@ -25,7 +23,6 @@ import numpy as np
 
 from pipelines import tree
 
-log = logging.getLogger(__name__)
 
 SRC = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -65,12 +62,7 @@ def build(out: str | Path, train: int | None = None, val: int = 5000, seed: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.fmnist", description=__doc__.split("\n\n")[0])
-    tree.add_arguments(ap, n_val=5000)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build(args.out, args.train, args.val, args.seed, args.max_count, args.workers, not args.no_progress, args.test)
-    return 0
+    return tree.main(build, "python -m pipelines.fmnist", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

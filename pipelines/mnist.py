@@ -13,10 +13,8 @@ official 10,000 test images are the ``test`` split.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.metadata
-import logging
 import pickle
 import sys
 from pathlib import Path
@@ -70,12 +68,7 @@ def build(out: str | Path, train: int | None = None, val: int = 5000, seed: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.mnist", description=__doc__.split("\n\n")[0])
-    tree.add_arguments(ap, n_val=5000)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build(args.out, args.train, args.val, args.seed, args.max_count, args.workers, not args.no_progress, args.test)
-    return 0
+    return tree.main(build, "python -m pipelines.mnist", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,12 @@ def build(out: str | Path, classes: list[str], train: tuple[np.ndarray, np.ndarr
                             source=source)
 
 
-def add_arguments(ap, n_val: int) -> None:
+def main(build_fn, prog: str, description: str, argv: list[str] | None = None, n_val: int = 5000) -> int:
+    """The command line of a dataset builder: ``build_fn(out, train, val, seed, max_count, workers, progress, test)``."""
+    import argparse
+    import logging
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--out", required=True)
     ap.add_argument("--train", type=int, default=None, help="train images (default: all that are not val)")
     ap.add_argument("--val", type=int, default=n_val, help=f"val images carved from the training set ({n_val})")
@@ -74,3 +79,7 @@ def add_arguments(ap, n_val: int) -> None:
     ap.add_argument("--max-count", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    build_fn(args.out, args.train, args.val, args.seed, args.max_count, args.workers, not args.no_progress, args.test)
+    return 0
