@@ -362,3 +362,24 @@ def test_fmnist_reader_matches_debian_package():
 
     sub = tree.balanced_subset(labels, 95, seed=0)
     assert len(sub) == len(set(sub)) == 95 and sorted(np.bincount(labels[sub])) == [9] * 5 + [10] * 5
+
+
+def test_mnist_from_the_wheel_builds_disjoint_train_val_test(tmp_path):
+    from pipelines import mnist
+
+    (x, y), (xt, yt) = mnist.load()
+    assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert sorted(set(y.tolist())) == list(range(10)) and np.bincount(yt).min() > 800
+    man = mnist.build(tmp_path / "mnist", train=60, val=20, test=30, progress=False, workers=1)
+    assert {k: v["num_samples"] for k, v in man["splits"].items()} == {"train": 60, "val": 20, "test": 30}
+    ShardSet.open(tmp_path / "mnist", verify_checksums=True)
+    from pipelines import tree
+
+    val = tree.balanced_subset(y, 5000, seed=1)  # what build() carves out for val ...
+    train = tree.balanced_subset(y, 4000, seed=0, exclude=val)  # ... and the training subset beside it
+    assert len(val) == 5000 and len(train) == 4000 and not set(val.tolist()) & set(train.tolist())
+    assert np.bincount(y[train]).tolist() == [400] * 10
+    cfg = DataConfig(root=str(tmp_path / "mnist"), batch_size=10, train_size=28, val_resize=28, val_crop=28,
+                     workers=0, eval_split="test")
+    xb, yb = next(iter(build_loader(cfg, cfg.eval_split, 0, 1, 0, 0)))
+    assert xb.shape == (10, 3, 28, 28) and yb.min() >= 0
