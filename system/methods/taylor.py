@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class TaylorConfig:
     """Section ``method.taylor``."""
 
-    keep_ratio: float = 0.72  # fraction of the prunable gates kept at the end
+    keep_ratio: float = 0.72  # fraction of the prunable gates kept at the end (unused under method.target_macs)
     check_every: int = 30  # mini-batches averaged per pruning step
     per_step: int = 0  # at least this many gates per pruning step (0: only what reaching the target needs)
     per_step_frac: float = 0.0  # the same minimum as a fraction of all gates
