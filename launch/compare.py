@@ -344,22 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"compare: no runs recorded yet: {Path(args.runs_root) / 'mlflow.db'} "
                          "does not exist (pass --runs-root or --tracking-uri)")
     rows = load_rows(uri, args.experiment)
-    if args.budgets:
-        groups = group_runs(rows)
-        if args.json:
-            print(json.dumps([asdict(g) for g in groups], indent=2))
-        else:
-            print(matched_table(groups) if groups else f"no finished runs in experiment {args.experiment!r}")
-        if args.plot:
-            plot_fronts(groups, args.plot)
-            print(f"wrote {args.plot}", file=sys.stderr)
-        return 0
+    # --budgets: groups over seeds, the matched-budget table and one front per method
+    items = group_runs(rows) if args.budgets else rows
+    table, plot = (matched_table, plot_fronts) if args.budgets else (format_table, plot_pareto)
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        print(json.dumps([asdict(r) for r in items], indent=2))
     else:
-        print(format_table(rows) if rows else f"no finished runs in experiment {args.experiment!r} at {uri}")
+        print(table(items) if items else f"no finished runs in experiment {args.experiment!r} at {uri}")
     if args.plot:
-        plot_pareto(rows, args.plot)
+        plot(items, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
