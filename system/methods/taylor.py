@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import logging
+import bisect
 import math
 
 import torch
@@ -26,8 +26,6 @@ from system.config import check
 from system.methods.base import Method, StepContext, remap_vector, unit_and_layer_gates
 from system.models.resnet import GatedResNet, set_gate_mode
 from system.surgery import PrunePlan, Slices
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,16 +169,9 @@ class Taylor(Method):
                 on[n][i] = 0.0
             return float(expected(spec, on, None)[0]) / self.dense_macs
 
-        if frac(0) <= self.target:
-            return 0
-        lo, hi = 1, remaining
-        while lo < hi:  # the fewest removals that bring the MACs to the target (monotone in k)
-            mid = (lo + hi) // 2
-            if frac(mid) <= self.target:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        # the fewest removals that bring the MACs to the target (MACs fall monotonically in k)
+        k = bisect.bisect_left(range(remaining + 1), True, key=lambda k: frac(k) <= self.target)
+        return min(k, remaining)
 
     def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
         for store in (self.acc, self.smooth):

@@ -58,6 +58,7 @@ condition holds (or layer gates are off); otherwise the unit with the largest th
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -254,16 +255,15 @@ class Variational(Method):
         return self._price
 
     def _ramp(self, step: int) -> float:
-        """0 at the end of the warm-up, 1 when the budget is due (``target_by``)."""
-        end = self.target_step
-        return min(1.0, max(0.0, (step - self.warmup_steps) / max(1, end - self.warmup_steps)))
+        """0 at the end of the warm-up, 1 when the budget is due (``target_by``): the drive's weight and
+        the budget schedule."""
+        return min(1.0, max(0.0, (step - self.warmup_steps) / max(1, self.target_step - self.warmup_steps)))
 
     def scheduled_budget(self, step: int) -> float:
         """m*(t): the budget the dual variable tracks (1 until the warm-up ends, T from ``target_by``)."""
         if self.target is None:
             return 1.0
-        r = min(1.0, max(0.0, (step - self.warmup_steps) / max(1, self.target_step - self.warmup_steps)))
-        return 1.0 - (1.0 - self.target) * r
+        return 1.0 - (1.0 - self.target) * self._ramp(step)
 
     def regularizer(self, model: GatedResNet, step: int) -> torch.Tensor | None:
         c = self.cfg
@@ -392,11 +392,13 @@ class Variational(Method):
                 g.theta.clamp_(0.0, 1.0)
             active = self.theta_active(self._step)
             self._step += 1
-            if not active:
-                return
-            self.expected_macs = float(expected(model.spec(), *self._thetas(model))[0]) / self.full[0]
-            if self.target is not None:
+            if active and self.target is not None:  # the dual variable follows E[MACs] every step
+                self._update_expected_macs(model)
                 self._dual_step()
+
+    def _update_expected_macs(self, model: GatedResNet) -> None:
+        with torch.no_grad():
+            self.expected_macs = float(expected(model.spec(), *self._thetas(model))[0]) / self.full[0]
 
     def _dual_step(self) -> None:
         """Budget mode: nu from a PI controller in log space on the relative gap to the scheduled budget.
@@ -454,26 +456,17 @@ class Variational(Method):
             return vals
 
         order = [(float(thetas[n][i]), n, i) for n in thetas for i in range(thetas[n].numel())]
-        if macs(on) > self.target:  # cut more: the lowest theta among the kept first
+        # MACs fall monotonically with every flip to 0 (rise with every flip to 1): bisect the count
+        if macs(on) > self.target:  # cut more: the fewest of the lowest-theta kept ones
             cands = [(n, i) for t, n, i in sorted(order) if on[n][i] > 0]
-            lo, hi = 0, len(cands)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if macs(with_flips(cands, mid, 0.0)) <= self.target:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            return with_flips(cands, lo, 0.0)
-        # keep more: the highest theta among the cut ones, while still within the target
+            k = bisect.bisect_left(range(len(cands) + 1), True,
+                                   key=lambda k: macs(with_flips(cands, k, 0.0)) <= self.target)
+            return with_flips(cands, min(k, len(cands)), 0.0)
+        # keep more: as many of the highest-theta cut ones as stay within the target
         cands = [(n, i) for t, n, i in sorted(order, reverse=True) if on[n][i] == 0]
-        lo, hi = 0, len(cands)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if macs(with_flips(cands, mid, 1.0)) <= self.target:
-                lo = mid
-            else:
-                hi = mid - 1
-        return with_flips(cands, lo, 1.0)
+        k = bisect.bisect_left(range(len(cands) + 1), True,
+                               key=lambda k: macs(with_flips(cands, k, 1.0)) > self.target)
+        return with_flips(cands, k - 1, 1.0)
 
     def _harden(self, model: GatedResNet) -> PrunePlan:
         """Round theta to {0, 1}, switch to deterministic gates, cut every gate that is off."""
@@ -515,6 +508,8 @@ class Variational(Method):
     def _check(self, model: GatedResNet) -> PrunePlan | None:
         c = self.cfg
         unit, layer = unit_and_layer_gates(model)
+        if self.target is None:  # (under a target it is kept current every step)
+            self._update_expected_macs(model)
         flagged: dict[str, torch.Tensor] = {}
         for name, g in {**(unit if c.unit_gates else {}), **(layer if c.layer_gates else {})}.items():
             th = g.theta.detach()
