@@ -82,7 +82,7 @@ class VariationalConfig:
 
     unit_gates: bool = True
     layer_gates: bool = True
-    nu: float = 1.0  # accuracy vs pruning strength (the start of the dual variable under a target: 0)
+    nu: float = 1.0  # accuracy vs pruning strength (unused under method.target_macs: nu starts at nu_start)
     alpha: float = 1.0  # MACs (1) vs parameters (0)
     beta: float = 1.0  # layer vs unit balance (scale of the layer-gate price)
     theta_step: Literal["normalized", "raw"] = "normalized"
