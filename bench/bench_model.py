@@ -2,6 +2,8 @@
 
 (a) torchvision ResNet vs our gated model with every gate on (sampled gates at theta = 1,
     the training configuration) — the cost of the gates;
+(a') the same model with its gates deterministic and all on (after hardening): the multiply
+    forced (``force = 1``, what the gate did before it learned to skip) vs skipped;
 (b) a model physically pruned to about 50% of the MACs (inner channels cut uniformly) vs the
     dense one — the measured speed-up printed beside the MACs ratio.
 
@@ -119,7 +121,13 @@ def main() -> None:
         pruned, pspec, _ = apply_plan(gated, plan)
         row = {"model": name, "input": size, "batch": batch, "device": str(device), "precision": args.precision,
                "channels_last": args.channels_last, "macs_dense": count(spec)[0], "macs_pruned": count(pspec)[0]}
-        models = {"plain": build_model(spec, gates=False), "gated": gated, "pruned": pruned}
+        hard_mul, hard_skip = build_model(spec), build_model(spec)
+        for m in (hard_mul, hard_skip):
+            set_gate_mode(m, unit="deterministic", layer="deterministic")
+        for g in gates_of(hard_mul).values():
+            g.force = 1.0  # the multiply by ones the deterministic gate used to do
+        models = {"plain": build_model(spec, gates=False), "gated": gated, "pruned": pruned,
+                  "hard_mul": hard_mul, "hard_skip": hard_skip}
         if name in ("resnet18", "resnet34", "resnet50", "resnet101"):
             models["torchvision"] = getattr(torchvision.models, name)()
         steppers = {k: Stepper(m, batch, size, classes, device, args.precision, args.channels_last)
@@ -128,6 +136,8 @@ def main() -> None:
             row[f"{k}_s"] = t
         ref = row.get("torchvision_s", row["plain_s"])
         row["gate_overhead_pct"] = 100.0 * (row["gated_s"] / ref - 1.0)
+        row["hardened_mul_overhead_pct"] = 100.0 * (row["hard_mul_s"] / row["plain_s"] - 1.0)
+        row["hardened_skip_overhead_pct"] = 100.0 * (row["hard_skip_s"] / row["plain_s"] - 1.0)
         row["macs_ratio"] = ratio
         row["speedup"] = row["gated_s"] / row["pruned_s"]
         row["ideal_speedup"] = 1.0 / ratio
@@ -135,6 +145,8 @@ def main() -> None:
         print(f"{name}@{size} b{batch} {device} {args.precision}{' CL' if args.channels_last else ''}: "
               f"torchvision {row.get('torchvision_s', float('nan')) * 1e3:.1f} ms, plain {row['plain_s'] * 1e3:.1f} ms, "
               f"gated {row['gated_s'] * 1e3:.1f} ms (overhead {row['gate_overhead_pct']:+.1f}%), "
+              f"hardened: multiply {row['hardened_mul_overhead_pct']:+.1f}% vs skipped "
+              f"{row['hardened_skip_overhead_pct']:+.1f}% over no gates, "
               f"pruned to {100 * ratio:.1f}% MACs {row['pruned_s'] * 1e3:.1f} ms: "
               f"speed-up x{row['speedup']:.2f} vs ideal x{row['ideal_speedup']:.2f}", flush=True)
     if args.json:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pipelines.loaders import build_loader
 from system.complexity import count
-from system.config import flatten, to_dict
+from system.config import ConfigError, flatten, to_dict
 from system.coordinator import Coordinator
 from system.engine import DistEnv, LocalEngine, pick_device
 from system.export import deploy_model, save_deployed
@@ -138,6 +138,8 @@ class Trainer:
         self.method = build_method(cfg.method, self.total_steps)
         try:
             self.method.check_model(model)
+        except ConfigError:
+            raise
         except ValueError as exc:
             raise ValueError(f"config key 'method.name': {exc}") from None
         self.method.attach(model)

@@ -100,3 +100,28 @@ def test_per_example_sampling_differs_across_examples():
         g.theta.fill_(0.5)
     v = g.value(8, torch.float32)
     assert v.shape == (8, 64) and not torch.equal(v[0], v[1])
+
+
+def test_hardened_gates_skip_the_multiply_and_notice_theta_changes():
+    """Deterministic gates that are all on return their input untouched (no multiply); a theta
+    changed in place (a load, a rounding) is seen at the next forward, without a per-forward sync."""
+    torch.manual_seed(0)
+    model = build_model(dense_spec("resnet20", num_classes=4, input_size=16)).eval()
+    set_gate_mode(model, unit="deterministic", layer="deterministic")
+    x = torch.randn(2, 3, 16, 16)
+    gate = model.layer1[0].gate1
+    seen = {}
+    gate.register_forward_hook(lambda m, i, o: seen.update(same=o is i[0], out=o))
+    with torch.no_grad():
+        ref = model(x)
+        assert seen["same"]  # skipped: the very input tensor comes back
+        for g in gates_of(model).values():
+            g.force = 1.0  # the old multiply by ones
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+        assert not seen["same"]
+        for g in gates_of(model).values():
+            g.force = None
+        gate.theta[3] = 0.0  # in place: unit 3 is now off
+        model(x)
+        assert not seen["same"] and bool((seen["out"][:, 3] == 0).all())
+        assert bool((seen["out"][:, 2] != 0).any())

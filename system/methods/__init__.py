@@ -27,11 +27,15 @@ class MethodConfig:
     #: budget mode: the final network's inference MACs as a fraction of the dense network's
     #: (None = off; each structured method steers its own pressure to land there)
     target_macs: float | None = None
+    #: every kept inner width a multiple of this (8 suits tensor cores); the decisions keep the
+    #: strongest units up to the next multiple, and the target search counts the rounded widths
+    round_to: int = 1
     variational: VariationalConfig = field(default_factory=VariationalConfig)
     taylor: TaylorConfig = field(default_factory=TaylorConfig)
     egp: EGPConfig = field(default_factory=EGPConfig)
 
     def __post_init__(self) -> None:
+        check(self.round_to >= 1, "round_to", f"must be an integer >= 1, got {self.round_to}")
         check(self.name in METHODS, "name", f"unknown method {self.name!r}; known: {sorted(METHODS)}")
         if self.target_macs is not None:
             check(0.0 < self.target_macs <= 1.0, "target_macs",
@@ -47,11 +51,8 @@ class MethodConfig:
 
 
 def build_method(cfg: MethodConfig, total_steps: int) -> Method:
-    if cfg.name == "none":
-        return Method(None, total_steps)
-    if cfg.name in ("variational", "taylor"):
-        return METHODS[cfg.name](getattr(cfg, cfg.name), total_steps, target_macs=cfg.target_macs)
-    return METHODS[cfg.name](getattr(cfg, cfg.name), total_steps)
+    sub = getattr(cfg, cfg.name, None)
+    return METHODS[cfg.name](sub, total_steps, target_macs=cfg.target_macs, round_to=cfg.round_to)
 
 
 __all__ = ["Method", "MethodConfig", "StepContext", "build_method", "METHODS",

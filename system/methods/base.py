@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
+from system.config import ConfigError
 from system.models.resnet import GatedResNet, gates_of, set_gate_mode
 from system.surgery import PrunePlan, Slices, select
 
@@ -51,15 +52,26 @@ class Method:
     #: whether the method can handle unit gates on this block type, layer gates, etc.
     handles = ("basic", "bottleneck")
 
-    def __init__(self, cfg: Any, total_steps: int):
+    def __init__(self, cfg: Any, total_steps: int, target_macs: float | None = None, round_to: int = 1):
         self.cfg = cfg
         self.total_steps = total_steps
+        self.target = target_macs  # method.target_macs (None = off)
+        self.round_to = round_to  # method.round_to: kept inner widths are multiples of it
 
     # -- set-up ---------------------------------------------------------------------------
     def check_model(self, model: GatedResNet) -> None:
         """Raise ValueError if this method cannot prune ``model``."""
         if model.block_kind not in self.handles:
             raise ValueError(f"method '{self.name}' cannot prune {model.arch_name} ({model.block_kind} blocks)")
+        if self.round_to > 1:
+            unit, _ = unit_and_layer_gates(model)
+            bad = {n: g.theta.numel() for n, g in unit.items() if g.theta.numel() % self.round_to}
+            if bad:
+                name, width = next(iter(bad.items()))
+                raise ConfigError("method.round_to",
+                    f"{self.round_to} does not divide the width of {len(bad)} "
+                    f"layer(s) of {model.arch_name} (e.g. {name}: {width} channels); kept widths are rounded "
+                    f"to multiples of it, so it must be at most, and divide, every inner width")
 
     def attach(self, model: GatedResNet) -> None:
         """Configure gate modes for training.  The dense baseline switches every gate off."""
@@ -145,6 +157,25 @@ def remap_vector(values: dict[str, torch.Tensor], plan: PrunePlan, slices: Slice
             continue
         dims = slices.get(key_of(g))
         out[g] = select(v, {0: dims[0]}) if dims and 0 in dims else v
+    return out
+
+
+def round_removal(remove: torch.Tensor, strength: torch.Tensor, round_to: int) -> torch.Tensor:
+    """A unit-removal mask whose kept count is rounded up to a multiple of ``round_to``.
+
+    The strongest of the units marked for removal are kept back (ties: the lowest index); a mask
+    that removes every unit stays as it is (the branch goes whole: the empty-branch rule).
+    Rounding up keeps the method's ranking and never cuts a unit the method kept.
+    """
+    n = remove.numel()
+    kept = n - int(remove.sum())
+    if round_to <= 1 or kept == 0 or kept % round_to == 0:
+        return remove
+    back = min(n, -(-kept // round_to) * round_to) - kept
+    out = remove.clone()
+    idx = torch.nonzero(remove).flatten()
+    order = torch.argsort(-strength.detach()[idx].float(), stable=True)
+    out[idx[order[:back]]] = False
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from system.config import check
-from system.methods.base import Method, StepContext, remap_vector
+from system.methods.base import Method, StepContext, remap_vector, round_removal
 from system.models.resnet import GatedResNet, set_gate_mode
 from system.surgery import PrunePlan, Slices, select
 
@@ -53,8 +53,8 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 class EGP(Method):
     name = "egp"
 
-    def __init__(self, cfg: EGPConfig, total_steps: int):
-        super().__init__(cfg, total_steps)
+    def __init__(self, cfg: EGPConfig, total_steps: int, target_macs: float | None = None, round_to: int = 1):
+        super().__init__(cfg, total_steps, target_macs, round_to)
         self.on_sum: dict[str, torch.Tensor] = {}  # gate-style name "layerX.Y.gateI" -> per-channel sum of p
         self.n_batches = torch.zeros(1)
         self.masks: dict[str, torch.Tensor] = {}  # conv weight name -> 0/1 mask
@@ -162,7 +162,11 @@ class EGP(Method):
                 if ent[g] == 0.0 and not dead[g]:
                     self.linearisable.append(g)
                 if self.cfg.remove_dead_units and dead[g] and len(dead[g]) < self.on_sum[g].numel():
-                    units[g] = tuple(dead[g])
+                    mask = torch.zeros(self.on_sum[g].numel(), dtype=torch.bool)
+                    mask[dead[g]] = True
+                    mask = round_removal(mask, self.on_sum[g], self.round_to)  # round_to: keep some dead ones
+                    if bool(mask.any()):
+                        units[g] = tuple(int(i) for i in torch.nonzero(mask).flatten())
         for v in self.on_sum.values():
             v.zero_()
         self.n_batches.zero_()

@@ -23,7 +23,7 @@ import torch
 
 from system.complexity import count, expected
 from system.config import check
-from system.methods.base import Method, StepContext, remap_vector, unit_and_layer_gates
+from system.methods.base import Method, StepContext, remap_vector, round_removal, unit_and_layer_gates
 from system.models.resnet import GatedResNet, set_gate_mode
 from system.surgery import PrunePlan, Slices
 
@@ -52,9 +52,8 @@ class TaylorConfig:
 class Taylor(Method):
     name = "taylor"
 
-    def __init__(self, cfg: TaylorConfig, total_steps: int, target_macs: float | None = None):
-        super().__init__(cfg, total_steps)
-        self.target = target_macs
+    def __init__(self, cfg: TaylorConfig, total_steps: int, target_macs: float | None = None, round_to: int = 1):
+        super().__init__(cfg, total_steps, target_macs, round_to)
         self.dense_macs: float | None = None
         self._step = 0
         self.acc: dict[str, torch.Tensor] = {}
@@ -134,20 +133,25 @@ class Taylor(Method):
             return None
         floor = max(c.per_step, int(c.per_step_frac * self.total_gates))
         k = min(needed, max(floor, math.ceil(needed / self.events_left(ctx.step))))
-        chosen: dict[str, list[int]] = {}
+        units, blocks = {}, []
+        for n, remove in self._removals(names, owner, ranking, k).items():
+            if bool(remove.all()):  # the empty-branch rule: the block goes whole
+                blocks.append(n.rsplit(".", 1)[0])
+            elif bool(remove.any()):
+                units[n] = tuple(int(i) for i in torch.nonzero(remove).flatten())
+        blocks = list(dict.fromkeys(blocks))
+        units = {n: v for n, v in units.items() if n.rsplit(".", 1)[0] not in blocks}
+        plan = PrunePlan(units=units, blocks=tuple(blocks))
+        return None if plan.empty else plan
+
+    def _removals(self, names, owner, ranking, k: int) -> dict[str, torch.Tensor]:
+        """Per gate, the removal mask of the ``k`` lowest-ranked gates, kept widths rounded up to
+        ``round_to`` by keeping the highest-scored units."""
+        remove = {n: torch.zeros(self.smooth[n].numel(), dtype=torch.bool) for n in names}
         for j in ranking[:k]:
             n, i = owner[j]
-            chosen.setdefault(n, []).append(i)
-        units, blocks = {}, []
-        for n, idx in chosen.items():
-            block = n.rsplit(".", 1)[0]
-            if len(idx) == self.smooth[n].numel():
-                if block not in blocks:
-                    blocks.append(block)
-            else:
-                units[n] = tuple(sorted(idx))
-        units = {n: v for n, v in units.items() if n.rsplit(".", 1)[0] not in blocks}
-        return PrunePlan(units=units, blocks=tuple(blocks))
+            remove[n][i] = True
+        return {n: round_removal(m, self.smooth[n], self.round_to) for n, m in remove.items()}
 
     def events_left(self, step: int) -> int:
         """Pruning steps from ``step`` (included) to ``stop_frac``."""
@@ -163,10 +167,7 @@ class Taylor(Method):
         spec = model.spec()
 
         def frac(k: int) -> float:
-            on = {n: torch.ones(self.smooth[n].numel(), dtype=torch.float64) for n in names}
-            for j in ranking[:k]:
-                n, i = owner[j]
-                on[n][i] = 0.0
+            on = {n: (~m).to(torch.float64) for n, m in self._removals(names, owner, ranking, k).items()}
             return float(expected(spec, on, None)[0]) / self.dense_macs
 
         # the fewest removals that bring the MACs to the target (MACs fall monotonically in k)

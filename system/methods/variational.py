@@ -69,7 +69,7 @@ import torch
 
 from system.complexity import count, expected
 from system.config import check
-from system.methods.base import Method, StepContext, remap_vector, unit_and_layer_gates
+from system.methods.base import Method, StepContext, remap_vector, round_removal, unit_and_layer_gates
 from system.models.resnet import GatedResNet, gates_of, set_gate_mode
 from system.surgery import PrunePlan, Slices, plan_from_gates, plan_spec
 
@@ -151,9 +151,9 @@ def _scale_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
 class Variational(Method):
     name = "variational"
 
-    def __init__(self, cfg: VariationalConfig, total_steps: int, target_macs: float | None = None):
-        super().__init__(cfg, total_steps)
-        self.target = target_macs
+    def __init__(self, cfg: VariationalConfig, total_steps: int, target_macs: float | None = None,
+                 round_to: int = 1):
+        super().__init__(cfg, total_steps, target_macs, round_to)
         self.warmup_steps = int(cfg.warmup_frac * total_steps)
         self.harden_step = int(cfg.harden_at * total_steps) if cfg.harden == "final" else None
         self.target_step = max(self.warmup_steps + 1, int(cfg.target_by * total_steps))
@@ -442,8 +442,14 @@ class Variational(Method):
         u, lyr = self._thetas(model)
         thetas = {**u, **lyr}
         on = {n: (t > c.threshold).to(t.dtype) for n, t in thetas.items()}
+
+        def rounded(vals):  # kept unit widths up to multiples of round_to, keeping the highest thetas
+            for n in u:
+                vals[n] = (~round_removal(vals[n] == 0, u[n], self.round_to)).to(vals[n].dtype)
+            return vals
+
         if self.target is None or not thetas:
-            return on
+            return rounded(on)
         spec = model.spec()
 
         def macs(vals):
@@ -453,11 +459,11 @@ class Variational(Method):
             vals = {n: t.clone() for n, t in on.items()}
             for n, i in cands[:k]:
                 vals[n][i] = value
-            return vals
+            return rounded(vals)
 
         order = [(float(thetas[n][i]), n, i) for n in thetas for i in range(thetas[n].numel())]
         # MACs fall monotonically with every flip to 0 (rise with every flip to 1): bisect the count
-        if macs(on) > self.target:  # cut more: the fewest of the lowest-theta kept ones
+        if macs(with_flips([], 0, 0.0)) > self.target:  # cut more: the fewest of the lowest-theta kept ones
             cands = [(n, i) for t, n, i in sorted(order) if on[n][i] > 0]
             k = bisect.bisect_left(range(len(cands) + 1), True,
                                    key=lambda k: macs(with_flips(cands, k, 0.0)) <= self.target)
@@ -546,6 +552,7 @@ class Variational(Method):
                     keep = int(torch.argmax(unit[gn].theta.detach()))
                     flagged[gn][keep] = False
             for gn in gnames:
+                flagged[gn] = round_removal(flagged[gn], unit[gn].theta, self.round_to)
                 idx = tuple(int(i) for i in torch.nonzero(flagged[gn]).flatten())
                 if idx:
                     units[gn] = idx

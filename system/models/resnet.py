@@ -29,7 +29,8 @@ class Gate(nn.Module):
     - ``sampled``: ``xi ~ Bernoulli(theta)`` per forward (per example if ``per_example``);
       the theta gradient is the derivative of the loss w.r.t. the sampled gate value
       (straight-through: forward ``xi``, backward as if the multiplier were ``theta``).
-    - ``deterministic``: ``xi = 1[theta > threshold]``; no gradient to theta.
+    - ``deterministic``: ``xi = 1[theta > threshold]``; no gradient to theta.  When every unit
+      is on (as after hardening, which cuts the rest) the multiply is skipped.
     - ``mean``: ``xi = theta`` (the mean network; also how Taylor reads ``dL/dz`` at z = 1).
     """
 
@@ -46,6 +47,15 @@ class Gate(nn.Module):
         self.force: float | None = None  # if set, the gate value regardless of mode (exact estimator)
         self.replay = False  # sampled mode: reuse the last draw (common random numbers)
         self.last_xi: torch.Tensor | None = None  # the last sampled draw, shape (B or 1, n)
+        self._all_on: tuple[tuple, bool] | None = None  # (theta version key, every unit on) cache
+
+    def all_on(self) -> bool:
+        """Deterministic mode: whether every unit passes (``theta > threshold``); cached on theta's
+        in-place version, so no device sync per forward."""
+        key = (self.theta._version, self.theta.data_ptr(), self.threshold)
+        if self._all_on is None or self._all_on[0] != key:
+            self._all_on = (key, bool((self.theta.detach() > self.threshold).all()))
+        return self._all_on[1]
 
     def extra_repr(self) -> str:
         return f"{self.kind}, n={self.theta.numel()}, mode={self.mode}"
@@ -74,6 +84,8 @@ class Gate(nn.Module):
         raise ValueError(f"unknown gate mode {self.mode!r}; use one of {GATE_MODES}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "deterministic" and self.force is None and self.all_on():
+            return x  # a multiply by ones (after hardening every kept gate is on): skipped
         g = self.value(x.shape[0], x.dtype)
         if g is None:
             return x
