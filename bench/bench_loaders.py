@@ -47,7 +47,8 @@ def find_photos(folder: str | None = None) -> list[Path]:
     found = []
     for pkg, rel in [("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
                      ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
-                     ("skimage", "data/astronaut.png"), ("skimage", "data/coffee.png"), ("skimage", "data/chelsea.png")]:
+                     ("skimage", "data/astronaut.png"), ("skimage", "data/coffee.png"),
+                     ("skimage", "data/chelsea.png")]:
         spec = importlib.util.find_spec(pkg)
         if spec and spec.submodule_search_locations:
             p = Path(list(spec.submodule_search_locations)[0]) / rel

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from system.complexity import count
+from system.pruning.complexity import count
 from system.models.resnet import build_model, gates_of, set_gate_mode
 from system.models.spec import dense_spec
-from system.surgery import PrunePlan, apply_plan
+from system.pruning.surgery import PrunePlan, apply_plan
 
 
 def uniform_plan(model, keep: float) -> PrunePlan:
@@ -143,7 +143,8 @@ def main() -> None:
         row["ideal_speedup"] = 1.0 / ratio
         rows.append(row)
         print(f"{name}@{size} b{batch} {device} {args.precision}{' CL' if args.channels_last else ''}: "
-              f"torchvision {row.get('torchvision_s', float('nan')) * 1e3:.1f} ms, plain {row['plain_s'] * 1e3:.1f} ms, "
+              f"torchvision {row.get('torchvision_s', float('nan')) * 1e3:.1f} ms, "
+              f"plain {row['plain_s'] * 1e3:.1f} ms, "
               f"gated {row['gated_s'] * 1e3:.1f} ms (overhead {row['gate_overhead_pct']:+.1f}%), "
               f"hardened: multiply {row['hardened_mul_overhead_pct']:+.1f}% vs skipped "
               f"{row['hardened_skip_overhead_pct']:+.1f}% over no gates, "

@@ -52,17 +52,18 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
 
     from system.config import from_dict
-    from system.coordinator import Coordinator
-    from system.distributed import init_distributed, shutdown_distributed
-    from system.engine import pick_device
-    from system.engine_ds import DeepSpeedEngine
-    from system.methods import StepContext, build_method
+    from system.runtime.collectives import Collectives
+    from system.runtime.coordinator import Coordinator
+    from system.runtime.distributed import init_distributed, shutdown_distributed
+    from system.runtime.engine import pick_device
+    from system.runtime.engine_ds import DeepSpeedEngine
+    from system.pruning.methods import StepContext, build_method
     from system.models.resnet import build_model
     from system.models.spec import dense_spec
     from system.optim import build_optimizer
     from system.run_config import RunConfig
-    from system.surgery import apply_plan
-    from system.transplant import transplant_optimizer
+    from system.pruning.surgery import apply_plan
+    from system.pruning.transplant import transplant_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +81,7 @@ def main() -> None:
     opt = build_optimizer(model, cfg.optim, method.theta_lrs(), args.batch * env.world_size)
     engine = DeepSpeedEngine(model, opt, cfg, env, device)
     del model, opt
-    coord = Coordinator(env.rank, env.world_size, device)
+    coord = Coordinator(Collectives(env.rank, env.world_size, device))
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
 
@@ -118,13 +119,13 @@ def main() -> None:
         train_step()
         sync(device)
         t0 = time.perf_counter()
-        coord.all_reduce_(method.sync_tensors())
+        coord.comm.all_reduce_(method.sync_tensors())
         coord.sync_model_state(engine.model)
         sync(device)
         t1 = time.perf_counter()
         plan = method.on_step_end(ctx())
         t2 = time.perf_counter()
-        coord.agree(plan)
+        coord.comm.agree(plan)
         t3 = time.perf_counter()
         old_model, old_opt = engine.model, engine.optimizer
         new_model, _, slices = apply_plan(old_model, plan)
@@ -177,7 +178,8 @@ def main() -> None:
         print(f"  pruning event (sum)           {1e3 * med['event']:9.1f} ms = {res['event_over_step']:.2f} steps")
         print(f"  event via Coordinator         {1e3 * coord_event_s:9.1f} ms")
         print(f"  no-op check (reduce+decide+agree) {1e3 * check_s:7.2f} ms: {res['overhead_pct_per_step']:.3f} % of "
-              f"a step at check_every={args.check_every} ({res['overhead_pct_if_checked_every_step']:.2f} % if every step)")
+              f"a step at check_every={args.check_every} "
+              f"({res['overhead_pct_if_checked_every_step']:.2f} % if every step)")
         print(json.dumps(res))
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1))

@@ -81,6 +81,10 @@ def _pct(num: float | None, den: float | None) -> float | None:
     return 100.0 * num / den if num is not None and den else None
 
 
+def _int_or_none(v: float | None) -> int | None:
+    return None if v is None else int(v)
+
+
 def _num(text: str | None) -> float | None:
     try:
         return None if text in (None, "", "None") else float(text)
@@ -106,7 +110,7 @@ def row_from_run(run: Any) -> RunRow:
         train_macs_pct=_pct(f["train_macs"], f["train_macs_dense"]),
         wall_s=f["wall_s"],
         target_macs=_num(params.get("method.target_macs")),
-        seed=None if _num(params.get("train.seed")) is None else int(_num(params.get("train.seed"))),
+        seed=_int_or_none(_num(params.get("train.seed"))),
         dataset=Path(params["data.root"]).name if params.get("data.root") else None,
         setting=(f"iterations={params.get('method.egp.iterations')}" if params.get("method.name") == "egp" else None),
     )
@@ -211,8 +215,8 @@ def group_runs(rows: Sequence[RunRow]) -> list[Group]:
     out = []
     for (ds, method, target, setting), rs in sorted(keyed.items(), key=lambda kv: (
             kv[0][0], kv[0][1], -1.0 if kv[0][2] is None else kv[0][2], kv[0][3] or "")):
-        top1, top1_s = _mean_half([r.top1 for r in rs])
-        macs, macs_s = _mean_half([100.0 - r.macs_removed_pct for r in rs])
+        top1, top1_s = _mean_half([r.top1 for r in rs if r.top1 is not None])
+        macs, macs_s = _mean_half([100.0 - r.macs_removed_pct for r in rs if r.macs_removed_pct is not None])
         tm = [r.train_macs_pct for r in rs if r.train_macs_pct is not None]
         walls = [r.wall_s for r in rs if r.wall_s]
         wall = (sum(walls) / len(walls)) / dense_wall[ds] if walls and ds in dense_wall else None
@@ -305,7 +309,7 @@ def plot_pareto(rows: Sequence[RunRow], path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     pts = [r for r in rows if r.macs is not None and r.top1 is not None]
-    xy = [(r.macs / 1e9, r.top1) for r in pts]
+    xy = [(float(r.macs or 0.0) / 1e9, float(r.top1 or 0.0)) for r in pts]  # both set (filtered above)
     front = pareto_front(xy)
     fig = Figure(figsize=(8, 5.5))
     FigureCanvasAgg(fig)
@@ -345,14 +349,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "does not exist (pass --runs-root or --tracking-uri)")
     rows = load_rows(uri, args.experiment)
     # --budgets: groups over seeds, the matched-budget table and one front per method
-    items = group_runs(rows) if args.budgets else rows
-    table, plot = (matched_table, plot_fronts) if args.budgets else (format_table, plot_pareto)
-    if args.json:
-        print(json.dumps([asdict(r) for r in items], indent=2))
+    if args.budgets:
+        groups = group_runs(rows)
+        text, items = (matched_table(groups) if groups else ""), [asdict(g) for g in groups]
+        if args.plot:
+            plot_fronts(groups, args.plot)
     else:
-        print(table(items) if items else f"no finished runs in experiment {args.experiment!r} at {uri}")
+        text, items = (format_table(rows) if rows else ""), [asdict(r) for r in rows]
+        if args.plot:
+            plot_pareto(rows, args.plot)
+    if args.json:
+        print(json.dumps(items, indent=2))
+    else:
+        print(text or f"no finished runs in experiment {args.experiment!r} at {uri}")
     if args.plot:
-        plot(items, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 

@@ -119,7 +119,8 @@ class Job:
 
 
 def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    launch, run = [], []
+    launch: list[str] = []
+    run: list[str] = []
     for text in overrides:
         path, _ = parse_override(text)
         (launch if path[0] == SECTION else run).append(text)
@@ -170,27 +171,27 @@ def load_job(path: str | Path | None, overrides: list[str] | None = None,
             raise ConfigError(f"{SECTION}.sweep.{key}", "only run-config keys can be swept")
     jobs = []
     for combo in itertools.product(*(launch.sweep[k] for k in keys)):
-        values = dict(zip(keys, combo))
-        tree = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+        chosen = dict(zip(keys, combo))
+        tree = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in chosen.items()])
         try:
             cfg = from_dict(RunConfig, tree)
         except ConfigError as exc:
-            raise ConfigError(f"{SECTION}.sweep.{exc.key}", f"{values}: {exc}") from None
-        jobs.append(Job(cfg=cfg, sweep_values=values))
+            raise ConfigError(f"{SECTION}.sweep.{exc.key}", f"{chosen}: {exc}") from None
+        jobs.append(Job(cfg=cfg, sweep_values=chosen))
     if len(jobs) > 1 and base.get("run", {}).get("dir"):
         raise ConfigError("run.dir", "a sweep gives every run its own directory under run.root; leave run.dir empty")
     return launch, jobs
 
 
-def load_jobs(paths: list[str | Path] | None, overrides: list[str] | None = None,
+def load_jobs(paths: list[str | Path | None] | None, overrides: list[str] | None = None,
               sweeps: list[str] | None = None) -> tuple[LaunchConfig, list[Job]]:
     """:func:`load_job` for several recipes (a grid's method axis): the first recipe's ``launch``
     section (plus the ``launch.*`` overrides) holds for all; every recipe gets the same overrides and
     sweeps.  Two recipes that would give their runs the same name are refused (``run.name``)."""
-    paths = list(paths or [None])
-    launch, jobs = load_job(paths[0], overrides, sweeps)
-    owner = {(j.cfg.run.name, json.dumps(j.sweep_values, sort_keys=True)): paths[0] for j in jobs}
-    for path in paths[1:]:
+    recipes: list[str | Path | None] = list(paths or [None])
+    launch, jobs = load_job(recipes[0], overrides, sweeps)
+    owner = {(j.cfg.run.name, json.dumps(j.sweep_values, sort_keys=True)): recipes[0] for j in jobs}
+    for path in recipes[1:]:
         more = load_job(path, overrides, sweeps)[1]
         for j in more:
             key = (j.cfg.run.name, json.dumps(j.sweep_values, sort_keys=True))

@@ -1,7 +1,8 @@
 """``python -m launch.inspect NAME|SPEC.json|RUN_DIR [--json]``: MACs, params, widths, blocks kept.
 
-A bare model name is the dense network at its usual input size; a run directory is read from
-its exported ``final/spec.json`` (or its latest checkpoint) and lists its checkpoints.
+A bare model name is the dense network at its usual input size; a spec file is read as it is;
+a run directory is read from its exported ``final/spec.json`` (else a ``spec.json`` in it, else its
+newest checkpoint's spec) and its checkpoints are listed.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from system.complexity import count, width_table
+from system.pruning.complexity import count, width_table
 from system.export import load_spec
+from system.runtime.checkpoint import list_checkpoints
 from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
 
 
@@ -31,14 +33,12 @@ def describe(spec: ArchSpec) -> dict:
 
 
 def _checkpoints(run_dir: Path) -> list[dict]:
-    try:
-        from system.checkpoint import list_checkpoints  # present once checkpoints exist
-    except ImportError:
-        return []
+    """The run's complete checkpoints (manifests only), oldest first."""
     rows = []
     for ck in list_checkpoints(run_dir):
         d = describe(ck.spec)
-        rows.append({"path": str(ck.path), "step": ck.step, "epoch": ck.epoch, "macs": d["macs"], "params": d["params"]})
+        rows.append({"path": str(ck.path), "step": ck.step, "epoch": ck.epoch, "macs": d["macs"],
+                     "params": d["params"]})
     return rows
 
 
@@ -69,11 +69,13 @@ def format_table(rec: dict, checkpoints: list[dict]) -> str:
     ]
     for st in rec["stages"]:
         widths = " ".join("-" if w is None else "/".join(map(str, w)) for w in st["inner_widths"])
-        lines.append(f"{st['stage']:>5}  {st['stream_width']:>6}  {st['blocks_kept']:>2}/{st['blocks_total']:<3}  {widths}")
+        lines.append(f"{st['stage']:>5}  {st['stream_width']:>6}  "
+                     f"{st['blocks_kept']:>2}/{st['blocks_total']:<3}  {widths}")
     if checkpoints:
         lines.append("checkpoints:")
         for c in checkpoints:
-            lines.append(f"  step {c['step']:>8}  epoch {c['epoch']:>3}  MACs {c['macs']:>14,}  params {c['params']:>11,}  {c['path']}")
+            lines.append(f"  step {c['step']:>8}  epoch {c['epoch']:>3}  MACs {c['macs']:>14,}  "
+                         f"params {c['params']:>11,}  {c['path']}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from submitit's job environment and calls :func:`launch.train.run` with ``run.re
 run name fixed by the job id (which a requeued job keeps), so a restarted job continues its run.
 
 Preemption and time limits: Slurm sends USR2 (``signal_delay_s`` before the limit; on preemption
-right away).  The handler only sets a flag (:mod:`system.preemption`); at the next step all ranks
+right away).  The handler only sets a flag (:mod:`system.runtime.preemption`); at the next step all ranks
 agree through one all-reduce, save a checkpoint together and stop; then rank 0 hands over to
 submitit's own handler, which calls :meth:`TrainJob.checkpoint` (a resubmission of the same call),
 requeues the job and exits.  The requeued job resumes from that checkpoint into the same MLflow
@@ -44,13 +44,13 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from launch.cluster_checks import _sbatch_test_only, _slurm, check_cluster  # noqa: F401  (_slurm: tests)
 from launch.config import Job, LaunchConfig, load_jobs
-from system import preemption
+from system.runtime import preemption
 from system.config import ConfigError, from_dict, to_dict
 
 try:  # a project dependency; only needed to submit and inside jobs
@@ -128,7 +128,7 @@ class TrainJob(Checkpointable):
             log.warning("%s", stop)
             self._after_stop(env, handover)
 
-    def _after_stop(self, env, handover) -> None:
+    def _after_stop(self, env, handover) -> NoReturn:
         """Every rank saved the agreed checkpoint; requeue (rank 0, on the preemption signal) and leave."""
         usr = env._usr_sig()
         if env.global_rank == 0 and handover is not None:
@@ -172,98 +172,6 @@ class TrainJob(Checkpointable):
 
 
 # ---------------------------------------------------------------------------------- submission
-def _slurm(*cmd: str) -> str:
-    out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {(out.stderr or out.stdout).strip()}")
-    return out.stdout
-
-
-def _minutes(limit: str) -> float | None:
-    """Slurm time (``UNLIMITED``, ``MM``, ``HH:MM:SS``, ``D-HH:MM:SS``) in minutes; None = no limit."""
-    limit = limit.strip()
-    if limit.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
-        return None
-    days, _, rest = limit.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if len(parts) == 1:
-        h, m, s = 0, parts[0], 0
-    elif len(parts) == 2:
-        h, m, s = 0, parts[0], parts[1]
-    else:
-        h, m, s = parts[-3:]
-    return int(days or 0) * 1440 + h * 60 + m + s / 60
-
-
-def _partition_info(name: str) -> dict[str, str]:
-    text = _slurm("scontrol", "show", "partition", name, "-o")
-    return dict(item.split("=", 1) for item in text.split() if "=" in item)
-
-
-def _gpus_per_node(partition: str) -> int:
-    """The most GPUs any node of ``partition`` has (from its gres, e.g. ``gpu:a100:4(S:0-1)``)."""
-    best = 0
-    for gres in _slurm("sinfo", "-h", "-p", partition, "-o", "%G").split():
-        for item in gres.split(","):
-            m = re.match(r"gpu(?::[^:(]+)?:(\d+)", item)
-            if m:
-                best = max(best, int(m.group(1)))
-    return best
-
-
-def check_cluster(launch: LaunchConfig) -> str:
-    """Check the allocation against the cluster; return the partition that will be used.
-
-    Raises:
-        ConfigError: naming the ``launch.*`` key the cluster cannot satisfy.
-    """
-    lines = _slurm("sinfo", "-h", "-o", "%P").split()
-    partitions = [p.rstrip("*") for p in lines]
-    default = next((p.rstrip("*") for p in lines if p.endswith("*")), partitions[0] if partitions else "")
-    partition = launch.partition or default
-    if launch.partition and launch.partition not in partitions:
-        raise ConfigError("launch.partition", f"the cluster has no partition {launch.partition!r} "
-                                              f"(it has: {', '.join(sorted(set(partitions)))})")
-    if not partition:
-        raise ConfigError("launch.partition", "the cluster has no default partition; name one")
-    info = _partition_info(partition)
-    if info.get("State", "UP") != "UP":
-        raise ConfigError("launch.partition", f"partition {partition!r} is {info.get('State')}")
-    max_min = _minutes(info.get("MaxTime", "UNLIMITED"))
-    if max_min is not None and launch.time_min > max_min:
-        raise ConfigError("launch.time_min", f"{launch.time_min} min exceeds partition {partition!r}'s "
-                                             f"MaxTime {info['MaxTime']} ({max_min:g} min)")
-    total_nodes = int(info.get("TotalNodes", "0") or 0)
-    if total_nodes and launch.nodes > total_nodes:
-        raise ConfigError("launch.nodes", f"{launch.nodes} nodes requested, partition {partition!r} has "
-                                          f"{total_nodes}")
-    cpus = max((int(c.rstrip("+")) for c in _slurm("sinfo", "-h", "-p", partition, "-o", "%c").split()),
-               default=0)
-    need = launch.tasks_per_node * launch.cpus_per_task
-    if cpus and need > cpus:
-        key = "launch.tasks_per_node" if launch.tasks_per_node > cpus else "launch.cpus_per_task"
-        raise ConfigError(key, f"{launch.tasks_per_node} tasks x {launch.cpus_per_task} CPUs (launch.cpus_per_task) "
-                               f"= {need} CPUs per node, the nodes of partition {partition!r} have {cpus}")
-    if launch.gpus_per_node:
-        gpus = _gpus_per_node(partition)
-        if launch.gpus_per_node > gpus:
-            raise ConfigError("launch.gpus_per_node", f"{launch.gpus_per_node} GPUs per node requested, the "
-                                                      f"nodes of partition {partition!r} have {gpus}")
-    return partition
-
-
-def _sbatch_test_only(script: str) -> str | None:
-    """None if ``sbatch --test-only`` accepts ``script``, else sbatch's reason."""
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
-        fh.write(script)
-        path = fh.name
-    try:
-        out = subprocess.run(["sbatch", "--test-only", path], capture_output=True, text=True, timeout=60)
-    finally:
-        os.unlink(path)
-    return None if out.returncode == 0 else (out.stderr or out.stdout).strip()
-
-
 def make_executor(launch: LaunchConfig, folder: Path, job_name: str, extra: dict[str, Any] | None = None):
     cluster = None if launch.cluster == "auto" else launch.cluster
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=launch.max_num_timeout)

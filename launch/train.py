@@ -36,15 +36,12 @@ def setup_logging() -> None:
 
 def run(cfg: RunConfig) -> dict:
     """Train one run from a resolved config (also the entry point of submitted jobs)."""
-    from system.checkpoint_hook import attach_checkpointer
-    from system.distributed import init_distributed, shutdown_distributed
+    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.trainer import Trainer
 
     env = init_distributed(cfg)
     try:
-        trainer = Trainer(cfg, env)
-        attach_checkpointer(trainer)
-        return trainer.run()
+        return Trainer(cfg, env).run()
     finally:
         shutdown_distributed()
 

@@ -24,13 +24,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from pipelines.config import DataConfig
 from pipelines.plan import PAD, EpochPlan, epoch_plan, rng_for
-from pipelines.shardset import ShardSet, ShardSetError, cached_index, write_index
+from pipelines.shardset import ShardIndex, ShardSet, ShardSetError, cached_index, write_index
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ class _BatchReader(torch.utils.data.Dataset):
             ops = [v2.Resize(cfg.val_resize, antialias=True), v2.CenterCrop(cfg.val_crop)]
             self.size = cfg.val_crop
         self.transform = v2.Compose(ops)
-        self._files: dict[int, object] = {}
-        self._index: dict[int, object] = {}
+        self._files: dict[int, BinaryIO] = {}
+        self._index: dict[int, ShardIndex] = {}
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -165,7 +166,8 @@ class _BatchReader(torch.utils.data.Dataset):
                 images.append(img)
                 labels.append(label)
         if not images:
-            return torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), skipped
+            empty = torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+            return empty, torch.zeros(0, dtype=torch.int64), skipped
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped
 
     def __getstate__(self) -> dict:
@@ -249,7 +251,8 @@ class DaliLoader(Loader):
         decode_dev = "mixed" if self.gpu else "cpu"
         op_dev = "gpu" if self.gpu else "cpu"
         with pipe:
-            jpegs, cls = fn.readers.webdataset(
+            # DALI's stub types the reader's return as a union that may be None
+            jpegs, cls = fn.readers.webdataset(  # type: ignore[misc]
                 paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
                 shard_id=0, num_shards=1, random_shuffle=False, pad_last_batch=True, name="Reader")
             if self.train:
@@ -315,7 +318,8 @@ class DaliLoader(Loader):
                     labels = torch.zeros(0, dtype=torch.int64)
                 else:
                     try:
-                        images, labels = self._to_torch(*pipe.run(), n)
+                        out_images, out_cls = pipe.run()
+                        images, labels = self._to_torch(out_images, out_cls, n)
                     except RuntimeError as exc:
                         log.warning("DALI failed on %s batch %d (%s); decoding it in Python",
                                     self.split, g, str(exc).strip().splitlines()[0][:200])
@@ -372,7 +376,8 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, seed: 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     train = split == "train"
-    common = dict(rank=rank, world_size=world_size, seed=seed, epoch=epoch, start_batch=start_batch, device=device)
+    common: dict[str, Any] = dict(rank=rank, world_size=world_size, seed=seed, epoch=epoch, start_batch=start_batch,
+                                  device=device)
     if cfg.loader == "synthetic":
         n = cfg.synthetic_samples if train else max(1, cfg.synthetic_samples // 10)
         plan = epoch_plan([n], cfg.batch_size, rank, world_size, seed, epoch, train, cfg.shuffle)

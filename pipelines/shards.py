@@ -31,6 +31,7 @@ import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -194,7 +195,9 @@ def write_split(
     todo = items[cursor:]
     bar = tqdm(total=len(items), initial=cursor, unit="img", desc=split, disable=not progress, smoothing=0.1)
     writer: TarShardWriter | None = None
-    consumed, rec_skipped, rec_reenc = 0, [], []
+    consumed = 0
+    rec_skipped: list[dict] = []
+    rec_reenc: list[str] = []
 
     def finish() -> None:
         nonlocal writer, consumed, rec_skipped, rec_reenc, shard_no
@@ -265,7 +268,7 @@ def build(
         tmp.unlink()
     classes, splits = discover(src, Path(val_labels) if val_labels else None)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "source": source or str(src.resolve()),
         "options": {"max_count": max_count, "max_mb": max_mb, "seed": seed},

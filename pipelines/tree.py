@@ -66,7 +66,8 @@ def build(out: str | Path, classes: list[str], train: tuple[np.ndarray, np.ndarr
 
 
 def main(build_fn, prog: str, description: str, argv: list[str] | None = None, n_val: int = 5000) -> int:
-    """The command line of a dataset builder: ``build_fn(out, train, val, seed, max_count, workers, progress, test)``."""
+    """The command line of a dataset builder:
+    ``build_fn(out, train, val, seed, max_count, workers, progress, test)``."""
     import argparse
     import logging
 

@@ -1,7 +1,7 @@
 """Export a (pruned) gated model without gates: ``model.safetensors`` + ``spec.json``.
 
 Structures whose deterministic gate is off are cut first, then the remaining gate values are
-folded into BatchNorm (see :func:`system.surgery.fold_gates`).  Safetensors cannot carry code,
+folded into BatchNorm (see :func:`system.pruning.surgery.fold_gates`).  Safetensors cannot carry code,
 so loading never unpickles anything.
 
 Example::
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from system.io import atomic_dir
 from system.models.resnet import GatedResNet, build_model, gates_of, set_gate_mode
 from system.models.spec import ArchSpec, SpecError
-from system.surgery import apply_plan, fold_gates, plan_from_gates
+from system.pruning.surgery import apply_plan, fold_gates, plan_from_gates
 
 log = logging.getLogger(__name__)
 

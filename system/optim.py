@@ -2,9 +2,9 @@
 
 Groups (each carries a ``name`` key, kept through surgery): ``decay`` (conv and fc weights),
 ``no_decay`` (BN parameters and biases, unless ``optim.decay_bn_bias``), ``theta_unit`` and
-``theta_layer`` (gate parameters: plain SGD, no decay, the method's own lr).  With the
-variational method's gated decay, branch convs move to ``no_decay`` and are decayed through
-the theta-weighted penalty in the loss instead.
+``theta_layer`` (gate parameters: plain SGD, no decay, the method's own lr).  Weights the method
+decays in its own loss (``Method.decay_exempt``: the variational method's gated decay, for the
+branch convs) move to ``no_decay``.
 
 The schedule is a pure function of the step (:func:`lr_at`), so a rebuilt optimizer or a
 resumed run continues at exactly the same learning rate.
@@ -13,22 +13,52 @@ resumed run continues at exactly the same learning rate.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Collection, Literal
 
 import torch
 
 from system.models.resnet import GatedResNet
-from system.run_config import OptimConfig
+from system.config import check
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Section ``optim``: SGD (momentum, optional Nesterov) or AdamW, warm-up + cosine."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # at ``lr_batch`` images per step; scaled linearly to the global batch
+    lr_batch: int = 0  # 0 = no scaling (lr is used as is); 256 = DeepLearningExamples convention
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    decay_bn_bias: bool = False  # weight decay on BN parameters and biases (gates never decay)
+    label_smoothing: float = 0.0
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for ``step``
+    step_gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.lr_batch >= 0, "lr_batch", "must be >= 0")
+        check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(self.min_lr >= 0, "min_lr", "must be >= 0")
 
 
 def param_groups(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, float], lr: float,
-                 gated_decay: bool) -> list[dict]:
+                 exempt: Collection[str] = ()) -> list[dict]:
     groups: dict[str, list] = {"decay": [], "no_decay": [], "theta_unit": [], "theta_layer": []}
     for name, p in model.named_parameters():
         if name.endswith(".theta"):
             groups["theta_layer" if name.endswith("layer_gate.theta") else "theta_unit"].append(p)
         elif p.dim() <= 1:
             groups["decay" if cfg.decay_bn_bias else "no_decay"].append(p)
-        elif gated_decay and ".conv" in name and name.startswith("layer"):
+        elif name in exempt:
             groups["no_decay"].append(p)
         else:
             groups["decay"].append(p)
@@ -45,9 +75,10 @@ def param_groups(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, floa
 
 
 def build_optimizer(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, float], global_batch: int,
-                    gated_decay: bool = False) -> torch.optim.Optimizer:
+                    exempt: Collection[str] = ()) -> torch.optim.Optimizer:
+    """SGD or AdamW over :func:`param_groups`; ``exempt``: weights not decayed by the optimizer."""
     lr = scaled_lr(cfg, global_batch)
-    groups = param_groups(model, cfg, theta_lrs, lr, gated_decay)
+    groups = param_groups(model, cfg, theta_lrs, lr, exempt)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=lr)

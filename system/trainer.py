@@ -2,35 +2,43 @@
 
 ``Trainer(cfg).run()`` trains, lets the method prune through the coordinator, evaluates,
 exports ``final/`` and writes ``summary.json``.  The loop holds no method-specific logic:
-it raises events and applies the plans the coordinator agrees on.
+it raises :class:`~system.pruning.methods.Event` s and applies the plans the coordinator agrees on.
+
+The run is built once, in ``__init__``: with ``run.resume``, the checkpoint's architecture and
+method state are read first, so the (already pruned) model, its optimizer and its engine are
+built once and then loaded.  The parts that carry state (loop state, method, model buffers,
+RNG, coordinator events, tracking run, engine) save and restore their own state; the
+:class:`~system.runtime.checkpoint.Checkpointer` moves those states to and from disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipelines.loaders import build_loader
-from system.complexity import count
+from system.pruning.complexity import count
 from system.config import ConfigError, flatten, to_dict
-from system.coordinator import Coordinator
-from system.engine import DistEnv, LocalEngine, pick_device
+from system.runtime.checkpoint import Checkpointer, ModelBuffers, RngState, Value
+from system.runtime.collectives import Collectives
+from system.runtime.coordinator import Coordinator
+from system.runtime.engine import DistEnv, Engine, LocalEngine, pick_device
+from system.runtime.faults import ENV_STOP, Faults, InjectedStop
+from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stream, widths_of
 from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
-from system.methods import StepContext, build_method
-from system.models.resnet import GatedResNet, build_model
+from system.pruning.methods import Batch, Event, StepContext, build_method
+from system.models.anatomy import last_bn
+from system.models.resnet import GatedResNet, RemovedBlock, build_model
 from system.models.spec import ArchSpec, dense_spec
 from system.optim import build_optimizer, set_lrs
-from system import preemption
+from system.runtime import preemption
 from system import tracking as T
 from system.run_config import RunConfig
 
@@ -40,78 +48,21 @@ log = logging.getLogger(__name__)
 TARGET_TOLERANCE = 0.05
 
 
-@dataclass
-class LoopState:
-    """Everything about progress that a checkpoint must restore."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches of ``epoch`` already consumed
-    train_macs: float = 0.0
-    train_macs_dense: float = 0.0
-    prune_events: int = 0
-    channels_removed: int = 0
-    blocks_removed: int = 0
-    wall_s: float = 0.0
-    best_top1: float = 0.0
-    last_eval: dict = field(default_factory=dict)
-    width_history: list = field(default_factory=list)  # [(step, {gate: width})]
-
-
-def seed_everything(seed: int) -> None:
-    """The same stream on every rank: the weights are initialised identically everywhere."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-
-
-def seed_rank_stream(seed: int, rank: int) -> None:
-    """After the weights exist: each rank's own torch stream, so gate samples differ across ranks."""
-    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + 1) % (2**63))
-
-
-def widths_of(spec: ArchSpec) -> dict[str, int]:
-    out = {}
-    for name, _, _, blk in spec.iter_blocks():
-        for i, w in enumerate(blk.inner):
-            out[f"{name}.conv{i + 1}"] = 0 if blk.removed else w
-    return out
-
-
-def rng_neutral(loader):
-    """Iterate ``loader`` without advancing the global torch RNG.
-
-    Starting a DataLoader iterator draws its worker seeds from the global generator, which the
-    gates sample from; isolating it makes gate samples depend on the steps taken only, so a run
-    resumed mid-epoch samples exactly like the uninterrupted one (augmentation is seeded per sample).
-    """
-    it = iter(loader)
-    try:
-        while True:
-            with torch.random.fork_rng(devices=[]):
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-            yield item
-    finally:
-        # shut the loader's workers (and pin-memory thread) down now, not at interpreter exit:
-        # a DataLoader left half-iterated with pinned memory can hang the process at exit
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-
-
 class Trainer:
     """Builds everything from a :class:`RunConfig` and runs it."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv | None = None, engine_factory=None):
+    def __init__(self, cfg: RunConfig, env: DistEnv | None = None, engine_factory=None,
+                 faults: Faults | None = None):
+        """``engine_factory(model, optimizer) -> Engine`` replaces the engine ``engine.kind`` picks;
+        ``faults``: injected faults (default: from the environment, see :mod:`system.runtime.faults`)."""
         self.cfg = cfg
         self.env = env or DistEnv.from_environ()
+        self.faults = faults if faults is not None else Faults.from_environ()
         self.device = pick_device(cfg.train.device, self.env.local_rank)
         if cfg.train.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
-        self.coord = Coordinator(self.env.rank, self.env.world_size, self.device)
+        self.comm = Collectives(self.env.rank, self.env.world_size, self.device)
+        self.coord = Coordinator(self.comm)
         self.run_dir = self._run_dir()
         seed_everything(cfg.train.seed)
 
@@ -129,30 +80,61 @@ class Trainer:
         self.dense = dense_spec(cfg.model.name, num_classes=self.num_classes, input_size=size,
                                 shortcut=cfg.model.shortcut or None)
         self.dense_macs, self.dense_params = count(self.dense)
-        model = build_model(self.dense).to(self.device)  # method state is created on the model's device
+
+        # resuming: the checkpoint's architecture and method state first, so the run is built once
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, self.env.rank, self.env.world_size,
+                                         self.comm, self.faults)
+        resume = self.checkpointer.find(cfg.run.resume)
+        if resume is not None:
+            self.checkpointer.check_fits(resume, config=to_dict(cfg), global_batch=self.global_batch,
+                                         per_rank_batch=cfg.data.batch_size, total_steps=self.total_steps)
+        model = build_model(resume.spec if resume else self.dense).to(self.device)  # method state: same device
         if cfg.model.zero_init_residual:
             for _, blk in model.named_blocks():
-                last = getattr(blk, "bn3", None) or getattr(blk, "bn2", None)
-                if last is not None:
-                    torch.nn.init.zeros_(last.weight)
-        self.method = build_method(cfg.method, self.total_steps)
+                if not isinstance(blk, RemovedBlock):
+                    torch.nn.init.zeros_(last_bn(blk, model.block_kind).weight)
+        self.method = build_method(cfg.method, self.total_steps, weight_decay=cfg.optim.weight_decay)
         try:
             self.method.check_model(model)
         except ConfigError:
             raise
         except ValueError as exc:
             raise ValueError(f"config key 'method.name': {exc}") from None
+        if resume is not None:
+            self.method.load_state_dict(self.checkpointer.rank_state(resume, "method"))
         self.method.attach(model)
         seed_rank_stream(cfg.train.seed, self.env.rank)  # gate samples: per rank (ALGORITHM.md section 1)
-        gated_decay = bool(getattr(self.method.cfg, "gated_decay", False))
-        self.gated_decay = gated_decay and cfg.optim.weight_decay > 0
-        opt = build_optimizer(model, cfg.optim, self.method.theta_lrs(), self.global_batch, self.gated_decay)
-        self.engine = (engine_factory or self._default_engine)(model, opt)
+        opt = build_optimizer(model, cfg.optim, self.method.theta_lrs(), self.global_batch,
+                              self.method.decay_exempt(model))
+        self.engine: Engine = (engine_factory or self._default_engine)(model, opt)
         self.state = LoopState()
+        self.tracking_run = Value(run_id="")
+        self.rng = RngState()
+        if resume is not None:
+            parts = {k: v for k, v in self._rank_parts().items() if k != "method"}  # loaded above
+            self.checkpointer.restore(resume, self.engine, parts, self._run_parts(), seed=cfg.train.seed)
         self.tracker = T.make_tracker(cfg.tracking, self.env.rank, cfg.run.root, self.run_dir) \
             if cfg.tracking.enabled else T.NullTracker()
-        self.checkpointer = None  # set by system.checkpoint when checkpoints are configured
         self._t_start = 0.0
+
+    # ------------------------------------------------------------------ checkpointed parts
+    def _rank_parts(self) -> dict[str, Any]:
+        """Saved by every rank (``<name>_rank{r}.pt``); ``rng`` is restored last."""
+        return {"method": self.method, "buffers": ModelBuffers(lambda: self.model), "rng": self.rng}
+
+    def _run_parts(self) -> dict[str, Any]:
+        """Saved once, in the manifest."""
+        return {"loop": self.state, "coordinator": self.coord, "tracking": self.tracking_run}
+
+    def save_checkpoint(self, reason: str) -> Path:
+        """A checkpoint of this step (every rank calls this)."""
+        cfg, s = self.cfg, self.state
+        meta = {"step": s.step, "epoch": s.epoch, "batch": s.batch, "global_batch": self.global_batch,
+                "per_rank_batch": cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "samples_in_epoch": s.batch * self.global_batch,
+                "engine": getattr(self.engine, "kind", type(self.engine).__name__), "method": cfg.method.name,
+                "config": to_dict(cfg)}
+        return self.checkpointer.save(self.engine, self.spec(), meta, self._rank_parts(), self._run_parts(), reason)
 
     # ------------------------------------------------------------------ set-up helpers
     def _run_dir(self) -> Path:
@@ -165,14 +147,16 @@ class Trainer:
     def _default_engine(self, model, opt):
         kind = self.cfg.engine.kind
         if kind == "deepspeed" or (kind == "auto" and self.env.world_size > 1):
-            from system.engine_ds import DeepSpeedEngine  # imported only when used
+            from system.runtime.engine_ds import DeepSpeedEngine, EngineSettings  # imported only when used
 
-            return DeepSpeedEngine(model, opt, self.cfg, self.env, self.device)
+            return DeepSpeedEngine(model, opt, EngineSettings.of(self.cfg), self.env, self.device)
         return LocalEngine(model, opt, self.device, self.cfg.train.precision, self.cfg.train.channels_last)
 
     @property
     def model(self) -> GatedResNet:
-        return self.engine.model
+        model = self.engine.model
+        assert isinstance(model, GatedResNet)
+        return model
 
     def spec(self) -> ArchSpec:
         return self.model.spec()
@@ -200,17 +184,9 @@ class Trainer:
         losses = per_example(logits, y)
         loss = losses.mean()
         total = loss
-        sur = self.method.surrogate_loss(model, self.engine.forward, x, y, per_example, self.state.step,
-                                         per_example_loss=losses)
-        if sur is not None:
-            total = total + sur
-        reg = self.method.regularizer(model, self.state.step)
-        if reg is not None:
-            total = total + reg
-        if self.gated_decay:
-            dec = self.method.gated_decay(model, cfg.optim.weight_decay)
-            if dec is not None:
-                total = total + dec
+        batch = Batch(x=x, y=y, forward=self.engine.forward, loss_fn=per_example, per_example_loss=losses)
+        for term in self.method.loss_terms(model, self.state.step, batch):
+            total = total + term
         self.engine.backward(total)
         self.method.after_backward(model, grad_scale=self.engine.grad_scale())
         self.engine.step()
@@ -222,10 +198,9 @@ class Trainer:
         self.state.step += 1
         return float(loss.detach())
 
-    def maybe_prune(self, event: str) -> None:
+    def maybe_prune(self, event: Event) -> None:
         ctx = StepContext(step=self.state.step, epoch=self.state.epoch, total_steps=self.total_steps, model=self.model)
-        fn = self.method.on_step_end if event == "step_end" else self.method.on_epoch_end
-        plan = self.coord.decide(self.method, self.model, lambda: fn(ctx))
+        plan = self.coord.decide(self.method, self.model, lambda: self.method.decide(event, ctx))
         if plan is None:
             return
         ev = self.coord.apply(plan, self.engine, self.method, self.state.step)
@@ -255,7 +230,7 @@ class Trainer:
         return fwd
 
     @torch.no_grad()
-    def evaluate(self, net: torch.nn.Module | None = None) -> dict[str, float]:
+    def evaluate(self, net: GatedResNet | None = None) -> dict[str, float]:
         """Top-1/top-5/loss on ``data.eval_split``: of the training model under the method's eval
         gates, or of ``net`` (the deployed network) when given."""
         cfg = self.cfg
@@ -287,7 +262,7 @@ class Trainer:
                 if close is not None:
                     close()
 
-        n, correct1, correct5, loss_sum = self.coord.sum_scalars([n, correct1, correct5, loss_sum])
+        n, correct1, correct5, loss_sum = self.comm.sum_scalars([n, correct1, correct5, loss_sum])
         model.train(was_training)
         res = {"top1": correct1 / max(1.0, n), "top5": correct5 / max(1.0, n), "loss": loss_sum / max(1.0, n),
                "n": int(n)}
@@ -302,20 +277,19 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def _start_tracking(self) -> None:
         cfg = self.cfg
-        run_id = getattr(self, "_resume_run_id", None)
+        run_id = self.tracking_run["run_id"] or None
         params = flatten(to_dict(cfg))
         tags = {T.TAG_METHOD: cfg.method.display, T.TAG_MODEL: cfg.model.name,
                 T.TAG_WORLD_SIZE: self.env.world_size, T.TAG_DEVICE: str(self.device),
                 T.TAG_CODE_VERSION: T.code_version()}
         self.run_id = self.tracker.start(self.run_dir.name, params=params, tags=tags, run_id=run_id)
+        self.tracking_run["run_id"] = self.run_id or run_id or ""
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.env.rank == 0:
             atomic_write_json(self.run_dir / "config.json", to_dict(cfg))
-        if self.checkpointer is not None:
-            self.checkpointer.maybe_resume(self)
         self._start_tracking()
         s = self.state
         if not s.width_history:
@@ -328,7 +302,7 @@ class Trainer:
         try:
             self._loop()
             status = "FINISHED"
-        except (preemption.Preempted, SystemExit, KeyboardInterrupt):  # incl. checkpoint.InjectedStop
+        except (preemption.Preempted, SystemExit, KeyboardInterrupt):  # incl. faults.InjectedStop
             status = "KILLED"  # resumed later into the same MLflow run
             raise
         finally:
@@ -367,34 +341,41 @@ class Trainer:
                                                   T.TRAIN_CUMULATIVE_MACS: s.train_macs}, step=s.step)
                         t_log, n_log = time.perf_counter(), 0
                     if self.method.check_due(s.step):
-                        self.maybe_prune("step_end")
+                        self.maybe_prune(Event.STEP_END)
                     if eval_every and s.step % eval_every == 0:
                         self.evaluate()
                     s.wall_s = time.perf_counter() - self._t_start
-                    if self.checkpointer is not None:
-                        self.checkpointer.after_step(self)
+                    self._after_step_checkpoint()
                     if s.step >= self.total_steps:
                         break
-                    if preemption.watching() and self.coord.any_flag(preemption.stop_requested()):
+                    if preemption.watching() and self.comm.any_flag(preemption.stop_requested()):
                         self._stop_agreed()
                 batches.close()
                 if s.batch >= loader.batches_per_epoch:
-                    self.maybe_prune("epoch_end")
+                    self.maybe_prune(Event.EPOCH_END)
                     s.epoch += 1
                     s.batch = 0
                     if not eval_every:
                         self.evaluate()
-                    if self.checkpointer is not None:
-                        self.checkpointer.after_epoch(self)
+                    if cfg.checkpoint.at_epoch_end:
+                        self.save_checkpoint("epoch_end")
+
+    def _after_step_checkpoint(self) -> None:
+        step = self.state.step
+        stop = self.faults.stops_after(step)
+        if self.checkpointer.due(step) or stop:
+            self.save_checkpoint("stop" if stop else "every_steps")
+        if stop:
+            log.warning("%s=%d: stopping after the checkpoint of step %d (fault injection)", ENV_STOP,
+                        self.faults.stop_after_step, step)
+            raise InjectedStop(step)
 
     def _stop_agreed(self) -> None:
         """Every rank agreed to stop (preemption): save together at this step, then raise Preempted."""
         s = self.state
-        path = ""
-        if self.checkpointer is not None:
-            if self.checkpointer.last_step != s.step:
-                self.checkpointer.save(self, "preempted")
-            path = str(self.checkpointer.root / f"step-{s.step:08d}")
+        if self.checkpointer.last_step != s.step:
+            self.save_checkpoint("preempted")
+        path = str(self.checkpointer.root / f"step-{s.step:08d}")
         log.warning("stop requested (%s): checkpoint of step %d saved, stopping", preemption.reason() or
                     "on another rank", s.step)
         raise preemption.Preempted(s.step, path, preemption.reason())
@@ -415,11 +396,9 @@ class Trainer:
                                           T.PRUNE_BLOCKS_REMOVED: s.blocks_removed, T.PRUNE_REBUILD_S: ev.rebuild_s},
                                          step=s.step)
                 self.tracker.log_dict(self.spec().to_dict(), f"specs/step{s.step:08d}-final.json")
-        gates = cfg.run.export_gates
+        gates: str = cfg.run.export_gates
         if gates == "auto":
-            gates = "deterministic" if getattr(self.method, "hardened", False) else "mean"
-            if cfg.method.name in ("none", "taylor", "egp"):
-                gates = "mean"
+            gates = self.method.export_gates()
         # the summary's top-1 is measured on exactly the network that is exported and counted
         with self.method.eval_gates(self.model):
             deployed = deploy_model(self.model, gate_eval=gates)

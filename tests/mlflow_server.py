@@ -1,8 +1,6 @@
 """A real ``mlflow server`` (sqlite backend, loopback, free port) for integration tests.
 
-One server is shared by the whole pytest session: import the fixture into a test module::
-
-    from tests.mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
+One server is shared by the whole pytest session; the fixture is registered in tests/conftest.py::
 
     def test_x(mlflow_server):
         cfg = TrackingConfig(uri=mlflow_server.uri)

@@ -1,9 +1,8 @@
 """Session-scoped pytest fixture: a real one-node Slurm cluster (with accounting) on localhost.
 
-Usage in a test module::
+Usage in a test module (the fixture is registered in tests/conftest.py)::
 
     import pytest
-    from tests.slurm_cluster import slurm_cluster  # noqa: F401  (pytest finds the fixture by name)
 
     @pytest.mark.slurm
     def test_something(slurm_cluster):

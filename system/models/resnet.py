@@ -2,8 +2,8 @@
 
 Plain ``nn.Module``s built from an :class:`ArchSpec`.  Unit gates sit after the BatchNorm
 and ReLU of every inner conv of a residual branch (``xi * relu(bn(conv(x)))``: the same forward
-values as a gate before the ReLU, but a unit sampled off still gets a data gradient); one layer gate per block multiplies
-the whole branch: ``out = relu(shortcut(x) + xi_B * branch(x))``.  Parameter and buffer
+values as a gate before the ReLU, but a unit sampled off still gets a data gradient); one layer
+gate per block multiplies the whole branch: ``out = relu(shortcut(x) + xi_B * branch(x))``.  Parameter and buffer
 names follow torchvision, so a dense model loads a torchvision state_dict.
 """
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from system.models.anatomy import anatomy
 from system.models.spec import ArchSpec, BlockSpec, SpecError
 
 GATE_MODES = ("off", "deterministic", "sampled", "mean")
@@ -192,7 +193,7 @@ class GatedResNet(nn.Module):
         self._spec: ArchSpec | None = None
         if spec.family == "cifar":
             self.conv1 = _conv(spec.in_channels, spec.stem_width, 3)
-            self.maxpool = nn.Identity()
+            self.maxpool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -253,17 +254,15 @@ class GatedResNet(nn.Module):
         return self._spec
 
     def _read_spec(self) -> ArchSpec:
+        units = anatomy(self.block_kind).units
         blocks = []
         for stage in self.stages():
             row = []
             for blk in stage:
                 if isinstance(blk, RemovedBlock):
-                    n = 2 if self.block_kind == "bottleneck" else 1
-                    row.append(BlockSpec((0,) * n, removed=True))
-                elif isinstance(blk, Bottleneck):
-                    row.append(BlockSpec((blk.conv1.out_channels, blk.conv2.out_channels)))
+                    row.append(BlockSpec((0,) * len(units), removed=True))
                 else:
-                    row.append(BlockSpec((blk.conv1.out_channels,)))
+                    row.append(BlockSpec(tuple(getattr(blk, u.conv).out_channels for u in units)))
             blocks.append(tuple(row))
         return ArchSpec(
             name=self.arch_name, family=self.family, block=self.block_kind,

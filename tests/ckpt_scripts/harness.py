@@ -36,10 +36,9 @@ VARIATIONAL = ["method.name=variational", "method.variational.check_every=2", "m
 
 
 def record(overrides: list[str], weights_out: Path | None = None) -> dict:
-    from system.checkpoint import InjectedStop
-    from system.checkpoint_hook import attach_checkpointer
+    from system.runtime.faults import InjectedStop
     from system.config import load_config
-    from system.distributed import init_distributed, shutdown_distributed
+    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.run_config import RunConfig
     from system.trainer import Trainer
 
@@ -48,7 +47,6 @@ def record(overrides: list[str], weights_out: Path | None = None) -> dict:
     rec: dict = {"losses": [], "positions": [], "stopped": None, "resumed_from": None, "summary": None}
     try:
         tr = Trainer(cfg, env)
-        attach_checkpointer(tr)
         inner = tr.train_step
 
         def step(x, y):

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from system.engine_ds import DeepSpeedEngine
+from system.runtime.engine_ds import DeepSpeedEngine
 
 
 class GhostBatchEngine(DeepSpeedEngine):
@@ -28,7 +28,7 @@ class GhostBatchEngine(DeepSpeedEngine):
 
 def main(argv: list[str]) -> None:
     from system.config import load_config
-    from system.distributed import init_distributed, shutdown_distributed
+    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.run_config import RunConfig
     from system.trainer import Trainer
 

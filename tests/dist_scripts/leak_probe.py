@@ -23,15 +23,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from system.config import from_dict  # noqa: E402
-from system.coordinator import Coordinator  # noqa: E402
-from system.distributed import init_distributed  # noqa: E402
-from system.engine_ds import DeepSpeedEngine  # noqa: E402
-from system.methods import build_method  # noqa: E402
+from system.runtime.collectives import Collectives  # noqa: E402
+from system.runtime.coordinator import Coordinator  # noqa: E402
+from system.runtime.distributed import init_distributed  # noqa: E402
+from system.runtime.engine_ds import DeepSpeedEngine  # noqa: E402
+from system.pruning.methods import build_method  # noqa: E402
 from system.models.resnet import build_model, gates_of  # noqa: E402
 from system.models.spec import dense_spec  # noqa: E402
 from system.optim import build_optimizer  # noqa: E402
 from system.run_config import RunConfig  # noqa: E402
-from system.surgery import PrunePlan  # noqa: E402
+from system.pruning.surgery import PrunePlan  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -80,7 +81,7 @@ def main() -> None:
     del model, opt  # only the engine holds the live model and optimizer
     if args.no_destroy:
         engine._destroy = lambda: setattr(engine, "_ds", None)
-    coord = Coordinator(env.rank, env.world_size)
+    coord = Coordinator(Collectives(env.rank, env.world_size))
     x, y = torch.randn(args.batch, 3, 28, 28), torch.randint(0, 10, (args.batch,))
     rows = []
     for i in range(args.events):

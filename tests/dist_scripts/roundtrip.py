@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 def main(directory: str) -> None:
     from system.config import from_dict
-    from system.engine import DistEnv
-    from system.engine_ds import CHECKPOINT_TAG, DeepSpeedEngine
+    from system.runtime.engine import DistEnv
+    from system.runtime.engine_ds import CHECKPOINT_TAG, DeepSpeedEngine
     from system.models.resnet import build_model
     from system.models.spec import dense_spec
     from system.optim import build_optimizer

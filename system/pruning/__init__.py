@@ -1,0 +1,1 @@
+"""Pruning: complexity, pure surgery and transplant, and the methods (plug-ins)."""

@@ -1,0 +1,146 @@
+"""Exact and expected complexity (MACs and parameters) of a spec.
+
+Counting convention (matches ALGORITHM.md's reference counts): multiply-accumulates of
+convs and the classifier, BatchNorm excluded; parameters of convs, BN (weight, bias) and
+the classifier (weight, bias).  Gate parameters are not counted: they are folded away.
+
+:func:`count` gives exact integers.  :func:`expected` gives E[MACs] and E[Params] under
+independent Bernoulli gates as multilinear polynomials in theta, built from torch ops so
+that autograd yields each structure's marginal cost (the automatic regularisation
+coefficients of the variational method).  Both run the same formula; ``count`` feeds it
+kept widths, ``expected`` feeds it sums of theta.
+
+Example::
+
+    macs, params = count(dense_spec("resnet20"))       # 40_551_040, 269_722
+    em, ep = expected(spec, unit_theta, layer_theta)    # torch scalars, differentiable
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+from system.models.anatomy import LAYER_GATE, unit_gate
+from system.models.spec import ArchSpec
+
+Number = Union[int, float, torch.Tensor]
+
+
+def _out(h: int, k: int, s: int, p: int) -> int:
+    return (h + 2 * p - k) // s + 1
+
+
+@dataclass
+class _Acc:
+    macs: Number = 0
+    params: Number = 0
+
+    def conv(self, k: int, cin: Number, cout: Number, h: int, scale: Number = 1) -> None:
+        self.macs = self.macs + scale * (k * k * h * h) * cin * cout
+        self.params = self.params + scale * (k * k) * cin * cout
+
+    def bn(self, c: Number, scale: Number = 1) -> None:
+        self.params = self.params + scale * 2 * c
+
+
+def _walk(spec: ArchSpec, width: Callable[[str, int, int], Number],
+          layer: Callable[[str], Number]) -> _Acc:
+    """The shared formula.  ``width(block, i, dense_w)`` = kept or expected width of inner conv i;
+    ``layer(block)`` = 1/0 or the layer theta."""
+    acc = _Acc()
+    h = spec.input_size
+    if spec.family == "cifar":
+        acc.conv(3, spec.in_channels, spec.stem_width, h)
+    else:
+        h = _out(h, 7, 2, 3)
+        acc.conv(7, spec.in_channels, spec.stem_width, h)
+        h = _out(h, 3, 2, 1)
+    acc.bn(spec.stem_width)
+    for name, s, b, blk in spec.iter_blocks():
+        cin, cout, stride = spec.block_io(s, b)
+        h_out = _out(h, 3, stride, 1)
+        if spec.has_downsample(s, b) and spec.shortcut == "B":
+            acc.conv(1, cin, cout, _out(h, 1, stride, 0))
+            acc.bn(cout)
+        if not blk.removed:
+            g = layer(name)
+            if spec.block == "basic":
+                u = width(name, 0, blk.inner[0])
+                acc.conv(3, cin, u, h_out, g)
+                acc.bn(u, g)
+                acc.conv(3, u, cout, h_out, g)
+                acc.bn(cout, g)
+            else:
+                u1, u2 = width(name, 0, blk.inner[0]), width(name, 1, blk.inner[1])
+                acc.conv(1, cin, u1, h, g)
+                acc.bn(u1, g)
+                acc.conv(3, u1, u2, h_out, g)
+                acc.bn(u2, g)
+                acc.conv(1, u2, cout, h_out, g)
+                acc.bn(cout, g)
+        h = h_out
+    feat = spec.stage_widths[-1]
+    acc.macs = acc.macs + feat * spec.num_classes
+    acc.params = acc.params + feat * spec.num_classes + spec.num_classes
+    return acc
+
+
+def count(spec: ArchSpec) -> tuple[int, int]:
+    """Exact ``(macs, params)`` of the deterministic network ``spec`` describes."""
+    acc = _walk(spec, lambda name, i, w: w, lambda name: 1)
+    return int(acc.macs), int(acc.params)
+
+
+def unit_gate_name(block: str, i: int) -> str:
+    """Name of the i-th unit gate of a block, e.g. ``layer1.0.gate1`` (see :mod:`system.models.anatomy`)."""
+    return unit_gate(block, i)
+
+
+def layer_gate_name(block: str) -> str:
+    return f"{block}.{LAYER_GATE}"
+
+
+def expected(spec: ArchSpec, unit_theta: dict[str, torch.Tensor] | None,
+             layer_theta: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E[MACs], E[Params])`` with gates ``xi ~ Bernoulli(theta)`` independent.
+
+    ``unit_theta`` maps unit-gate names (``layer1.0.gate1``) to theta vectors; ``layer_theta``
+    maps layer-gate names (``layer1.0.layer_gate``) to 1-element thetas.  A gate missing from
+    the dicts (or a dict that is None) counts as always on.
+    """
+    unit_theta = unit_theta or {}
+    layer_theta = layer_theta or {}
+
+    def width(name: str, i: int, w: int) -> Number:
+        t = unit_theta.get(unit_gate_name(name, i))
+        return w if t is None else t.sum()
+
+    def layer(name: str) -> Number:
+        t = layer_theta.get(layer_gate_name(name))
+        return 1 if t is None else t.reshape(())
+
+    acc = _walk(spec, width, layer)
+    ref = next(iter(list(unit_theta.values()) + list(layer_theta.values())), None)
+    def as_t(v: Number) -> torch.Tensor:
+        return v if isinstance(v, torch.Tensor) else \
+            torch.tensor(float(v), dtype=ref.dtype if ref is not None else torch.float64)
+
+    return as_t(acc.macs), as_t(acc.params)
+
+
+def width_table(spec: ArchSpec) -> list[dict]:
+    """Per-stage widths and blocks kept, for ``launch.inspect``."""
+    rows = []
+    for s, stage in enumerate(spec.blocks):
+        kept = [b for b in stage if not b.removed]
+        rows.append({
+            "stage": s + 1,
+            "stream_width": spec.stage_widths[s],
+            "blocks_kept": len(kept),
+            "blocks_total": len(stage),
+            "inner_widths": [list(b.inner) if not b.removed else None for b in stage],
+        })
+    return rows

@@ -1,0 +1,232 @@
+"""The pruning-method plug-in interface.
+
+A method configures the gates of a model, may add terms to the loss, reads gradients after
+backward, and answers the loop's :class:`Event` s, returning a :class:`PrunePlan` when it wants
+structures removed.  It never touches ``torch.distributed``: the coordinator all-reduces the
+tensors a method lists in :meth:`Method.sync_tensors` before any decision event, so every rank
+decides on identical inputs.
+
+What the loop asks of a method, in order:
+
+- ``loss_terms(model, step, batch)``  extra loss terms (prices, estimator surrogates, own decay)
+- ``after_backward(model, grad_scale)``  gradients of this micro-batch are there
+- ``after_step(model)``  the optimizer stepped (variational projects theta to [0, 1])
+- ``decide(event, ctx)``  at :attr:`Event.STEP_END` (only when :meth:`check_due`) and
+  :attr:`Event.EPOCH_END`, after the sync -> plan or None
+- ``after_prune(plan, slices, model)``  the plan was applied; remap per-gate state
+- ``state_dict()`` / ``load_state_dict()``  the method's own state, for checkpoints
+
+What a method declares instead of being probed for: :meth:`Method.decay_exempt` (weights it
+decays in its own loss), :meth:`Method.export_gates` (how its gates fold at export),
+:meth:`Method.theta_lrs` (its theta groups' learning rates), :attr:`Method.handles`.
+
+Example::
+
+    method = build_method(cfg.method, total_steps, weight_decay=cfg.optim.weight_decay)
+    method.check_model(model)
+    method.attach(model)
+    opt = build_optimizer(model, cfg.optim, method.theta_lrs(), global_batch, method.decay_exempt(model))
+    loss = ce + sum(method.loss_terms(model, step, batch))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from system.config import ConfigError
+from system.models.anatomy import block_of
+from system.models.resnet import GatedResNet, gates_of, set_gate_mode
+from system.pruning.surgery import PrunePlan, Slices, select
+
+
+class Event(enum.Enum):
+    """The loop's decision events."""
+
+    STEP_END = "step_end"  # after an optimizer step, when :meth:`Method.check_due` says so
+    EPOCH_END = "epoch_end"
+
+
+@dataclass
+class Batch:
+    """What a method may read of the current micro-batch to build its loss terms."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the engine's forward (precision, layout)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-example losses
+    per_example_loss: torch.Tensor  # the main forward's
+
+
+@dataclass
+class StepContext:
+    """What a method may read at an event."""
+
+    step: int  # optimizer steps done so far (1-based after the first step)
+    epoch: int
+    total_steps: int
+    model: GatedResNet
+
+
+class Method:
+    """Base class: a method that never prunes (the dense baseline)."""
+
+    name = "none"
+    #: the block kinds the method can prune
+    handles = ("basic", "bottleneck")
+    #: whether the method steers its pruning to ``method.target_macs`` (else a target is refused)
+    supports_target = False
+    #: why a target is refused (the ``method.target_macs`` error names it)
+    no_target_reason = "it prunes nothing"
+
+    def __init__(self, cfg: Any, total_steps: int, target_macs: float | None = None, round_to: int = 1,
+                 weight_decay: float = 0.0):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.weight_decay = weight_decay  # optim.weight_decay (for a method that decays weights itself)
+        self.target = target_macs  # method.target_macs (None = off)
+        self.round_to = round_to  # method.round_to: kept inner widths are multiples of it
+
+    # -- set-up ---------------------------------------------------------------------------
+    def check_model(self, model: GatedResNet) -> None:
+        """Raise ValueError if this method cannot prune ``model``."""
+        if model.block_kind not in self.handles:
+            raise ValueError(f"method '{self.name}' cannot prune {model.arch_name} ({model.block_kind} blocks)")
+        if self.round_to > 1:
+            unit, _ = unit_and_layer_gates(model)
+            bad = {n: g.theta.numel() for n, g in unit.items() if g.theta.numel() % self.round_to}
+            if bad:
+                name, width = next(iter(bad.items()))
+                raise ConfigError("method.round_to",
+                    f"{self.round_to} does not divide the width of {len(bad)} "
+                    f"layer(s) of {model.arch_name} (e.g. {name}: {width} channels); kept widths are rounded "
+                    f"to multiples of it, so it must be at most, and divide, every inner width")
+
+    def attach(self, model: GatedResNet) -> None:
+        """Configure gate modes for training.  The dense baseline switches every gate off."""
+        set_gate_mode(model, unit="off", layer="off")
+
+    def theta_lrs(self) -> dict[str, float]:
+        """Learning rate of the unit / layer theta groups (0 = theta not trained)."""
+        return {"unit": 0.0, "layer": 0.0}
+
+    def theta_active(self, step: int) -> bool:
+        """Whether theta is trained at ``step`` (the LR schedule multiplies its lr by 0 otherwise)."""
+        return False
+
+    def decay_exempt(self, model: GatedResNet) -> set[str]:
+        """Names of weights the method decays in its own loss terms (the optimizer does not decay them)."""
+        return set()
+
+    def export_gates(self) -> str:
+        """How the gates fold at export (``run.export_gates=auto``): ``mean`` or ``deterministic``."""
+        return "mean"
+
+    # -- per step ---------------------------------------------------------------------------
+    def loss_terms(self, model: GatedResNet, step: int, batch: Batch) -> list[torch.Tensor]:
+        """Terms added to the loss before backward, in order (prices, estimator surrogates whose
+        gradient carries what autograd cannot, the method's own weight decay)."""
+        return []
+
+    def extra_forwards(self) -> int:
+        """Forwards the last step ran beyond the main one (counted in the training MACs)."""
+        return 0
+
+    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
+        """Gradients are there.  ``grad_scale`` is the loss scale they carry (fp16): divide by it."""
+        pass
+
+    def after_step(self, model: GatedResNet) -> None:
+        pass
+
+    def check_due(self, step: int) -> bool:
+        return False
+
+    def sync_tensors(self) -> list[torch.Tensor]:
+        """Tensors the coordinator all-reduces (mean) in place before a decision event."""
+        return []
+
+    def decide(self, event: Event, ctx: StepContext) -> PrunePlan | None:
+        """The plan for ``event`` (called on every rank after the coordinator's sync)."""
+        return self.on_step_end(ctx) if event is Event.STEP_END else self.on_epoch_end(ctx)
+
+    def on_step_end(self, ctx: StepContext) -> PrunePlan | None:
+        return None
+
+    def on_epoch_end(self, ctx: StepContext) -> PrunePlan | None:
+        return None
+
+    def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
+        pass
+
+    # -- evaluation -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def eval_gates(self, model: GatedResNet) -> Iterator[None]:
+        """Gate modes for evaluation (default: as they are)."""
+        yield
+
+    def final_plan(self, model: GatedResNet) -> PrunePlan | None:
+        """A last plan before export (e.g. cut every gate that is off deterministically)."""
+        return None
+
+    # -- state (before_save / after_load) ---------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """Method-specific figures for ``summary.json``."""
+        return {}
+
+
+def remap_vector(values: dict[str, torch.Tensor], plan: PrunePlan, slices: Slices,
+                 key_of=lambda gate: f"{gate}.theta") -> dict[str, torch.Tensor]:
+    """Remap per-gate vectors (keyed by gate name) through surgery: drop removed blocks,
+    index-select the surviving channels."""
+    out = {}
+    for g, v in values.items():
+        if block_of(g) in plan.blocks:
+            continue
+        dims = slices.get(key_of(g))
+        out[g] = select(v, {0: dims[0]}) if dims and 0 in dims else v
+    return out
+
+
+def remap_stores(stores: Iterable[dict[str, torch.Tensor]], plan: PrunePlan, slices: Slices) -> None:
+    """Remap every per-gate store (in place) through surgery, with :func:`remap_vector`."""
+    for store in stores:
+        new = remap_vector(store, plan, slices)
+        store.clear()
+        store.update(new)
+
+
+def round_removal(remove: torch.Tensor, strength: torch.Tensor, round_to: int) -> torch.Tensor:
+    """A unit-removal mask whose kept count is rounded up to a multiple of ``round_to``.
+
+    The strongest of the units marked for removal are kept back (ties: the lowest index); a mask
+    that removes every unit stays as it is (the branch goes whole: the empty-branch rule).
+    Rounding up keeps the method's ranking and never cuts a unit the method kept.
+    """
+    n = remove.numel()
+    kept = n - int(remove.sum())
+    if round_to <= 1 or kept == 0 or kept % round_to == 0:
+        return remove
+    back = min(n, -(-kept // round_to) * round_to) - kept
+    out = remove.clone()
+    idx = torch.nonzero(remove).flatten()
+    order = torch.argsort(-strength.detach()[idx].float(), stable=True)
+    out[idx[order[:back]]] = False
+    return out
+
+
+def unit_and_layer_gates(model: GatedResNet):
+    gates = gates_of(model)
+    unit = {n: g for n, g in gates.items() if g.kind == "unit"}
+    layer = {n: g for n, g in gates.items() if g.kind == "layer"}
+    return unit, layer

@@ -1,0 +1,73 @@
+"""Section ``method.variational``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from system.config import check
+
+
+@dataclass(frozen=True)
+class VariationalConfig:
+    """Section ``method.variational``.  Defaults: see docs/results.md for how they were chosen."""
+
+    unit_gates: bool = True
+    layer_gates: bool = True
+    nu: float = 1.0  # accuracy vs pruning strength (unused under method.target_macs: nu starts at nu_start)
+    alpha: float = 1.0  # MACs (1) vs parameters (0)
+    beta: float = 1.0  # layer vs unit balance (scale of the layer-gate price)
+    theta_step: Literal["normalized", "raw"] = "normalized"
+    theta_travel: float = 0.1  # normalized: the price alone moves theta across [0, 1] in this fraction of the run
+    lr_unit: float = 1.0  # raw: theta learning rates (plain SGD, projected to [0, 1])
+    lr_layer: float = 0.01
+    warmup_frac: float = 0.2  # weights only for this fraction of the steps
+    estimator: Literal["conditional", "exact", "autograd"] = "conditional"
+    exact_blocks: int = 0  # exact: blocks differenced per step (0 = all)
+    per_example: bool = True  # sample xi per example (required by the conditional estimator)
+    gated_decay: bool = False  # weight decay of gated weights scaled by theta (in the loss)
+    # budget mode (method.target_macs): dual ascent on nu
+    target_by: float = 0.4  # the scheduled budget reaches the target at this fraction of the run
+    nu_start: float = 0.1  # the dual variable's start under a target
+    dual_gain: float = 3.0  # integral gain (log space)
+    dual_kp: float = 2.0  # proportional gain (log space)
+    # pruning conditions
+    check_every: int = 50
+    patience: int = 3
+    tau_theta: float = 0.0
+    weight_condition: Literal["grad", "signal", "none"] = "grad"
+    tau_w: float = 0.5
+    max_revivals: int = 3
+    # determinism [ours]: a drive to {0, 1}, and a safety-net rounding
+    drive: float = 3.0  # weight of s(t) * c_j theta (1 - theta), s ramps 0 -> 1 from warm-up to target_by
+    harden: Literal["none", "final"] = "final"
+    harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
+    eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
+    threshold: float = 0.5  # deterministic gate: xi = 1[theta > threshold]
+
+    def __post_init__(self) -> None:
+        check(self.nu >= 0, "nu", "must be >= 0")
+        check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        check(self.beta >= 0, "beta", "must be >= 0")
+        check(0.0 < self.theta_travel <= 1.0, "theta_travel", f"must be in (0, 1], got {self.theta_travel}")
+        check(self.lr_unit >= 0, "lr_unit", f"a theta learning rate must be >= 0, got {self.lr_unit}")
+        check(self.lr_layer >= 0, "lr_layer", f"a theta learning rate must be >= 0, got {self.lr_layer}")
+        check(0.0 <= self.warmup_frac < 1.0, "warmup_frac", "must be in [0, 1)")
+        check(self.unit_gates or self.layer_gates, "unit_gates", "at least one of unit_gates/layer_gates must be on")
+        check(self.exact_blocks >= 0, "exact_blocks", "must be >= 0")
+        check(self.estimator != "conditional" or self.per_example or not self.layer_gates, "estimator",
+              "'conditional' compares examples with the block on and off in one batch: it needs "
+              "method.variational.per_example=true (or use 'exact' / 'autograd')")
+        check(self.warmup_frac < self.target_by <= 1.0, "target_by", "must be in (warmup_frac, 1]")
+        check(self.dual_gain > 0, "dual_gain", "must be > 0")
+        check(self.dual_kp >= 0, "dual_kp", "must be >= 0")
+        check(self.nu_start > 0, "nu_start", "must be > 0")
+        check(self.check_every >= 1, "check_every", "must be >= 1")
+        check(self.patience >= 1, "patience", "must be >= 1")
+        check(0.0 <= self.tau_theta < 0.5, "tau_theta", "must be in [0, 0.5)")
+        check(self.tau_w >= 0, "tau_w", "must be >= 0")
+        check(self.max_revivals >= 1, "max_revivals", "must be >= 1")
+        check(self.drive >= 0, "drive", "must be >= 0")
+        check(0.0 < self.harden_at <= 1.0, "harden_at", "must be in (0, 1]")
+        check(self.harden == "none" or self.harden_at > self.warmup_frac, "harden_at", "must be after warmup_frac")
+        check(0.0 < self.threshold < 1.0, "threshold", "must be in (0, 1)")

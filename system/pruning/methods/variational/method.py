@@ -1,0 +1,497 @@
+"""Complexity-aware variational unit + layer gates (ALGORITHM.md section 1), and its
+unit-only and layer-only special cases.
+
+theta in [0, 1] is trained by projected SGD in its own parameter groups.  The loss adds
+
+    nu * [alpha * E[MACs]/MACs_full + (1 - alpha) * E[Params]/Params_full]   (layer part x beta)
+    + sum_j theta_j * (lambda/2) * ||w_j||^2                                    (optional gated decay)
+    + drive * s(t) * sum_j c_j theta_j (1 - theta_j)                            (drive to {0, 1}, [ours])
+
+E[MACs] and E[Params] are the exact multilinear polynomials of :mod:`system.pruning.complexity`,
+so autograd gives each structure its marginal cost (the automatic coefficients).
+
+The theta step [ours, configurable]:
+
+- ``theta_step: normalized`` (default) divides each theta's gradient by its structure's price
+  coefficient ``c_j`` (its marginal cost in the current network with every gate on).  Every
+  theta then moves at ``nu * beta_kind`` minus its data importance per unit of cost, with one
+  learning rate for both kinds (``1 / (theta_travel * total_steps)``: the price alone moves a
+  theta across [0, 1] in ``theta_travel`` of the run).  ``beta`` is then really the layer/unit
+  balance, and a structure is pruned when its importance per MAC is below ``nu``.
+- ``theta_step: raw`` is the plain gradient with per-kind rates ``lr_unit`` / ``lr_layer``.
+
+Layer-gate estimators (``estimator``; :mod:`.estimators`): ``conditional`` (default, free: the
+examples with the block on vs off in the same forward), ``exact`` (one extra forward per block with
+common random numbers, counted in the training MACs through :meth:`extra_forwards`), ``autograd``
+(the derivative w.r.t. the sampled gate value; biased).
+
+Unit gates use the autograd estimator; they sit after the ReLU, so a unit sampled off still
+sees the first-order benefit of switching on.
+
+Budget mode: with ``method.target_macs = T``, nu becomes a dual variable.  A scheduled budget
+m*(t) falls from 1 at the end of the warm-up to T at ``target_by`` of the run, and nu follows
+the relative gap ``(E[MACs]/MACs_full - m*(t)) / (1 - T)`` through a PI controller in log space
+(:meth:`Variational._dual_step`; dual ascent on the budget constraint).  nu starts small
+(``nu_start``), so structures leave in order of importance per cost.  The safety-net rounding at
+``harden_at`` picks the cut that lands the deterministic network at or just under T (with
+``method.round_to``, counting the rounded widths).
+
+Pruning rule: at every check (every ``check_every`` steps after the warm-up) a structure whose
+theta <= ``tau_theta`` has its zero-counter raised, else reset (a reset after a hit counts as
+a revival).  It is removed once the counter reaches ``patience`` and the weight condition
+holds, or once it has revived ``max_revivals`` times and sits at zero again.  Weight conditions:
+
+- ``grad``: the theta gradient averaged since the last check is >= 0, i.e. the full
+  objective pushes theta further into 0: it is in 0's domain of attraction;
+- ``signal``: the channel's pre-gate output (|gamma| + |beta| of its BN, which set the
+  output size after normalisation) is below ``tau_w`` times the layer's mean;
+- ``none``: theta alone decides.
+
+A unit decision that would empty a branch becomes a block removal if the block's layer
+condition holds (or layer gates are off); otherwise the unit with the largest theta is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, cast
+
+import torch
+
+from system.pruning.complexity import count, expected
+from system.pruning.methods.variational.config import VariationalConfig
+from system.pruning.methods.variational.estimators import conditional_term, exact_term
+from system.pruning.methods.variational.rounding import round_thetas
+from system.pruning.methods.variational.terms import gated_decay_term
+from system.pruning.methods.base import Batch, Method, StepContext, remap_stores, round_removal, unit_and_layer_gates
+from system.models.anatomy import LAYER_GATE, anatomy, last_bn, split_gate_name
+from system.models.resnet import GatedResNet, RemovedBlock, gates_of, set_gate_mode
+from system.pruning.surgery import PrunePlan, Slices, plan_from_gates, plan_from_removals, plan_spec
+
+log = logging.getLogger(__name__)
+
+
+def _scale_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Value ``t``, gradient ``scale * dt``."""
+    if scale == 1.0:
+        return t
+    return t * scale + (t * (1.0 - scale)).detach()
+
+
+class Variational(Method):
+    name = "variational"
+    supports_target = True
+
+    def __init__(self, cfg: VariationalConfig, total_steps: int, target_macs: float | None = None,
+                 round_to: int = 1, weight_decay: float = 0.0):
+        super().__init__(cfg, total_steps, target_macs, round_to, weight_decay)
+        self.warmup_steps = int(cfg.warmup_frac * total_steps)
+        self.harden_step = int(cfg.harden_at * total_steps) if cfg.harden == "final" else None
+        self.target_step = max(self.warmup_steps + 1, int(cfg.target_by * total_steps))
+        self.hardened = False
+        self.full: tuple[float, float] | None = None
+        self.nu = cfg.nu_start if target_macs is not None else cfg.nu
+        self.nu_i = self.nu  # the integral part of the dual variable (budget mode)
+        self.zero_count: dict[str, torch.Tensor] = {}
+        self.revivals: dict[str, torch.Tensor] = {}
+        self.grad_acc: dict[str, torch.Tensor] = {}
+        self.grad_n = 0
+        self.removed_units = 0
+        self.removed_blocks = 0
+        self.extra_forward_count = 0  # forwards of the exact estimator, per step (for the MACs account)
+        self.expected_macs = 1.0  # E[MACs] / dense MACs after the last step
+        # every event: (step, channels, blocks, 'rule' | 'rounding', MACs after it)
+        self.removal_steps: list[tuple[int, int, int, str, float]] = []
+        self._rounding = False  # the plan in flight comes from the rounding step
+        self._price_spec: Any = None  # the spec the cached prices belong to
+        self._price: dict[str, torch.Tensor] = {}
+        self._step = 0
+
+    # -- set-up -------------------------------------------------------------------------
+    def check_model(self, model: GatedResNet) -> None:
+        super().check_model(model)
+        if self.cfg.layer_gates and (self.cfg.nu > 0 or self.target is not None):
+            for name, blk in model.named_blocks():
+                if isinstance(blk, RemovedBlock):
+                    continue
+                last = last_bn(blk, model.block_kind)
+                if not bool(last.weight.detach().any()):
+                    raise ValueError(
+                        f"method 'variational' with layer gates cannot prune a zero-initialised residual "
+                        f"network (block {name} starts with its branch at 0, so its layer gate gets no data "
+                        f"gradient and the complexity price removes it before it learns): set "
+                        f"model.zero_init_residual=false or method.variational.layer_gates=false")
+
+    def attach(self, model: GatedResNet) -> None:
+        c = self.cfg
+        mode_u = "sampled" if c.unit_gates else "off"
+        mode_l = "sampled" if c.layer_gates else "off"
+        if self.hardened:
+            mode_u = "deterministic" if c.unit_gates else "off"
+            mode_l = "deterministic" if c.layer_gates else "off"
+        set_gate_mode(model, unit=mode_u, layer=mode_l, per_example=c.per_example)
+        for g in gates_of(model).values():
+            g.threshold = c.threshold
+            # the layer thetas get E[CE(xi=1) - CE(xi=0)] through surrogate_loss instead
+            g.straight_through = not (g.kind == "layer" and c.estimator != "autograd")
+        if self.full is None:
+            macs, params = count(model.spec())
+            self.full = (float(macs), float(params))
+        unit, layer = unit_and_layer_gates(model)
+        for n, g in {**unit, **layer}.items():
+            self.zero_count.setdefault(n, torch.zeros_like(g.theta.detach()))
+            self.revivals.setdefault(n, torch.zeros_like(g.theta.detach()))
+            self.grad_acc.setdefault(n, torch.zeros_like(g.theta.detach()))
+
+    @property
+    def dense(self) -> tuple[float, float]:
+        """(MACs, params) of the dense network (known from :meth:`attach` on)."""
+        if self.full is None:
+            raise RuntimeError("method 'variational': attach() the model first")
+        return self.full
+
+    def theta_lrs(self) -> dict[str, float]:
+        c = self.cfg
+        if c.theta_step == "normalized":
+            lr = 1.0 / (c.theta_travel * max(1, self.total_steps))
+            return {"unit": lr if c.unit_gates else 0.0, "layer": lr if c.layer_gates else 0.0}
+        return {"unit": c.lr_unit if c.unit_gates else 0.0, "layer": c.lr_layer if c.layer_gates else 0.0}
+
+    def theta_active(self, step: int) -> bool:
+        # nu = 0 without a target is "accuracy only": theta is not trained (it stays 1),
+        # so stochastic noise in the data gradient cannot prune anything.
+        priced = self.cfg.nu > 0 or self.target is not None
+        return priced and step >= self.warmup_steps and not self.hardened
+
+    # -- loss ---------------------------------------------------------------------------
+    def _active(self, model: GatedResNet, thetas=None):
+        unit, layer = unit_and_layer_gates(model)
+        get = (lambda n, g: g.theta) if thetas is None else (lambda n, g: thetas[n])
+        u = {n: get(n, g) for n, g in unit.items()} if self.cfg.unit_gates else {}
+        lyr = {n: _scale_grad(get(n, g), self.cfg.beta) for n, g in layer.items()} if self.cfg.layer_gates else {}
+        return u, lyr
+
+    def _cost(self, model: GatedResNet, thetas=None) -> torch.Tensor:
+        c = self.cfg
+        u, lyr = self._active(model, thetas)
+        em, ep = expected(model.spec(), u, lyr)
+        return c.alpha * em / self.dense[0] + (1.0 - c.alpha) * ep / self.dense[1]
+
+    def complexity_cost(self, model: GatedResNet) -> torch.Tensor:
+        return self.nu * self._cost(model)
+
+    def prices(self, model: GatedResNet) -> dict[str, torch.Tensor]:
+        """Each gate's price coefficient c_j (layer part x beta) with every gate of the current network on."""
+        spec = model.spec()
+        if self._price_spec is not spec:
+            ones = {n: torch.ones_like(g.theta.detach(), dtype=torch.float64).requires_grad_(True)
+                    for n, g in gates_of(model).items()}
+            if not ones:  # every block is gone
+                self._price, self._price_spec = {}, spec
+                return self._price
+            cost = self._cost(model, ones)
+            grads = torch.autograd.grad(cost, list(ones.values()), allow_unused=True)
+            self._price = {n: (gr if gr is not None else torch.zeros_like(t)).to(torch.float32).clamp_min(1e-12)
+                           .to(model.fc.weight.device) for (n, t), gr in zip(ones.items(), grads)}
+            self._price_spec = spec
+        return self._price
+
+    def _ramp(self, step: int) -> float:
+        """0 at the end of the warm-up, 1 when the budget is due (``target_by``): the drive's weight and
+        the budget schedule."""
+        return min(1.0, max(0.0, (step - self.warmup_steps) / max(1, self.target_step - self.warmup_steps)))
+
+    def scheduled_budget(self, step: int) -> float:
+        """m*(t): the budget the dual variable tracks (1 until the warm-up ends, T from ``target_by``)."""
+        if self.target is None:
+            return 1.0
+        return 1.0 - (1.0 - self.target) * self._ramp(step)
+
+    # -- what the method declares ------------------------------------------------------
+    def decay_exempt(self, model: GatedResNet) -> set[str]:
+        """With gated decay, the branch convs are decayed in the loss (theta-weighted), not by the optimizer."""
+        if not self.cfg.gated_decay or self.weight_decay == 0:
+            return set()
+        convs = anatomy(model.block_kind).convs
+        return {f"{b}.{c}.weight" for b, blk in model.named_blocks() if not isinstance(blk, RemovedBlock)
+                for c in convs}
+
+    def export_gates(self) -> str:
+        return "deterministic" if self.hardened else "mean"
+
+    def loss_terms(self, model: GatedResNet, step: int, batch: Batch) -> list[torch.Tensor]:
+        terms = [self.surrogate_loss(model, batch.forward, batch.x, batch.y, batch.loss_fn, step,
+                                     per_example_loss=batch.per_example_loss),
+                 self.regularizer(model, step),
+                 self.gated_decay(model, self.weight_decay) if self.decay_exempt(model) else None]
+        return [t for t in terms if t is not None]
+
+    def regularizer(self, model: GatedResNet, step: int) -> torch.Tensor | None:
+        c = self.cfg
+        if not self.theta_active(step):
+            return None
+        terms = []
+        if self.nu > 0:
+            terms.append(self.complexity_cost(model))
+        s = self._ramp(step)
+        if c.drive > 0 and s > 0:
+            price = self.prices(model)
+            unit, layer = unit_and_layer_gates(model)
+            on = {**(unit if c.unit_gates else {}), **(layer if c.layer_gates else {})}
+            if on:
+                terms.append(c.drive * s * sum((price[n] * g.theta * (1 - g.theta)).sum()
+                                               for n, g in on.items()))
+        return cast(torch.Tensor, sum(terms)) if terms else None
+
+    def surrogate_loss(self, model, forward, x, y, loss_fn, step, per_example_loss=None):
+        """Layer estimators other than autograd: a term whose theta_B gradient is the estimate."""
+        c = self.cfg
+        self.extra_forward_count = 0
+        if c.estimator == "autograd" or not c.layer_gates or not self.theta_active(step):
+            return None
+        _, layer = unit_and_layer_gates(model)
+        if not layer:
+            return None
+        if c.estimator == "conditional":
+            return conditional_term(layer, per_example_loss)
+        names = sorted(layer)
+        k = len(names) if c.exact_blocks == 0 else min(c.exact_blocks, len(names))
+        if k < len(names):
+            pick = torch.randperm(len(names))[:k].tolist()
+            names = [names[i] for i in sorted(pick)]
+        self.extra_forward_count = k
+        return exact_term(model, layer, names, forward, x, y, loss_fn, per_example_loss)
+
+    def extra_forwards(self) -> int:
+        """Forwards this step ran beyond the main one (the exact estimator's)."""
+        return self.extra_forward_count
+
+    def gated_decay(self, model: GatedResNet, weight_decay: float) -> torch.Tensor | None:
+        """The theta-weighted decay of the branch weights (``gated_decay``), or None when off."""
+        if not self.cfg.gated_decay or weight_decay == 0:
+            return None
+        return gated_decay_term(model, weight_decay, unit_live=self.cfg.unit_gates and not self.hardened,
+                                layer_live=self.cfg.layer_gates and not self.hardened)
+
+    # -- per step -----------------------------------------------------------------------
+    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
+        normalized = self.cfg.theta_step == "normalized" and self.theta_active(self._step)
+        price = self.prices(model) if normalized else {}
+        for n, g in gates_of(model).items():
+            if g.theta.grad is None or n not in self.grad_acc:
+                continue
+            if normalized:  # in place: the optimizer steps on the normalized gradient
+                g.theta.grad.div_(price[n])
+            self.grad_acc[n] += g.theta.grad.detach() / grad_scale
+        self.grad_n += 1
+
+    def after_step(self, model: GatedResNet) -> None:
+        with torch.no_grad():
+            for g in gates_of(model).values():
+                g.theta.clamp_(0.0, 1.0)
+            active = self.theta_active(self._step)
+            self._step += 1
+            if active and self.target is not None:  # the dual variable follows E[MACs] every step
+                self._update_expected_macs(model)
+                self._dual_step()
+
+    def _update_expected_macs(self, model: GatedResNet) -> None:
+        with torch.no_grad():
+            self.expected_macs = float(expected(model.spec(), *self._thetas(model))[0]) / self.dense[0]
+
+    def _dual_step(self) -> None:
+        """Budget mode: nu from a PI controller in log space on the relative gap to the scheduled budget.
+
+        ``gap = (E[MACs]/MACs_full - m*(t)) / (1 - T)``; ``log nu_I += dual_gain * gap / (theta_travel * steps)``
+        (integral: a gap of one full budget held for one theta travel time multiplies nu by e^dual_gain)
+        and ``nu = nu_I * exp(dual_kp * gap)`` (proportional: an overshoot relaxes the pressure at once).
+        """
+        c = self.cfg
+        assert self.target is not None  # budget mode only
+        gap = (self.expected_macs - self.scheduled_budget(self._step)) / max(1e-6, 1.0 - self.target)
+        rate = c.dual_gain / (c.theta_travel * max(1, self.total_steps))
+        self.nu_i = min(1e6, max(1e-6, self.nu_i * math.exp(rate * gap)))
+        self.nu = self.nu_i * math.exp(c.dual_kp * max(-5.0, min(5.0, gap)))
+
+    def _thetas(self, model: GatedResNet):
+        unit, layer = unit_and_layer_gates(model)
+        u = {n: g.theta.detach() for n, g in unit.items()} if self.cfg.unit_gates else {}
+        lyr = {n: g.theta.detach() for n, g in layer.items()} if self.cfg.layer_gates else {}
+        return u, lyr
+
+    def check_due(self, step: int) -> bool:
+        if self.hardened:
+            return False
+        if self.harden_step is not None and step >= self.harden_step:
+            return True
+        return step > self.warmup_steps and step % self.cfg.check_every == 0
+
+    def sync_tensors(self) -> list[torch.Tensor]:
+        return [self.grad_acc[n] for n in sorted(self.grad_acc)]
+
+    def on_step_end(self, ctx: StepContext) -> PrunePlan | None:
+        model = ctx.model
+        self._step = ctx.step
+        if self.harden_step is not None and ctx.step >= self.harden_step and not self.hardened:
+            return self._harden(model)
+        return self._check(model)
+
+    def _round(self, model: GatedResNet) -> dict[str, torch.Tensor]:
+        """theta rounded to {0, 1}: at ``threshold``, or, under a target, the cut nearest the target from below."""
+        u, lyr = self._thetas(model)
+        return round_thetas(model.spec(), u, lyr, self.cfg.threshold, self.round_to, self.target, self.dense[0])
+
+    def _harden(self, model: GatedResNet) -> PrunePlan:
+        """Round theta to {0, 1}, switch to deterministic gates, cut every gate that is off."""
+        c = self.cfg
+        rounded = self._round(model)
+        gates = gates_of(model)
+        with torch.no_grad():
+            for n, v in rounded.items():
+                gates[n].theta.copy_(v)
+        self.hardened = True
+        self.attach(model)
+        plan = plan_from_gates(model, threshold=c.threshold)
+        self._rounding = not plan.empty
+        log.info("hardening at step %d: theta rounded, %d channels and %d blocks cut", self._step,
+                 plan.n_channels, len(plan.blocks))
+        return plan
+
+    def _weight_ok(self, model: GatedResNet, name: str, mean_grad: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if c.weight_condition == "none":
+            return torch.ones_like(mean_grad, dtype=torch.bool)
+        if c.weight_condition == "grad":
+            return mean_grad >= 0
+        block, gate = split_gate_name(name)
+        blk = dict(model.named_blocks())[block]
+        kind = model.block_kind
+        if gate == LAYER_GATE:
+            bn = last_bn(blk, kind)
+            sig = (bn.weight.abs() + bn.bias.abs()).mean().reshape(1)
+            ref = torch.stack([(last_bn(b, kind).weight.abs() + last_bn(b, kind).bias.abs()).mean()
+                               for _, b in model.named_blocks() if not isinstance(b, RemovedBlock)]).mean()
+        else:
+            bn = getattr(blk, anatomy(kind).unit(gate).bn)
+            sig = bn.weight.abs() + bn.bias.abs()
+            ref = sig.mean()
+        return sig.detach() <= c.tau_w * ref.detach()
+
+    def _check(self, model: GatedResNet) -> PrunePlan | None:
+        c = self.cfg
+        unit, layer = unit_and_layer_gates(model)
+        if self.target is None:  # (under a target it is kept current every step)
+            self._update_expected_macs(model)
+        flagged: dict[str, torch.Tensor] = {}
+        for name, g in {**(unit if c.unit_gates else {}), **(layer if c.layer_gates else {})}.items():
+            th = g.theta.detach()
+            at_zero = th <= c.tau_theta
+            zc = self.zero_count[name]
+            revived = (~at_zero) & (zc > 0)
+            self.revivals[name] += revived.to(zc.dtype)
+            zc.copy_(torch.where(at_zero, zc + 1, torch.zeros_like(zc)))
+            mean_grad = self.grad_acc[name] / max(1, self.grad_n)
+            ok = self._weight_ok(model, name, mean_grad)
+            flagged[name] = at_zero & (((zc >= c.patience) & ok) | (self.revivals[name] >= c.max_revivals))
+        for v in self.grad_acc.values():
+            v.zero_()
+        self.grad_n = 0
+        at0 = sum(int((g.theta.detach() <= c.tau_theta).sum()) for g in {**unit, **layer}.values())
+        log.info("check at step %d: nu %.4f, E[MACs] %.3f of dense (budget %.3f), %d gates at theta <= %g, "
+                 "%d flagged", self._step, self.nu, self.expected_macs, self.scheduled_budget(self._step), at0,
+                 c.tau_theta, sum(int(f.sum()) for f in flagged.values()))
+        removals: dict[str, torch.Tensor] = {}
+        blocks: list[str] = []
+        anat = anatomy(model.block_kind)
+        for bname, blk in model.named_blocks():
+            lg = f"{bname}.{LAYER_GATE}"
+            if lg in flagged and bool(flagged[lg].all()):
+                blocks.append(bname)
+                continue
+            gnames = [f"{bname}.{u.gate}" for u in anat.units if f"{bname}.{u.gate}" in flagged]
+            empties = [gn for gn in gnames if bool(flagged[gn].all())]
+            if empties:
+                layer_ok = (not c.layer_gates) or (lg in flagged and bool((self.zero_count[lg] > 0).all()))
+                if layer_ok:
+                    blocks.append(bname)
+                    continue
+                for gn in empties:  # keep the unit with the largest theta (ties: the lowest index)
+                    keep = int(torch.argmax(unit[gn].theta.detach()))
+                    flagged[gn][keep] = False
+            for gn in gnames:
+                removals[gn] = round_removal(flagged[gn], unit[gn].theta, self.round_to)
+        plan = plan_from_removals(removals, blocks)
+        if plan.empty:
+            return None
+        if self.target is not None:
+            macs = count(plan_spec(model.spec(), plan)[0])[0] / self.dense[0]
+            if macs < self.target:
+                # the cut would take the network under its budget for good: the structures at 0 wait
+                # (they may revive as nu falls; the rounding step settles them)
+                return None
+        return plan
+
+    def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
+        remap_stores((self.zero_count, self.revivals, self.grad_acc), plan, slices)
+        self.removed_units += plan.n_channels
+        self.removed_blocks += len(plan.blocks)
+        kind = "rounding" if self._rounding else "rule"
+        self._rounding = False
+        self.removal_steps.append((self._step, plan.n_channels, len(plan.blocks), kind,
+                                   float(count(model.spec())[0])))
+
+    # -- evaluation ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def eval_gates(self, model: GatedResNet) -> Iterator[None]:
+        c = self.cfg
+        saved = {n: g.mode for n, g in gates_of(model).items()}
+        mode = "deterministic" if self.hardened else c.eval_gates
+        set_gate_mode(model, unit=mode if c.unit_gates else "off", layer=mode if c.layer_gates else "off")
+        try:
+            yield
+        finally:
+            for n, g in gates_of(model).items():
+                g.mode = saved[n]
+
+    def final_plan(self, model: GatedResNet) -> PrunePlan | None:
+        """The network the run ends with is deterministic: round now if nothing rounded before."""
+        plan = self._harden(model) if not self.hardened else plan_from_gates(model, threshold=self.cfg.threshold)
+        return None if plan.empty else plan
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"hardened": self.hardened, "full": list(self.full) if self.full else None,
+                "zero_count": self.zero_count, "revivals": self.revivals, "grad_acc": self.grad_acc,
+                "grad_n": self.grad_n, "removed_units": self.removed_units, "removed_blocks": self.removed_blocks,
+                "nu": self.nu, "nu_i": self.nu_i, "step": self._step, "expected_macs": self.expected_macs,
+                "removal_steps": [list(r) for r in self.removal_steps]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hardened = bool(state["hardened"])
+        self.full = tuple(state["full"]) if state["full"] else None
+        for key in ("zero_count", "revivals", "grad_acc"):
+            getattr(self, key).clear()
+            getattr(self, key).update({k: v.clone() for k, v in state[key].items()})
+        self.grad_n = int(state["grad_n"])
+        self.removed_units, self.removed_blocks = int(state["removed_units"]), int(state["removed_blocks"])
+        self.nu = float(state.get("nu", self.nu))
+        self.nu_i = float(state.get("nu_i", self.nu_i))
+        self._step = int(state.get("step", 0))
+        self.expected_macs = float(state.get("expected_macs", 1.0))
+        self.removal_steps = [tuple(r) for r in state.get("removal_steps", [])]
+
+    def summary(self) -> dict[str, Any]:
+        """``macs_removed_by_rule_frac``: the share of all removed MACs that the pruning rule took out
+        during training (the rest went at the rounding step); ``..._before_60pct``: of those, before 60%."""
+        out = {"hardened": self.hardened, "nu_final": self.nu, "expected_macs_frac": self.expected_macs,
+               "removal_steps": [list(r) for r in self.removal_steps]}
+        if self.removal_steps and self.full:
+            dense, final = self.dense[0], self.removal_steps[-1][4]
+            total = max(1.0, dense - final)
+            rule = [r for r in self.removal_steps if r[3] == "rule"]
+            early = [r for r in rule if r[0] < 0.6 * self.total_steps]
+            out["macs_removed_by_rule_frac"] = (dense - rule[-1][4]) / total if rule else 0.0
+            out["macs_removed_by_rule_before_60pct_frac"] = (dense - early[-1][4]) / total if early else 0.0
+        return out

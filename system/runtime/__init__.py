@@ -1,0 +1,1 @@
+"""Runtime: process group, collectives and the pruning coordinator, engines, checkpoints, preemption."""

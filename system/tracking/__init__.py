@@ -1,0 +1,34 @@
+"""Experiment tracking: one narrow ``Tracker`` interface, MLflow on rank 0, a no-op elsewhere.
+
+The training loop calls ``make_tracker`` once and talks only to the returned object::
+
+    tracker = make_tracker(cfg.tracking, rank, runs_root="runs", run_dir=run_dir)
+    run_id = tracker.start("r50-gate", params=flatten(to_dict(cfg)), tags={TAG_METHOD: "gate"},
+                           run_id=ckpt_state.get("mlflow_run_id"))   # a requeued job resumes its run
+    tracker.log_metrics({TRAIN_LOSS: 2.3, TRAIN_LR: 0.1}, step=100)
+    ...
+    tracker.end("FINISHED")
+    summary["tracking_dropped"] = tracker.dropped
+
+Failure policy:
+
+* at ``start`` an unreachable server is an error naming the URI (checked with a short timeout,
+  before anything trains), unless ``fallback_local`` is set: then a warning announces that the
+  embedded sqlite store ``<runs_root>/mlflow.db`` is used instead;
+* after ``start`` nothing raises.  Whatever fails to reach the server (metrics, params, tags,
+  artifacts) is appended to ``<run_dir>/mlflow_unsent.jsonl`` (artifacts are copied next to it),
+  sending pauses for ``retry_after_s``, and is re-tried later; when the server answers again the
+  backlog is replayed.  ``end()`` warns how many items were never sent and where they are;
+  ``tracker.dropped`` gives the count for the training summary.
+"""
+
+from system.tracking.config import TrackingConfig, TrackingUnavailable, local_store_uri, resolve_uri
+from system.tracking.mlflow_backend import MLflowTracker, code_version, http_reachable, make_tracker
+from system.tracking.names import *  # noqa: F401,F403  (the metric and tag vocabulary)
+from system.tracking.names import final_metrics
+from system.tracking.plots import plot_layer_widths
+from system.tracking.protocol import NullTracker, Tracker
+
+__all__ = ["TrackingConfig", "TrackingUnavailable", "local_store_uri", "resolve_uri", "MLflowTracker",
+           "code_version", "http_reachable", "make_tracker", "final_metrics", "plot_layer_widths",
+           "NullTracker", "Tracker"]

@@ -1,0 +1,71 @@
+"""Section ``tracking`` of the run config, the store URI it resolves to, and the start-up error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from system.config import check
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where and how runs are recorded (section ``tracking`` of the run config).
+
+    Attributes:
+        enabled: False makes every rank use the no-op tracker.
+        uri: MLflow tracking URI (``http://host:5000``, ``sqlite:///...``, ``postgresql://...``);
+            empty means the embedded sqlite store ``sqlite:///<runs_root>/mlflow.db``.
+        experiment: experiment name, created on first use.
+        fallback_local: if the server is unreachable at start, False fails before training,
+            True announces it and records the run in the embedded store instead.
+        connect_timeout: seconds allowed for the reachability check at start.
+        request_timeout: seconds per HTTP request to the server (``MLFLOW_HTTP_REQUEST_TIMEOUT``).
+        request_retries: retries per HTTP request (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); keep it
+            small, a dead server otherwise stalls each call for minutes.
+        retry_after_s: after a failed send, items go straight to the local backlog for this long
+            before the server is tried again.
+
+    Example::
+
+        TrackingConfig(uri="http://127.0.0.1:5000", experiment="r50", fallback_local=True)
+    """
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "parsimony"
+    fallback_local: bool = False
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+    request_retries: int = 2
+    retry_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        check(self.uri == self.uri.strip(), "uri", "must not have surrounding spaces")
+        check(self.uri == "" or "://" in self.uri or self.uri.startswith("databricks"),
+              "uri", f"{self.uri!r} is not a URI (e.g. http://host:5000 or sqlite:///path.db)")
+        check(self.experiment.strip() != "", "experiment", "must not be empty")
+        check(self.connect_timeout > 0, "connect_timeout", "must be > 0")
+        check(self.request_timeout > 0, "request_timeout", "must be > 0")
+        check(self.request_retries >= 0, "request_retries", "must be >= 0")
+        check(self.retry_after_s >= 0, "retry_after_s", "must be >= 0")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store could not be reached when the run started; ``uri`` names it."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = uri
+        super().__init__(
+            f"MLflow tracking server {uri} is unreachable ({reason}); nothing was trained. "
+            "Start the server, fix tracking.uri, or set tracking.fallback_local=true "
+            "to record the run in the local store.")
+
+
+def local_store_uri(runs_root: str | Path) -> str:
+    """URI of the embedded sqlite store under ``runs_root`` (absolute, so cwd does not matter)."""
+    return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(cfg: TrackingConfig, runs_root: str | Path) -> str:
+    """``cfg.uri``, or the embedded store's URI when it is empty."""
+    return cfg.uri or local_store_uri(runs_root)

@@ -1,0 +1,138 @@
+"""launch.compare: the run table, the JSON list, the Pareto plot and the front itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from launch.compare import format_table, main, pareto_front
+from system.tracking import (TAG_CODE_VERSION, TAG_DEVICE, TAG_METHOD, TAG_MODEL, TAG_WORLD_SIZE,
+                             TRAIN_LOSS, TrackingConfig, final_metrics, make_tracker)
+from tests.mlflow_server import TEST_CLIENT_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _fast_client(monkeypatch):
+    for k, v in TEST_CLIENT_ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_pareto_front():
+    # (MACs, top1): lower MACs and higher accuracy are better
+    pts = [(4.0, 76.0), (2.0, 74.0), (3.0, 73.0), (1.0, 60.0), (4.0, 75.0), (2.0, 74.0),
+           (5.0, 76.0), (math.nan, 99.0), (0.5, math.nan)]
+    assert pareto_front(pts) == [3, 1, 0]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 1.0)]) == [0]
+    # every point off the front is dominated by one on it, and no front point dominates another
+    front = pareto_front(pts)
+    for i, (x, y) in enumerate(pts):
+        if i in front or math.isnan(x) or math.isnan(y):
+            continue
+        assert any(pts[j][0] <= x and pts[j][1] >= y for j in front)
+    for a in front:
+        for b in front:
+            assert a == b or not (pts[a][0] <= pts[b][0] and pts[a][1] >= pts[b][1])
+
+
+def _log_run(cfg: TrackingConfig, runs_root: Path, name: str, method: str, summary: dict,
+             finish: bool = True) -> str:
+    """Simulate a training run the way the loop records its end: final.* metrics, tags, summary.json."""
+    tracker = make_tracker(cfg, 0, runs_root)
+    run_id = tracker.start(name, params={"method.name": method},
+                           tags={TAG_METHOD: method, TAG_MODEL: "resnet50", TAG_WORLD_SIZE: 2,
+                                 TAG_DEVICE: "cpu", TAG_CODE_VERSION: "test"})
+    tracker.log_metrics({TRAIN_LOSS: 1.0}, step=0)
+    if finish:
+        tracker.log_metrics(final_metrics(summary), step=1)
+        tracker.log_dict(summary, "summary.json")
+        tracker.end("FINISHED")
+    return run_id
+
+
+DENSE = dict(top1=76.0, macs=4.0e9, params=25.0e6, macs_dense=4.0e9, params_dense=25.0e6,
+             blocks_removed=0, channels_removed=0, train_macs=1.0e15, train_macs_dense=1.0e15, wall_s=3725)
+PRUNED = dict(top1=74.5, macs=1.0e9, params=10.0e6, macs_dense=4.0e9, params_dense=25.0e6,
+              blocks_removed=3, channels_removed=1234, train_macs=6.0e14, train_macs_dense=1.0e15,
+              wall_s=1800)
+WORSE = dict(PRUNED, top1=70.0, macs=2.0e9)   # more MACs and lower accuracy than PRUNED
+
+
+def _populate(cfg: TrackingConfig, runs_root: Path) -> None:
+    _log_run(cfg, runs_root, "dense", "dense", DENSE)
+    _log_run(cfg, runs_root, "gate", "gate", PRUNED)
+    _log_run(cfg, runs_root, "l1", "l1", WORSE)
+    _log_run(cfg, runs_root, "crashed", "gate", PRUNED, finish=False)   # still RUNNING: not listed
+
+
+def _check_rows(rows: list[dict]) -> None:
+    assert [r["run_name"] for r in rows] == ["dense", "gate", "l1"]
+    dense, gate = rows[0], rows[1]
+    assert (dense["method"], dense["model"]) == ("dense", "resnet50")
+    assert dense["top1"] == 76.0 and dense["macs_removed_pct"] == 0.0 and dense["train_macs_pct"] == 100.0
+    assert gate["method"] == "gate" and gate["top1"] == 74.5
+    assert gate["macs"] == 1.0e9 and gate["params"] == 10.0e6
+    assert gate["macs_removed_pct"] == pytest.approx(75.0)
+    assert gate["blocks_removed"] == 3
+    assert gate["train_macs_pct"] == pytest.approx(60.0)
+    assert gate["wall_s"] == 1800
+
+
+def test_compare_embedded_store(tmp_path, capsys):
+    cfg = TrackingConfig()                     # the default: sqlite under runs_root
+    runs_root = tmp_path / "runs"
+    _populate(cfg, runs_root)
+
+    assert main(["--runs-root", str(runs_root), "--json"]) == 0
+    _check_rows(json.loads(capsys.readouterr().out))
+
+    plot = tmp_path / "pareto.png"
+    assert main(["--runs-root", str(runs_root), "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["run", "method", "model", "top1"]
+    assert "MACs removed" in table[0] and "train MACs vs dense" in table[0]
+    gate = next(line for line in table if line.startswith("gate "))
+    assert gate.split() == ["gate", "gate", "resnet50", "74.50", "1.000G", "10.00M", "75.0%", "3",
+                            "60.0%", "0:30:00"]
+    assert len(table) == 2 + 3
+    assert plot.read_bytes()[:8] == PNG
+
+
+def test_compare_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no runs recorded yet"):
+        main(["--runs-root", str(tmp_path / "nothing")])
+
+
+def test_compare_cli_against_server(mlflow_server, tmp_path):
+    experiment = f"cmp-{uuid.uuid4().hex[:8]}"
+    cfg = TrackingConfig(uri=mlflow_server.uri, experiment=experiment, request_retries=0)
+    _populate(cfg, tmp_path)
+    plot = tmp_path / "front.png"
+    env = dict(os.environ, **TEST_CLIENT_ENV)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.compare", "--tracking-uri", mlflow_server.uri,
+         "--experiment", experiment, "--json", "--plot", str(plot)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    _check_rows(json.loads(out.stdout))
+    assert plot.read_bytes()[:8] == PNG
+
+    with pytest.raises(SystemExit, match="no experiment 'nope'"):
+        main(["--tracking-uri", mlflow_server.uri, "--experiment", "nope"])
+
+
+def test_format_table_handles_missing_values():
+    from launch.compare import RunRow
+    row = RunRow("id", "partial", None, None, 70.0, None, None, None, None, None, None)
+    lines = format_table([row]).splitlines()
+    assert lines[2].split() == ["partial", "-", "-", "70.00"] + ["-"] * 6

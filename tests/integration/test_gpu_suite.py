@@ -1,0 +1,136 @@
+"""The GPU benchmark suite's CPU path (bench/gpu_suite.py): run as CI runs it, without a CUDA device, on
+ResNet-20 at 32 px, it names every row, gives numbers for the rows it measured and "skipped: <reason>" for
+the GPU-only ones; its pruned specs and its JPEG shards are checked directly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.config import DataConfig
+from pipelines.loaders import build_loader
+from pipelines.shardset import ShardSet
+from system.pruning.complexity import count
+from system.models.spec import dense_spec
+from system.pruning.surgery import plan_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def _suite():
+    name = "_gpu_suite_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "gpu_suite.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.fixture(scope="module")
+def ds_ops():
+    """Build (or find cached) DeepSpeed's CPU comm op once, outside the timed run (as test_distributed does)."""
+    r = subprocess.run([PY, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    assert len(lines) == 2 + len(_suite().ROWS), stdout
+    return {cells[0]: cells for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
+
+
+def _number(cell: str) -> float:
+    assert re.fullmatch(r"x?\d+(\.\d+)?", cell), cell
+    return float(cell.lstrip("x"))
+
+
+def test_cpu_path_prints_every_row(ds_ops, tmp_path):
+    out = tmp_path / "suite.json"
+    r = subprocess.run([PY, "bench/gpu_suite.py", "--iters", "2", "--warmup", "1", "--threads", "1",
+                        "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("no CUDA device: running the CPU rows on a tiny model"), r.stdout
+    assert len(lines) == 1 + 2 + len(_suite().ROWS) + 1, r.stdout  # caption, table, JSON: nothing else on stdout
+    rows = _table(r.stdout)
+    assert list(rows) == list(_suite().ROWS)
+
+    measured = ("dense", "dense_deepspeed", "pruned_r1", "pruned_r8", "prune_event")
+    for name in measured:
+        step_ms, notes = _number(rows[name][2]), rows[name][-1]
+        assert step_ms > 0 and not notes.startswith("skipped"), rows[name]
+    for name in ("dense", "dense_deepspeed", "pruned_r1", "pruned_r8"):
+        assert _number(rows[name][3]) > 0  # img/s
+    for name in ("pruned_r1", "pruned_r8"):
+        assert abs(_number(rows[name][4]) - 0.5) < 0.1  # MACs vs dense
+        assert _number(rows[name][5]) > 0 and _number(rows[name][6]) > 0  # speed-up, speed-up / ideal
+    assert "steps" in rows["prune_event"][-1] and "surgery" in rows["prune_event"][-1]
+    assert re.fullmatch(r"skipped: .*CUDA.*", rows["dense_dali"][-1]), rows["dense_dali"]
+    assert rows["dense_dali"][2] == "–"
+    assert rows["compile"][-1].startswith("skipped: "), rows["compile"]
+
+    res = json.loads(lines[-1])
+    assert res == json.loads(out.read_text())
+    assert res["cuda"] is False and res["model"] == "resnet20"
+    assert {k for k, v in res["rows"].items() if v["status"] == "ok"} == set(measured)
+    assert all(v["reason"] for v in res["rows"].values() if v["status"] == "skipped")
+    assert all(w % 8 == 0 for blk in res["rows"]["pruned_r8"]["inner_widths"] for w in blk)
+    ev = res["rows"]["prune_event"]
+    assert ev["event_s"] > 0 and ev["first_step_after_s"] > 0 and ev["parts_s"]["rebuild"] > 0
+
+
+def test_rows_subset_and_bad_row(tmp_path):
+    r = subprocess.run([PY, "bench/gpu_suite.py", "--rows", "pruned_r8,dali", "--iters", "1", "--warmup", "0",
+                        "--threads", "1"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _table(r.stdout)
+    assert rows["dense"][-1] == "skipped: not selected (--rows)"
+    assert _number(rows["pruned_r8"][2]) > 0
+    assert "CUDA" in rows["dense_dali"][-1]
+    bad = subprocess.run([PY, "bench/gpu_suite.py", "--rows", "densest"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "densest" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet20"])
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_uniform_plan_reaches_half_the_macs(name, round_to):
+    spec = dense_spec(name)
+    plan, ratio, keep = _suite().plan_for_macs(spec, 0.5, round_to)
+    new, _ = plan_spec(spec, plan)
+    assert ratio == count(new)[0] / count(spec)[0]
+    assert abs(ratio - 0.5) < (0.03 if name == "resnet50" else 0.06)
+    for *_, blk in new.iter_blocks():
+        assert all(w % round_to == 0 and w >= round_to for w in blk.inner)
+    if round_to == 1:  # one keep fraction for every block: the widths follow the dense ones
+        widths = {(d, w) for (*_, a), (*_, b) in zip(spec.iter_blocks(), new.iter_blocks())
+                  for d, w in zip(a.inner, b.inner)}
+        assert all(w == max(1, round(keep * d)) for d, w in widths)
+
+
+def test_jpeg_shards_feed_the_project_loaders(tmp_path):
+    root = _suite().make_jpeg_shards(tmp_path, 24, distinct=8, workers=1)
+    assert ShardSet.open(root, verify_checksums=True).num_samples("train") == 24
+    cfg = DataConfig(loader="wds", root=str(root), batch_size=8, train_size=32, workers=0)
+    batches = list(build_loader(cfg, "train", 0, 1, seed=0, epoch=0))
+    assert len(batches) == 3
+    x, y = batches[0]
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.min() >= 0 and y.max() < 4

@@ -1,0 +1,323 @@
+"""Tracking end to end: REAL (tiny) training runs recorded in MLflow, read back through MlflowClient.
+
+* a pruning run against a real ``mlflow server`` (the shared fixture) and against the embedded
+  sqlite store: metric names, params, tags, artifacts, ``final.*`` metrics == ``summary.json``;
+* ``launch.compare`` on the embedded store lists the run and draws the Pareto plot;
+* a run stopped mid-way (``PARSIMONY_STOP_AFTER_STEP``, exit 75) and resumed with ``run.resume=auto``
+  continues the SAME MLflow run;
+* an unreachable server at start: ``launch.train`` fails before training, naming the URI; with
+  ``tracking.fallback_local=true`` the fallback is announced and the run lands in the local store;
+* a server SIGKILLed mid-run: training finishes, ``summary.json`` says how many items were not
+  sent, a warning says where they are, the local JSONL backlog holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from system import tracking as T
+from system.trainer import Trainer
+from tests.methods_util import STRONG, tiny_config
+from tests.mlflow_server import TEST_CLIENT_ENV, MlflowServer, free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 20
+# Short client timeouts and no retries: the tracker sets MLFLOW_HTTP_REQUEST_* from these.
+FAST = ["tracking.enabled=true", "tracking.request_retries=0", "tracking.request_timeout=5",
+        "tracking.connect_timeout=2", "train.log_every_steps=2", "train.threads=1"]
+METRICS = (T.TRAIN_LOSS, T.TRAIN_TOTAL_IPS, T.TRAIN_LR, T.TRAIN_CUMULATIVE_MACS, T.VAL_TOP1, T.VAL_TOP5,
+           T.VAL_LOSS, T.MODEL_MACS, T.MODEL_PARAMS, T.PRUNE_EVENTS, T.PRUNE_CHANNELS_REMOVED,
+           T.PRUNE_BLOCKS_REMOVED, T.PRUNE_REBUILD_S)
+
+
+@pytest.fixture(autouse=True)
+def _fast_client(monkeypatch):
+    for k, v in TEST_CLIENT_ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def _exp() -> str:
+    return f"train-{uuid.uuid4().hex[:8]}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _runs(client, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment!r} was not created"
+    return client.search_runs([exp.experiment_id])
+
+
+def _cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, **TEST_CLIENT_ENV, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("PARSIMONY_STOP_AFTER_STEP", None)
+    env.update(extra)
+    return env
+
+
+def _cli_args(tmp_path: Path, *overrides: str) -> list[str]:
+    """``tiny_config``'s overrides as a ``launch.train`` command line."""
+    from tests.methods_util import TINY
+    args = TINY + [f"run.root={tmp_path}", f"run.dir={tmp_path / 'run'}"] + list(overrides)
+    return [sys.executable, "-m", "launch.train"] + args
+
+
+def _train_cli(tmp_path: Path, *overrides: str, timeout: float = 180, **env: str):
+    return subprocess.run(_cli_args(tmp_path, *overrides), cwd=REPO, env=_cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, experiment: str) -> None:
+    """Everything issue 7 says a finished pruning run records, read back from ``uri``."""
+    client = _client(uri)
+    runs = _runs(client, experiment)
+    assert [r.info.run_id for r in runs] == [summary["run_id"]]
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    rid = run.info.run_id
+
+    # metrics: every name, with values at real steps
+    hist = {k: _history(client, rid, k) for k in METRICS}
+    missing = [k for k, h in hist.items() if not h]
+    assert not missing, f"metrics never logged: {missing}"
+    loss_steps = [s for s, _ in hist[T.TRAIN_LOSS]]
+    assert loss_steps == list(range(2, STEPS + 1, 2))
+    assert all(v > 0 for _, v in hist[T.TRAIN_TOTAL_IPS])
+    cum = [v for _, v in hist[T.TRAIN_CUMULATIVE_MACS]]
+    assert cum == sorted(cum) and cum[0] > 0
+    assert hist[T.VAL_TOP1][-1] == (STEPS, pytest.approx(summary["top1"]))
+    assert max(v for _, v in hist[T.PRUNE_EVENTS]) == summary["prune_events"] >= 1
+    assert hist[T.PRUNE_BLOCKS_REMOVED][-1][1] >= 1          # STRONG variational removes blocks
+    # model.macs starts dense and drops at the first pruning event; never grows
+    macs = hist[T.MODEL_MACS]
+    assert macs[0] == (0, summary["macs_dense"])
+    first_event = hist[T.PRUNE_EVENTS][0][0]
+    at_event = [v for s, v in macs if s == first_event]
+    assert at_event and at_event[0] < summary["macs_dense"]
+    assert [v for _, v in macs] == sorted((v for _, v in macs), reverse=True)
+    assert macs[-1] == (STEPS, summary["macs"])
+    assert hist[T.MODEL_PARAMS][0] == (0, summary["params_dense"])
+    assert hist[T.MODEL_PARAMS][-1] == (STEPS, summary["params"])
+
+    # final.* metrics are summary.json's values
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    finals = {k: v for k, v in run.data.metrics.items() if k.startswith(T.FINAL_PREFIX)}
+    assert set(finals) == {T.FINAL_PREFIX + k for k in T.FINAL_KEYS}
+    for k in T.FINAL_KEYS:
+        assert finals[T.FINAL_PREFIX + k] == pytest.approx(float(on_disk[k]), rel=1e-6), k
+
+    # params: the whole resolved config, flattened
+    p = run.data.params
+    assert float(p["method.variational.nu"]) == 30
+    assert p["method.name"] == "variational" and p["model.name"] == "resnet20"
+    assert p["train.max_steps"] == str(STEPS) and p["data.batch_size"] == "16"
+    assert p["run.dir"] == str(run_dir) and p["tracking.experiment"] == experiment
+    # tags
+    t = run.data.tags
+    assert t[T.TAG_METHOD] == summary["method"] and t[T.TAG_MODEL] == "resnet20"
+    assert t[T.TAG_WORLD_SIZE] == "1" and t[T.TAG_DEVICE] == "cpu"
+    assert t[T.TAG_CODE_VERSION] == T.code_version() != "unknown"
+
+    # artifacts
+    top = {a.path for a in client.list_artifacts(rid)}
+    assert {"specs", "final", T.SUMMARY_ARTIFACT, T.LAYER_WIDTHS_ARTIFACT} <= top, top
+    specs = sorted(a.path for a in client.list_artifacts(rid, "specs"))
+    event_steps = [s for s, _ in hist[T.PRUNE_EVENTS]]
+    assert [int(name[len("specs/step"):][:8]) for name in specs] == event_steps, specs
+    assert all(name.endswith(".json") for name in specs)
+    assert len(specs) == summary["prune_events"]
+    assert {a.path for a in client.list_artifacts(rid, "final")} >= {"final/model.safetensors", "final/spec.json"}
+    dl = tmp_path / f"download-{uuid.uuid4().hex[:6]}"
+    dl.mkdir()
+    got_summary = json.loads(Path(client.download_artifacts(rid, T.SUMMARY_ARTIFACT, str(dl))).read_text())
+    assert {k: got_summary[k] for k in T.FINAL_KEYS} == {k: on_disk[k] for k in T.FINAL_KEYS}
+    assert got_summary["run_id"] == rid
+    spec = json.loads(Path(client.download_artifacts(rid, specs[0], str(dl))).read_text())
+    assert isinstance(spec, dict) and spec
+    final_spec = Path(client.download_artifacts(rid, "final/spec.json", str(dl))).read_text()
+    assert final_spec == (run_dir / "final" / "spec.json").read_text()
+    weights = Path(client.download_artifacts(rid, "final/model.safetensors", str(dl)))
+    assert weights.stat().st_size == (run_dir / "final" / "model.safetensors").stat().st_size
+    png = Path(client.download_artifacts(rid, T.LAYER_WIDTHS_ARTIFACT, str(dl))).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "tracking_unsent" not in on_disk and not (run_dir / T.UNSENT_FILE).exists()
+
+
+def _pruning_run(tmp_path: Path, uri: str, experiment: str) -> dict:
+    cfg = tiny_config(tmp_path, *STRONG["variational"], *FAST, f"tracking.uri={uri}",
+                      f"tracking.experiment={experiment}", f"train.max_steps={STEPS}")
+    return Trainer(cfg).run()
+
+
+# ------------------------------------------------------------------------------------------ 1
+def test_pruning_run_against_server(mlflow_server, tmp_path):
+    exp = _exp()
+    summary = _pruning_run(tmp_path, mlflow_server.uri, exp)
+    _check_recorded_run(mlflow_server.uri, summary, tmp_path / "run", tmp_path, exp)
+
+
+# ------------------------------------------------------------------------------------------ 2
+def test_pruning_run_in_embedded_store_and_compare(tmp_path):
+    exp = "parsimony"          # the default experiment, so compare needs no --experiment
+    summary = _pruning_run(tmp_path, "", exp)
+    assert (tmp_path / "mlflow.db").is_file()
+    assert (tmp_path / "mlartifacts").is_dir()            # artifacts beside the database, not ./mlruns
+    _check_recorded_run(T.local_store_uri(tmp_path), summary, tmp_path / "run", tmp_path, exp)
+
+    plot = tmp_path / "pareto.png"
+    out = subprocess.run([sys.executable, "-m", "launch.compare", "--runs-root", str(tmp_path), "--json",
+                          "--plot", str(plot)], cwd=tmp_path, env=_cli_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["run_id"] == summary["run_id"] and row["run_name"] == "run"
+    assert row["method"] == summary["method"] and row["model"] == "resnet20"
+    assert row["top1"] == pytest.approx(summary["top1"])
+    assert row["macs"] == summary["macs"] and row["params"] == summary["params"]
+    assert row["macs_removed_pct"] == pytest.approx(100.0 * (1 - summary["macs"] / summary["macs_dense"]))
+    assert row["macs_removed_pct"] > 0
+    assert row["blocks_removed"] == summary["blocks_removed"] >= 1
+    assert row["train_macs_pct"] == pytest.approx(summary["train_macs_pct"])
+    assert row["wall_s"] == pytest.approx(summary["wall_s"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = subprocess.run([sys.executable, "-m", "launch.compare", "--runs-root", str(tmp_path)],
+                           cwd=tmp_path, env=_cli_env(), capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "resnet20" in table.stdout and summary["method"] in table.stdout
+
+
+# ------------------------------------------------------------------------------------------ 3
+def test_stopped_and_resumed_run_continues_the_same_mlflow_run(mlflow_server, tmp_path):
+    exp = _exp()
+    # Taylor: STRONG variational removes every block, and resuming a run whose layer gates are all gone
+    # is a checkpoint bug of its own (optimizer groups); this test is about the MLflow run.
+    common = [*STRONG["taylor"], *FAST, f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={exp}",
+              f"train.max_steps={STEPS}", "checkpoint.at_epoch_end=false"]
+    first = _train_cli(tmp_path, *common, PARSIMONY_STOP_AFTER_STEP="10")
+    assert first.returncode == 75, first.stderr[-3000:]
+    client = _client(mlflow_server.uri)
+    runs = _runs(client, exp)
+    assert len(runs) == 1
+    rid = runs[0].info.run_id
+    assert runs[0].info.status == "KILLED"                 # preempted, not failed
+    assert [s for s, _ in _history(client, rid, T.TRAIN_LOSS)] == list(range(2, 11, 2))
+    manifest = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/manifest.json")).read_text())
+    assert manifest["mlflow_run_id"] == rid
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+    second = _train_cli(tmp_path, *common, "run.resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["run_id"] == rid and summary["steps"] == STEPS
+    runs = _runs(client, exp)
+    assert [r.info.run_id for r in runs] == [rid]          # a requeued job does not create a second run
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in _history(client, rid, T.TRAIN_LOSS)] == list(range(2, STEPS + 1, 2))
+    assert run.data.metrics[T.FINAL_PREFIX + "top1"] == pytest.approx(summary["top1"])
+    assert run.data.params["train.max_steps"] == str(STEPS)
+    assert "resumed MLflow run " + rid in second.stderr
+
+
+# ------------------------------------------------------------------------------------------ 4
+def test_unreachable_server_fails_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    out = _train_cli(tmp_path, *FAST, f"tracking.uri={uri}", "train.max_steps=4", timeout=120)
+    assert out.returncode != 0
+    assert uri in out.stderr
+    assert "is unreachable" in out.stderr and "nothing was trained" in out.stderr, out.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "final").exists()
+    assert "step " not in out.stderr                                # no evaluation or pruning happened
+
+
+def test_unreachable_server_with_fallback_uses_local_store(tmp_path, caplog):
+    uri = f"http://127.0.0.1:{free_port()}"
+    exp = _exp()
+    cfg = tiny_config(tmp_path, *FAST, f"tracking.uri={uri}", "tracking.fallback_local=true",
+                      f"tracking.experiment={exp}", "train.max_steps=4")
+    with caplog.at_level(logging.WARNING, logger="system.tracking"):
+        summary = Trainer(cfg).run()
+    announced = [r.getMessage() for r in caplog.records if "fallback_local" in r.getMessage()]
+    assert announced and uri in announced[0] and T.local_store_uri(tmp_path) in announced[0]
+    client = _client(T.local_store_uri(tmp_path))
+    runs = _runs(client, exp)
+    assert [r.info.run_id for r in runs] == [summary["run_id"]]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags[T.TAG_FALLBACK] == uri
+    assert run.data.metrics[T.FINAL_PREFIX + "top1"] == pytest.approx(summary["top1"])
+    assert [s for s, _ in _history(client, run.info.run_id, T.TRAIN_LOSS)] == [2, 4]
+
+
+# ------------------------------------------------------------------------------------------ 5
+def test_server_killed_mid_run_training_finishes(tmp_path, caplog):
+    server = MlflowServer(tmp_path / "server").start()
+    exp = _exp()
+    steps = 32
+    cfg = tiny_config(tmp_path, *STRONG["variational"], *FAST, f"tracking.uri={server.uri}",
+                      f"tracking.experiment={exp}", f"train.max_steps={steps}", "checkpoint.at_epoch_end=false")
+    trainer = Trainer(cfg)
+    killed_at: list[int] = []
+
+    def kill_when_logging() -> None:
+        client = _client(server.uri)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and trainer.state.step < steps:
+            rid = getattr(trainer, "run_id", None)
+            try:
+                if rid and client.get_metric_history(rid, T.TRAIN_LOSS):
+                    break
+            except Exception:  # noqa: BLE001 -- not created yet
+                pass
+            time.sleep(0.05)
+        killed_at.append(trainer.state.step)
+        server.kill()
+
+    killer = threading.Thread(target=kill_when_logging, daemon=True)
+    try:
+        killer.start()
+        with caplog.at_level(logging.WARNING, logger="system.tracking"):
+            summary = trainer.run()
+        killer.join(30)
+    finally:
+        server.kill()
+    assert killed_at and 2 <= killed_at[0] < steps, killed_at
+    assert summary["steps"] == steps
+    run_dir = tmp_path / "run"
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tracking_unsent"] > 0
+    assert on_disk["tracking_unsent"] == summary["tracking_unsent"]   # the file says so too
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(f"{summary['tracking_unsent']} tracking item(s) were not sent to {server.uri}" in w
+               and str(run_dir / T.UNSENT_FILE) in w for w in warnings), warnings
+    recs = [json.loads(line) for line in (run_dir / T.UNSENT_FILE).read_text().splitlines()]
+    metric_recs = [r for r in recs if r["kind"] == "metrics"]
+    unsent_loss_steps = [r["step"] for r in metric_recs if T.TRAIN_LOSS in r["metrics"]]
+    assert unsent_loss_steps and unsent_loss_steps[-1] == steps
+    assert any(T.FINAL_PREFIX + "top1" in r["metrics"] and
+               r["metrics"][T.FINAL_PREFIX + "top1"] == pytest.approx(summary["top1"]) for r in metric_recs)
+    artifacts = [r for r in recs if r["kind"] == "artifact"]
+    assert any(Path(r["path"]).name == "summary.json" and Path(r["path"]).is_file() for r in artifacts)
+    assert any(r["kind"] == "end" and r["status"] == "FINISHED" for r in recs)

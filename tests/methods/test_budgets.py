@@ -1,0 +1,155 @@
+"""Budgets: method.target_macs lands runs on their target; sweeps over a grid on the local pool;
+compare's matched-budget table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.compare import RunRow, group_runs, matched_table
+from system.config import ConfigError
+from system.trainer import Trainer
+from tests.methods_util import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TARGETED = {
+    "variational": ["method.name=variational", "method.variational.check_every=2"],
+    "taylor": ["method.name=taylor", "method.taylor.check_every=3"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(TARGETED))
+def test_target_is_reached_within_five_points(tmp_path, method):
+    cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.5", *TARGETED[method])
+    summary = Trainer(cfg).run()
+    frac = summary["macs"] / summary["macs_dense"]
+    assert abs(frac - 0.5) <= 0.05, frac
+    assert summary["target_macs"] == 0.5 and summary["target_reached"] is True
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["target_reached"] is True
+
+
+def test_variational_budget_is_met_during_training(tmp_path):
+    """The dual variable steers E[MACs] to the scheduled budget before the safety-net rounding."""
+    cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.4", *TARGETED["variational"],
+                      "method.variational.harden_at=0.9")
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    m = trainer.method
+    assert m.nu > 0  # the pressure came from the dual ascent (nu starts at 0 under a target)
+    # the pruning rule removed structures during training, before the rounding step at 90% (step 36)
+    rule = [r for r in m.removal_steps if r[3] == "rule"]
+    assert rule and all(r[0] < 36 for r in rule)
+    assert summary["method_details"]["macs_removed_by_rule_frac"] > 0.5
+    assert abs(summary["macs"] / summary["macs_dense"] - 0.4) <= 0.05
+
+
+def test_a_target_the_schedule_cannot_reach_is_reported(tmp_path, caplog):
+    # Taylor's pruning window ends before its first pruning step: nothing can be removed
+    cfg = tiny_config(tmp_path, "train.max_steps=20", "method.target_macs=0.5", "method.name=taylor",
+                      "method.taylor.check_every=10", "method.taylor.start_frac=0.0",
+                      "method.taylor.stop_frac=0.05")
+    with caplog.at_level(logging.WARNING):
+        summary = Trainer(cfg).run()
+    assert summary["target_reached"] is False and summary["macs"] == summary["macs_dense"]
+    assert "target not reached" in caplog.text and "method.target_macs=0.500" in caplog.text
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["method.name=variational", "method.target_macs=0"], "(0, 1]"),
+    (["method.name=taylor", "method.target_macs=1.5"], "(0, 1]"),
+    (["method.name=egp", "method.target_macs=0.5"], "egp"),
+    (["method.name=none", "method.target_macs=0.5"], "prunes nothing"),
+])
+def test_bad_targets_are_refused_naming_the_key(tmp_path, over, needle):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, *over)
+    assert err.value.key == "method.target_macs" and needle in str(err.value)
+
+
+@pytest.mark.parametrize("over, key", [
+    (["method.variational.theta_travel=-1"], "method.variational.theta_travel"),
+    (["method.variational.lr_unit=-0.1"], "method.variational.lr_unit"),
+    (["method.variational.estimator=conditional", "method.variational.per_example=false"],
+     "method.variational.estimator"),
+])
+def test_gate_settings_that_cannot_work_fail_at_start(tmp_path, over, key):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, "method.name=variational", *over)
+    assert err.value.key == key
+
+
+def _submit(tmp_path, *args):
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("SLURM_CONF", None)
+    cmd = [sys.executable, "-m", "launch.submit", "--config", str(ROOT / "configs" / "demo.yaml"),
+           "launch.cluster=local", "launch.array_parallelism=2", "train.threads=1", "train.max_steps=2",
+           "train.progress=false", "checkpoint.every_steps=0", f"run.root={tmp_path / 'runs'}",
+           f"launch.folder={tmp_path / 'submitit' / '%j'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+def _finished_runs(tmp_path) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exps = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'FINISHED'")
+    return sorted(r.info.run_name for r in runs)
+
+
+@pytest.mark.timeout(900)
+def test_sweep_on_the_local_pool_lands_every_run_once(tmp_path):
+    grid = ["--sweep", "method.target_macs=0.4,0.6", "--sweep", "train.seed=0,1", "--wait"]
+    first = _submit(tmp_path, *grid)
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = _finished_runs(tmp_path)
+    assert len(names) == 4 and len(set(names)) == 4
+    assert any("target_macs0.4" in n and "seed1" in n for n in names)
+    assert first.stdout.count("started ") == 4
+    again = _submit(tmp_path, *grid)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipping 4 finished run(s); 0 to run" in again.stdout and "started " not in again.stdout
+    assert _finished_runs(tmp_path) == names
+
+
+def test_sweep_over_an_unknown_key_fails_before_anything_starts(tmp_path):
+    r = _submit(tmp_path, "--sweep", "method.variational.nux=1,2")
+    assert r.returncode == 2 and "method.variational.nux" in r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "submitit").exists()
+
+
+def _row(method, target, seed, top1, macs_pct, ds="fmnist-4k", wall=100.0, setting=None):
+    return RunRow(run_id=f"{method}{target}{seed}{ds}", run_name=f"{method}-{target}-{seed}", method=method,
+                  model="resnet20", top1=top1, macs=macs_pct * 1e6, params=None, macs_removed_pct=100.0 - macs_pct,
+                  blocks_removed=0, train_macs_pct=80.0, wall_s=wall, target_macs=target, seed=seed, dataset=ds,
+                  setting=setting)
+
+
+def test_matched_budget_table_picks_the_runs_of_each_budget():
+    rows = [
+        _row("dense", None, 0, 0.90, 100.0, wall=200.0), _row("dense", None, 1, 0.92, 100.0, wall=200.0),
+        _row("variational", 0.5, 0, 0.80, 50.0, wall=150.0), _row("variational", 0.5, 1, 0.84, 52.0, wall=170.0),
+        _row("variational", 0.3, 0, 0.70, 30.0), _row("variational", 0.3, 1, 0.72, 31.0),
+        _row("taylor", 0.5, 0, 0.85, 49.0), _row("taylor", 0.5, 1, 0.85, 49.0),
+        _row("taylor", 0.5, 0, 0.10, 50.0, ds="mnist-4k"),  # another dataset: never mixed in
+        _row("egp", None, 0, 0.88, 90.0, setting="iterations=1"),
+    ]
+    groups = group_runs(rows)
+    var50 = next(g for g in groups if g.method == "variational" and g.budget == 0.5 and g.dataset == "fmnist-4k")
+    assert var50.n == 2 and var50.top1 == pytest.approx(0.82) and var50.top1_spread == pytest.approx(0.02)
+    assert var50.macs_pct == pytest.approx(51.0) and var50.wall_vs_dense == pytest.approx(0.8)
+    table = matched_table(groups)
+    fm = table.split("dataset mnist-4k")[0]
+    line = {ln.split()[0]: ln for ln in fm.splitlines() if ln and ln.split()[0] in ("variational", "taylor", "egp")}
+    assert "82.00+-2.00 (2) @51%" in line["variational"] and "71.00+-1.00 (2) @30%" in line["variational"]
+    assert "85.00+-0.00 (2) @49%*" in line["taylor"]  # the best at 50%
+    assert "88.00+-0.00 (1) @90% [iterations=1]" in line["egp"]
+    assert "10.00" in table.split("dataset mnist-4k")[1]

@@ -1,0 +1,102 @@
+"""What every registered pruning method must do, in a real (tiny) training run.
+
+- its state round-trips: a fresh instance loaded with ``state_dict()`` holds the same state and
+  takes the same decision on the same model;
+- its plans are deterministic for a fixed seed (the same event digests, the same final MACs);
+- at zero strength it prunes nothing;
+- a ``method.target_macs`` is reached (methods declaring ``supports_target``) or refused naming the key.
+
+Adding a method to the registry without an entry here fails :func:`test_every_registered_method_is_covered`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from system.config import ConfigError
+from system.pruning.methods import METHODS, Event, StepContext, build_method
+from system.trainer import Trainer
+from tests.methods_util import STRONG, tiny_config
+
+# per method: a short run that prunes, and the overrides that make it prune nothing
+CONFORMANCE = {
+    "none": {"run": ["method.name=none"], "zero": ["method.name=none"]},
+    "variational": {"run": STRONG["variational"],
+                    "zero": [o for o in STRONG["variational"] if "nu=" not in o] + ["method.variational.nu=0"]},
+    "taylor": {"run": STRONG["taylor"], "zero": STRONG["taylor"] + ["method.taylor.keep_ratio=1.0"]},
+    "egp": {"run": STRONG["egp"], "zero": STRONG["egp"] + ["method.egp.prune_frac=0.000001",
+                                                          "method.egp.remove_dead_units=false"]},
+}
+TARGETS = {"variational": ["method.variational.check_every=2"], "taylor": ["method.taylor.check_every=3"]}
+
+
+def _run(tmp_path, *over: str, steps: int = 24):
+    trainer = Trainer(tiny_config(tmp_path, f"train.max_steps={steps}", *over))
+    return trainer, trainer.run()
+
+
+def _same(a, b, path="state") -> None:
+    assert type(a) is type(b) or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))), path
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_every_registered_method_is_covered():
+    assert set(CONFORMANCE) == set(METHODS)
+    assert {n for n, m in METHODS.items() if m.supports_target} == set(TARGETS)
+
+
+@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+def test_state_round_trip(tmp_path, name):
+    trainer, summary = _run(tmp_path, *CONFORMANCE[name]["run"])
+    old = trainer.method
+    if name != "none":
+        assert summary["prune_events"] >= 1  # the state carries a pruned run's history
+    fresh = build_method(trainer.cfg.method, trainer.total_steps, weight_decay=trainer.cfg.optim.weight_decay)
+    fresh.load_state_dict(old.state_dict())
+    _same(old.state_dict(), fresh.state_dict())
+    fresh.attach(trainer.model)
+    _same(old.summary(), fresh.summary(), "summary")
+    ctx = StepContext(step=trainer.state.step, epoch=trainer.state.epoch, total_steps=trainer.total_steps,
+                      model=trainer.model)
+    plans = [m.decide(Event.STEP_END, ctx) for m in (old, fresh)]
+    assert [None if p is None else p.digest() for p in plans][0] == \
+        [None if p is None else p.digest() for p in plans][1]
+
+
+@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+def test_plans_are_deterministic_for_a_fixed_seed(tmp_path, name):
+    runs = [_run(tmp_path / str(i), *CONFORMANCE[name]["run"], "train.seed=3", steps=16) for i in range(2)]
+    digests = [[e.digest for e in tr.coord.events] for tr, _ in runs]
+    assert digests[0] == digests[1] and runs[0][1]["macs"] == runs[1][1]["macs"]
+    assert bool(digests[0]) == (name != "none")
+
+
+@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+def test_zero_strength_prunes_nothing(tmp_path, name):
+    trainer, summary = _run(tmp_path, *CONFORMANCE[name]["zero"])
+    assert summary["prune_events"] == 0 and summary["macs"] == summary["macs_dense"]
+    assert not trainer.coord.events
+
+
+@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+def test_target_is_reached_or_refused(tmp_path, name):
+    if not METHODS[name].supports_target:
+        with pytest.raises(ConfigError) as err:
+            tiny_config(tmp_path, f"method.name={name}", "method.target_macs=0.5")
+        assert err.value.key == "method.target_macs" and f"method '{name}'" in str(err.value)
+        return
+    _, summary = _run(tmp_path, f"method.name={name}", "method.target_macs=0.5", *TARGETS[name], steps=40)
+    assert summary["target_reached"] is True
+    assert abs(summary["macs"] / summary["macs_dense"] - 0.5) <= 0.05

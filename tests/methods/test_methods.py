@@ -1,0 +1,131 @@
+"""Every pruning method trains, prunes when strong, stays consistent; the config tree rejects bad input."""
+
+import json
+
+import pytest
+import torch
+
+from launch.inspect import main as inspect_main
+from system.config import ConfigError
+from system.models.resnet import gates_of
+from system.trainer import Trainer
+from tests.methods_util import STRONG, tiny_config
+
+
+def _train(tmp_path, *overrides, steps=24):
+    cfg = tiny_config(tmp_path, f"train.max_steps={steps}", *overrides)
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    return trainer, summary
+
+
+@pytest.mark.parametrize("method", sorted(STRONG))
+def test_strong_method_removes_structures_and_summary_matches_inspect(tmp_path, method, capsys):
+    trainer, summary = _train(tmp_path, *STRONG[method])
+    assert summary["prune_events"] >= 1
+    assert summary["channels_removed"] + summary["blocks_removed"] > 0
+    assert summary["macs"] < summary["macs_dense"]
+    assert summary["train_macs"] < summary["train_macs_dense"]  # later steps were cheaper
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["macs"] == summary["macs"]
+    capsys.readouterr()
+    assert inspect_main([str(run / "final" / "spec.json"), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert (rec["macs"], rec["params"]) == (summary["macs"], summary["params"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["method"]["name"] == trainer.cfg.method.name
+    for k in ("method", "model", "top1", "macs", "params", "macs_dense", "params_dense", "blocks_removed",
+              "channels_removed", "train_macs", "train_macs_dense", "wall_s"):
+        assert k in on_disk
+
+
+def test_training_macs_per_step_drop_after_a_removal(tmp_path):
+    trainer, summary = _train(tmp_path, *STRONG["variational"], steps=12)
+    # recompute: if every step had run on the final (smaller) network, train MACs would be lower still
+    per_step_dense = summary["train_macs_dense"] / summary["steps"]
+    per_step_final = 3.0 * summary["macs"] * 16
+    assert per_step_final < per_step_dense
+    assert per_step_final * summary["steps"] <= summary["train_macs"] < summary["train_macs_dense"]
+
+
+@pytest.mark.parametrize("method", ["variational", "unit_only", "layer_only"])
+def test_theta_stays_in_unit_interval(tmp_path, method):
+    cfg = tiny_config(tmp_path, "train.max_steps=20", *STRONG[method])
+    trainer = Trainer(cfg)
+    seen = []
+    orig = trainer.method.after_step
+
+    def spy(model):
+        orig(model)
+        seen.extend(float(v) for g in gates_of(model).values() for v in g.theta.detach().flatten())
+
+    trainer.method.after_step = spy
+    trainer.run()
+    assert seen and min(seen) >= 0.0 and max(seen) <= 1.0
+    assert min(seen) == 0.0  # the projection was actually exercised
+
+
+def test_egp_reports_sparsity(tmp_path):
+    trainer, summary = _train(tmp_path, *STRONG["egp"])
+    det = summary["method_details"]
+    assert 0.5 < det["sparsity"] < 1.0 and det["iterations"] == 3
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method.variational.alpha=1.5", "method.variational.alpha"),
+    ("optim.lr=fast", "optim.lr"),
+    ("optim.learning_rate=0.1", "optim.learning_rate"),
+    ("model.name=resnet7", "model.name"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("method.name=magic", "method.name"),
+])
+def test_bad_config_names_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, override)
+    assert err.value.key == key
+
+
+def test_cli_refuses_bad_config_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "launch.train", "--config", "configs/demo.yaml",
+                        "method.variational.alpha=1.5", f"run.root={tmp_path}"], capture_output=True, text=True)
+    assert r.returncode == 2 and "method.variational.alpha" in r.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+def test_data_gradient_reaches_theta_without_any_price(tmp_path):
+    """With no complexity price at all (the theta of a priced run would move anyway), the data path
+    alone gives every layer theta (conditional estimator) and most unit thetas a gradient."""
+    cfg = tiny_config(tmp_path, "train.max_steps=1", *STRONG["variational"])
+    trainer = Trainer(cfg)
+    trainer.method.nu = 0.0  # theta active (nu > 0 in the config) but priced at zero this step
+    with torch.no_grad():
+        for g in gates_of(trainer.model).values():
+            g.theta.fill_(0.5)  # both outcomes occur in the batch
+    x = torch.randn(16, 3, 16, 16)
+    y = torch.randint(0, 4, (16,))
+    seen = {}
+    orig = trainer.method.after_backward
+
+    def spy(model, grad_scale=1.0):
+        seen.update({n: g.theta.grad.clone() for n, g in gates_of(model).items() if g.theta.grad is not None})
+        orig(model, grad_scale)
+
+    trainer.method.after_backward = spy
+    trainer.method.cfg = type(trainer.method.cfg)(**{**trainer.method.cfg.__dict__, "drive": 0.0})
+    trainer.train_step(x, y)
+    layer = [v for n, v in seen.items() if n.endswith("layer_gate")]
+    unit = torch.cat([v for n, v in seen.items() if not n.endswith("layer_gate")])
+    assert layer and all(float(v.abs().sum()) > 0 for v in layer)
+    assert float((unit != 0).float().mean()) > 0.8
+
+
+def test_method_refuses_a_model_variant_it_cannot_handle(tmp_path):
+    cfg = tiny_config(tmp_path, "model.zero_init_residual=true", *STRONG["variational"])
+    with pytest.raises(ValueError, match="method.name.*zero-initialised residual.*layer_gate"):
+        Trainer(cfg)
+    # unit-only has no layer gates: the same model variant is fine
+    Trainer(tiny_config(tmp_path, "model.zero_init_residual=true", *STRONG["unit_only"]))
