@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install apt demo test lint bench clean
+.PHONY: install apt demo test lint bench clean clean-runs
 
 apt:
 	@missing=$$(grep -vE '^\s*(#|$$)' deps/apt.txt | while read -r p; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -45,5 +45,9 @@ lint: install
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
+# the environment and caches; your runs stay (make clean-runs removes them)
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+clean-runs:
+	rm -rf runs

@@ -7,8 +7,8 @@ Usage::
     python -m launch.compare --plot runs/pareto.png
     python -m launch.compare --runs-root runs/study --experiment study --budgets --plot docs/study.png
 
-Reads the ``final.*`` metrics and the ``method``/``model`` tags that the training loop logs at
-the end of a run (names in ``system.tracking``), and the run's ``method.target_macs``,
+Reads the ``summary/*`` metrics (``final.*`` of older runs) and the ``method``/``model`` tags that
+the training loop logs at the end of a run (names in ``system.tracking``), and the run's ``method.target_macs``,
 ``train.seed`` and ``data.root`` parameters.  Only runs with status FINISHED are listed.
 
 ``--budgets`` groups the runs by dataset, method and budget (``method.target_macs``; EGP by its
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import math
 import sys
@@ -95,7 +96,7 @@ def _num(text: str | None) -> float | None:
 def row_from_run(run: Any) -> RunRow:
     """Build a row from an ``mlflow.entities.Run``."""
     m, tags, params = run.data.metrics, run.data.tags, getattr(run.data, "params", {}) or {}
-    f = {k: m.get(T.FINAL_PREFIX + k) for k in T.FINAL_KEYS}
+    f = {k: m.get(T.FINAL_PREFIX + k, m.get(T.LEGACY_FINAL_PREFIX + k)) for k in T.FINAL_KEYS}
     removed = _pct(f["macs"], f["macs_dense"])
     return RunRow(
         run_id=run.info.run_id,
@@ -295,54 +296,102 @@ def plot_fronts(groups: Sequence[Group], path: str | Path) -> Path:
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{ds}: accuracy vs MACs (mean over seeds)")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(out, format="png", dpi=100)
     return out
 
 
-def plot_pareto(rows: Sequence[RunRow], path: str | Path) -> Path:
-    """Top-1 against MACs for every run with both, the Pareto front highlighted and joined."""
+def pareto_figure(rows: Sequence[RunRow]):
+    """Top-1 against MACs (% of dense) for every run with both: colour = method, the Pareto front
+    joined, the dense runs as a reference line, absolute GMACs on a second axis, the legend outside."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pts = [r for r in rows if r.macs is not None and r.top1 is not None]
-    xy = [(float(r.macs or 0.0) / 1e9, float(r.top1 or 0.0)) for r in pts]  # both set (filtered above)
-    front = pareto_front(xy)
-    fig = Figure(figsize=(8, 5.5))
+    pts = [r for r in rows if r.macs is not None and r.top1 is not None and r.macs_removed_pct is not None]
+    fig = Figure(figsize=(9.5, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    if xy:
-        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=30, color="0.6", label="runs", zorder=2)
-        ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "-o", color="tab:red",
-                markersize=8, linewidth=1.5, label="Pareto front", zorder=3)
-        for r, (x, y) in zip(pts, xy):
-            ax.annotate(r.run_name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("inference MACs (G)")
-    ax.set_ylabel("top-1 (fraction of the test set)")
+    dense = [r for r in pts if (r.method or "") in ("dense", "none")]
+    pruned = [r for r in pts if r not in dense]
+    for r in dense:
+        ax.axhline(100 * float(r.top1 or 0.0), color="0.3", linestyle="--", linewidth=1,
+                   label=f"dense: {r.run_name}")
+    methods = sorted({r.method or "?" for r in pruned})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    xy = [(100.0 - float(r.macs_removed_pct or 0.0), 100 * float(r.top1 or 0.0)) for r in pruned]
+    for m in methods:
+        mine = [(x, y) for r, (x, y) in zip(pruned, xy) if (r.method or "?") == m]
+        ax.scatter([x for x, _ in mine], [y for _, y in mine], s=36, color=colours[m], label=m, zorder=3)
+    front = pareto_front(xy)
+    if front:
+        ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "-", color="0.2", linewidth=1.2,
+                label="Pareto front", zorder=2)
+    dense_macs = {float(r.macs or 0.0) / max(1e-9, 1 - float(r.macs_removed_pct or 0.0) / 100) for r in pts}
+    if len({round(d) for d in dense_macs}) == 1:  # one dense network: its MACs in G on the top axis
+        g_dense = dense_macs.pop() / 1e9
+
+        def to_g(pct):
+            return pct * g_dense / 100
+
+        def to_pct(g):
+            return g * 100 / g_dense
+
+        top = ax.secondary_xaxis("top", functions=(to_g, to_pct))
+        top.set_xlabel("inference GMACs")
+    ax.set_xlabel("inference MACs (% of dense)")
+    ax.set_ylabel("top-1 (%)")
     ax.set_title("Accuracy vs MACs")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(out, format="png", dpi=100)
+    return fig
+
+
+def plot_pareto(rows: Sequence[RunRow], path: str | Path) -> Path:
+    """:func:`pareto_figure` written to ``path`` (PNG)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pareto_figure(rows).savefig(out, format="png", dpi=100)
     return out
+
+
+def sync(run_dirs: Sequence[str], uri: str | None) -> int:
+    """``--sync``: replay each run directory's backlog; 0 when every one was delivered."""
+    failed = 0
+    for d in run_dirs:
+        try:
+            n, status = T.sync_backlog(d, uri)
+        except (FileNotFoundError, ValueError, T.TrackingUnavailable) as exc:
+            print(f"error: {d}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{d}: {n} item(s) delivered" + (f", run marked {status}" if status else ""))
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.compare", description=__doc__.split("\n")[0])
     p.add_argument("--tracking-uri", default="",
-                   help="MLflow URI (default: the embedded store <runs-root>/mlflow.db)")
-    p.add_argument("--experiment", default=T.TrackingConfig().experiment)
+                   help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the embedded store "
+                        "<runs-root>/mlflow.db)")
+    p.add_argument("--experiment", default=None,
+                   help="default: $MLFLOW_EXPERIMENT_NAME, else the tracking section's default")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--plot", default=None, metavar="PATH", help="write the accuracy-vs-MACs PNG here")
     p.add_argument("--budgets", action="store_true",
                    help="group over seeds: top-1 at matched budgets, per-method Pareto fronts (with --plot)")
+    p.add_argument("--sync", nargs="+", metavar="RUN_DIR", default=None,
+                   help="deliver the tracking backlog (mlflow_unsent.jsonl) a store outage left in these run "
+                        "directories, in order, and mark each run with its recorded end status")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.sync:
+        return sync(args.sync, args.tracking_uri or None)
 
+    args.experiment = args.experiment or T.experiment_name(T.TrackingConfig())
+    args.tracking_uri = args.tracking_uri or os.environ.get(T.ENV_TRACKING_URI, "")
     uri = args.tracking_uri or T.local_store_uri(args.runs_root)
     if not args.tracking_uri and not (Path(args.runs_root) / "mlflow.db").is_file():
         raise SystemExit(f"compare: no runs recorded yet: {Path(args.runs_root) / 'mlflow.db'} "

@@ -1,5 +1,8 @@
 """``python -m launch.inspect NAME|SPEC.json|RUN_DIR [--json]``: MACs, params, widths, blocks kept.
 
+``python -m launch.inspect runs [--root DIR]`` lists the runs under ``DIR`` (default ``runs``): status
+(finished, running, stopped at a checkpoint, empty), top-1, MACs, steps.
+
 A bare model name is the dense network at its usual input size; a spec file is read as it is;
 a run directory is read from its exported ``final/spec.json`` (else a ``spec.json`` in it, else its
 newest checkpoint's spec) and its checkpoints are listed.
@@ -9,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 
 from system.pruning.complexity import count, width_table
 from system.export import load_spec
 from system.runtime.checkpoint import list_checkpoints
+from system.runtime.rundir import LOCK, _pid_alive, holds_run
 from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
 
 
@@ -79,11 +84,66 @@ def format_table(rec: dict, checkpoints: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_status(d: Path) -> dict:
+    """One run directory's row for ``launch.inspect runs``."""
+    row: dict = {"run": d.name, "path": str(d), "status": "empty", "top1": None, "macs_pct": None, "steps": None}
+    summary = d / "summary.json"
+    if summary.is_file():
+        try:
+            s = json.loads(summary.read_text())
+            row.update(status="finished", top1=s.get("top1"), macs_pct=s.get("macs_pct"), steps=s.get("steps"),
+                       method=s.get("method"))
+            return row
+        except ValueError:
+            row["status"] = "damaged summary.json"
+    cks = list_checkpoints(d)
+    if cks:
+        row.update(status=f"stopped at step {cks[-1].step}", steps=cks[-1].step,
+                   macs_pct=describe(cks[-1].spec)["macs_pct"])
+    lock = d / LOCK
+    if lock.is_file():
+        try:
+            holder = json.loads(lock.read_text())
+            dead = holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+            if not dead:
+                row["status"] = f"running (host {holder.get('host')}, pid {holder.get('pid')})"
+        except ValueError:
+            pass
+    return row
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Every run directory under ``root`` (a directory with a config, summary or checkpoints), by name."""
+    if not root.is_dir():
+        raise SpecError(f"{root}: no such runs directory (pass --root)")
+    return [run_status(d) for d in sorted(root.iterdir()) if holds_run(d)]
+
+
+def format_runs(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs"
+    lines = [f"{'run':<32} {'status':<34} {'top-1':>7} {'MACs':>7} {'steps':>7}"]
+    for r in rows:
+        top1 = f"{100 * r['top1']:.2f}" if r["top1"] is not None else "-"
+        macs = f"{r['macs_pct']:.1f}%" if r["macs_pct"] is not None else "-"
+        lines.append(f"{r['run']:<32} {r['status']:<34} {top1:>7} {macs:>7} {r['steps'] or '-':>7}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.inspect", description=__doc__.splitlines()[0])
-    ap.add_argument("target", help="model name, spec JSON file, or run directory")
+    ap = argparse.ArgumentParser(prog="parsimony-inspect", description=__doc__.splitlines()[0])
+    ap.add_argument("target", help="model name, spec JSON file, run directory, or 'runs' (list the runs)")
+    ap.add_argument("--root", default="runs", help="with 'runs': the folder holding the run directories")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
+    if args.target == "runs" and not (Path("runs") / "final").exists():
+        try:
+            rows = list_runs(Path(args.root))
+        except SpecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(rows, indent=1) if args.json else format_runs(rows))
+        return 0
     try:
         spec, cks = resolve(args.target)
     except SpecError as exc:

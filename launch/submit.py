@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from typing import Any, NoReturn
 
 from launch.cluster_checks import _sbatch_test_only, _slurm, check_cluster  # noqa: F401  (_slurm: tests)
 from launch.config import Job, LaunchConfig, load_jobs
+from launch.preflight import check_job
 from system.runtime import preemption
 from system.config import ConfigError, from_dict, to_dict
 
@@ -201,8 +203,19 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str, extra: dict
 
 
 def batch_script(ex) -> str:
-    """The sbatch script submitit would submit (the command itself is a placeholder)."""
-    return ex._executor._make_submission_file_text("true", "test")
+    """The sbatch script submitit submits, with the command it runs in every task."""
+    inner = ex._executor
+    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+
+
+def preflight(launch: LaunchConfig, jobs: list[Job]) -> None:
+    """Every check a job would otherwise fail inside Slurm (:mod:`launch.preflight`); warnings printed."""
+    seen: set[str] = set()
+    for job in jobs:
+        for w in check_job(launch, job):
+            if w not in seen:
+                seen.add(w)
+                print(f"warning: {w}", file=sys.stderr)
 
 
 def validate(launch: LaunchConfig, folder: Path, job_name: str) -> Any:
@@ -224,6 +237,15 @@ def validate(launch: LaunchConfig, folder: Path, job_name: str) -> Any:
         opts = [line for line in batch_script(ex).splitlines() if line.startswith("#SBATCH")]
         raise ConfigError(key, f"the cluster rejects this job: {reason}\n  batch options:\n    " + "\n    ".join(opts))
     return ex
+
+
+def train_command(job: Job) -> str:
+    """``launch.train`` with the job's whole resolved config as overrides (what each task runs)."""
+    from system.config import flatten
+
+    flat = flatten(to_dict(job.cfg))
+    args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(flat.items())]
+    return shlex.join([sys.executable, "-m", "launch.train", *args, "run.resume=auto"])
 
 
 def resolve_paths(job: Job) -> Job:
@@ -256,7 +278,7 @@ class Submitted:
 def finished(job: Job, name: str) -> bool:
     """Whether the run ``name`` of ``job`` already finished: a FINISHED run of that name in its
     tracking store (or, with tracking off, its ``summary.json``, written only at the very end)."""
-    from system.tracking import resolve_uri
+    from system.tracking import experiment_name, resolve_uri
 
     cfg = job.cfg
     if not cfg.tracking.enabled:
@@ -267,7 +289,7 @@ def finished(job: Job, name: str) -> bool:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(experiment_name(cfg.tracking))
     if exp is None:
         return False
     safe = name.replace("'", "")
@@ -308,6 +330,7 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     from system.tracking import resolve_uri
 
     jobs = [resolve_paths(j) for j in jobs]
+    preflight(launch, jobs)
     folder = Path(launch.folder).resolve()
     name = base_name(dataclasses.replace(jobs[0], sweep_values={}))
     ex = validate(launch, folder, name)
@@ -348,8 +371,22 @@ def report(sub: list[Submitted]) -> None:
         print(f"  mlflow    {s.tracking_uri}  run name {s.run_name}")
 
 
-def wait(sub: list[Submitted]) -> int:
-    """Wait for every job; print its summary or its error and log path; 1 if any failed."""
+def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
+    """Wait for every job, printing each state change (PENDING, RUNNING, ...); then its summary or
+    its error and log path; 1 if any failed."""
+    last: dict[str, str] = {}
+    while True:
+        for s in sub:
+            try:
+                state = s.job.state
+            except Exception:  # noqa: BLE001 -- sacct may lag behind a fresh submission
+                state = "UNKNOWN"
+            if last.get(str(s.job.job_id)) != state:
+                last[str(s.job.job_id)] = state
+                print(f"job {s.job.job_id} ({s.run_name}): {state}", flush=True)
+        if all(s.job.done() for s in sub):
+            break
+        time.sleep(poll_s)
     failed = 0
     for s in sub:
         try:
@@ -374,7 +411,9 @@ def parse(argv: list[str] | None = None):
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, launch.* included")
     ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                     help="sweep a run-config key (repeatable: the cartesian product is one job array)")
-    ap.add_argument("--wait", action="store_true", help="wait for the jobs; print results or errors")
+    ap.add_argument("--wait", action="store_true",
+                    help="wait for the jobs, printing each state change; then results or errors")
+    ap.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)  # seconds between state checks
     ap.add_argument("--dry-run", action="store_true", help="validate and print the batch script; submit nothing")
     return ap.parse_args(argv)
 
@@ -388,9 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch, jobs = load_jobs(args.config, args.overrides, args.sweep)
         if args.dry_run:
+            jobs = [resolve_paths(j) for j in jobs]
+            preflight(launch, jobs)
             folder = Path(launch.folder).resolve()
             ex = validate(launch, folder, base_name(dataclasses.replace(jobs[0], sweep_values={})))
             print(f"ok: {len(jobs)} run(s) on {ex.cluster}; nothing submitted")
+            for j in jobs:
+                print(f"each task of run {base_name(j)} runs launch.train.run(cfg) with run.resume=auto; "
+                      f"the same run as a command line:\n  {train_command(j)}")
             if ex.cluster == "slurm":
                 print(batch_script(ex))
             return 0
@@ -403,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report(sub)
     sys.stdout.flush()
-    return wait(sub) if args.wait else 0
+    return wait(sub, poll_s=args.poll) if args.wait else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Works as a plain process (CPU or one GPU), under ``torchrun`` and under the ``deepspeed``
 launcher (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from the environment).  Prints the
 summary as JSON on rank 0.
+
+Ctrl-C: the first SIGINT stops the run at the next step with a checkpoint (the preemption path),
+prints one line with the step and the command that resumes it, and exits with status 130; a
+second SIGINT stops at once (status 130, no checkpoint).
 """
 
 from __future__ import annotations
@@ -11,21 +15,45 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
+from pathlib import Path
 
-from system.config import ConfigError, load_config
+import yaml
+
+from system.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from system.run_config import RunConfig
 from system.tracking import TrackingUnavailable
 
 
-def parse(argv: list[str] | None = None) -> RunConfig:
-    ap = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="recipe YAML (overrides the typed defaults)")
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="parsimony-train", description=__doc__.splitlines()[0],
+                                 epilog="Every key of the config tree, with its default: --print-config. "
+                                        "(python -m launch.train is the same command.)")
+    ap.add_argument("--config", help="recipe YAML (overrides the typed defaults); its launch: section, for "
+                                     "launch.submit, is ignored here")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=20")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config tree (defaults <- recipe <- overrides) as YAML and exit")
     # the ``deepspeed`` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    return load_config(RunConfig, args.config, args.overrides)
+    return ap
+
+
+def load(path: str | None, overrides: list[str]) -> RunConfig:
+    """Defaults <- recipe <- overrides; a recipe's ``launch:`` section (launch.submit's) is set aside."""
+    data = read_yaml(path) if path else {}
+    if isinstance(data, dict) and "launch" in data:
+        data = {k: v for k, v in data.items() if k != "launch"}
+        logging.getLogger("launch.train").info(
+            "%s: ignoring its launch: section (where a job runs: read by launch.submit only)", path)
+    return from_dict(RunConfig, apply_overrides(data, list(overrides)))
+
+
+def parse(argv: list[str] | None = None) -> RunConfig:
+    args = parser().parse_args(argv)
+    return load(args.config, args.overrides)
 
 
 def setup_logging() -> None:
@@ -46,15 +74,54 @@ def run(cfg: RunConfig) -> dict:
         shutdown_distributed()
 
 
+def _on_interrupt() -> None:
+    """First SIGINT: ask the loop to stop at the next step (it saves a checkpoint); the second one
+    raises KeyboardInterrupt at once."""
+    from system.runtime import preemption
+
+    def second(signum, frame):
+        raise KeyboardInterrupt
+
+    def first(signum, frame):
+        preemption.request_stop("interrupted (Ctrl-C)")
+        signal.signal(signal.SIGINT, second)
+
+    preemption.watch()
+    signal.signal(signal.SIGINT, first)
+
+
+def _resume_command(argv: list[str], run_dir: Path) -> str:
+    keep = [a for a in argv if not a.startswith(("run.resume=", "run.dir="))]
+    return shlex.join([sys.executable, "-m", "launch.train", *keep, f"run.dir={run_dir}", "run.resume=auto"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from system.runtime import preemption
+
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
     try:
-        cfg = parse(argv)
+        cfg = load(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    _on_interrupt()
     try:
         summary = run(cfg)
+    except preemption.Preempted as stop:
+        if int(os.environ.get("RANK", 0)) == 0:
+            run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else Path(cfg.run.dir or ".")
+            print(f"interrupted: stopped after step {stop.step}, checkpoint {stop.checkpoint}; resume with: "
+                  f"{_resume_command(argv, run_dir)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted again: stopped at once, without a checkpoint of this step (the run resumes from "
+              "its newest checkpoint with run.resume=auto)", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, TrackingUnavailable) as exc:
         logging.getLogger("launch.train").error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,12 @@ from pipelines.shardset import ShardIndex, ShardSet, ShardSetError, cached_index
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops the run at a step boundary
+    with a checkpoint (a worker that died of SIGINT would fail the batch it was loading)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Loader:
@@ -191,7 +198,7 @@ class WdsLoader(Loader):
         dl = torch.utils.data.DataLoader(
             self.reader, batch_size=None, sampler=range(self.start_batch, self.batches_per_epoch),
             num_workers=workers, prefetch_factor=self.cfg.prefetch if workers else None,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_interrupts if workers else None,
         )
         for g, (images, labels, skipped) in enumerate(dl, start=self.start_batch):
             self._count_skips(skipped, g)
@@ -355,6 +362,13 @@ class SyntheticLoader(Loader):
 
 
 # ----------------------------------------------------------------------------------------- factory
+def class_names(cfg: DataConfig) -> list[str]:
+    """The class names by label: the shard manifest's (``class0, ...`` for synthetic data)."""
+    if cfg.loader == "synthetic":
+        return [f"class{i}" for i in range(cfg.synthetic_classes)]
+    return list(ShardSet.open(cfg.root).classes)
+
+
 def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, epoch: int,
                  start_batch: int = 0, device: str | torch.device = "cpu") -> Loader:
     """Build the loader of one rank for one epoch.

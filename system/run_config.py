@@ -54,7 +54,7 @@ class RunSection:
     """Section ``run``: where the run lives and whether it resumes."""
 
     dir: str = ""  # default: runs/<name>
-    name: str = ""  # default: <method label>-<model>-<time>
+    name: str = ""  # default: <method label>-<model>; a taken name gets the next version, <name>-v2 ...
     root: str = "runs"  # holds run dirs and the embedded MLflow store
     resume: str = ""  # "" | "auto" | a checkpoint path
     export_gates: Literal["auto", "deterministic", "mean"] = "auto"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipelines.loaders import build_loader
+from pipelines.loaders import build_loader, class_names
 from system.pruning.complexity import count
 from system.config import ConfigError, flatten, to_dict
 from system.runtime.checkpoint import Checkpointer, ModelBuffers, RngState, Value
@@ -30,6 +30,7 @@ from system.runtime.collectives import Collectives
 from system.runtime.coordinator import Coordinator
 from system.runtime.engine import DistEnv, Engine, LocalEngine, pick_device
 from system.runtime.faults import ENV_STOP, Faults, InjectedStop
+from system.runtime.rundir import RunDirError, RunLock, resolve_run_dir
 from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stream, widths_of
 from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
@@ -63,6 +64,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.comm = Collectives(self.env.rank, self.env.world_size, self.device)
         self.coord = Coordinator(self.comm)
+        self.lock: RunLock | None = None
         self.run_dir = self._run_dir()
         seed_everything(cfg.train.seed)
 
@@ -138,11 +140,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _run_dir(self) -> Path:
+        """Rank 0 picks the directory (a fresh run never writes into an earlier run's, see
+        :mod:`system.runtime.rundir`) and takes its lock; every rank gets the same path."""
         c = self.cfg.run
-        if c.dir:
-            return Path(c.dir)
-        name = c.name or f"{self.cfg.method.display}-{self.cfg.model.name}"
-        return Path(c.root) / name
+        base = Path(c.dir) if c.dir else Path(c.root) / (c.name or f"{self.cfg.method.display}-{self.cfg.model.name}")
+        path, error = "", None
+        if self.env.rank == 0:
+            try:
+                chosen = resolve_run_dir(base, explicit=bool(c.dir), resume=c.resume)
+                self.lock = RunLock(chosen)
+                self.lock.acquire()
+                path = str(chosen)
+            except RunDirError as exc:
+                error = exc
+        path = self.comm.broadcast_object(path)
+        if error is not None:
+            raise error
+        if not path:
+            raise RunDirError(f"rank 0 could not use the run directory {base} (see its log)")
+        return Path(path)
 
     def _default_engine(self, model, opt):
         kind = self.cfg.engine.kind
@@ -165,8 +181,12 @@ class Trainer:
         """MACs of the network as it is now (cached per spec; the spec changes at every pruning event)."""
         spec = self.spec()
         if getattr(self, "_macs_spec", None) is not spec:
-            self._macs_spec, self._macs = spec, count(spec)[0]
+            self._macs_spec, (self._macs, self._params) = spec, count(spec)
         return self._macs
+
+    def current_params(self) -> int:
+        self.current_macs()
+        return self._params
 
     # ------------------------------------------------------------------ one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -281,9 +301,10 @@ class Trainer:
         params = flatten(to_dict(cfg))
         tags = {T.TAG_METHOD: cfg.method.display, T.TAG_MODEL: cfg.model.name,
                 T.TAG_WORLD_SIZE: self.env.world_size, T.TAG_DEVICE: str(self.device),
-                T.TAG_CODE_VERSION: T.code_version()}
+                T.TAG_CODE_VERSION: T.code_version(), **T.standard_tags()}
         self.run_id = self.tracker.start(self.run_dir.name, params=params, tags=tags, run_id=run_id)
         self.tracking_run["run_id"] = self.run_id or run_id or ""
+        self.tracker.log_artifact(self.run_dir / T.CONFIG_ARTIFACT)  # the resolved config, as written
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -300,15 +321,19 @@ class Trainer:
         self._t_start = time.perf_counter() - s.wall_s
         status = "FAILED"
         try:
-            self._loop()
-            status = "FINISHED"
-        except (preemption.Preempted, SystemExit, KeyboardInterrupt):  # incl. faults.InjectedStop
-            status = "KILLED"  # resumed later into the same MLflow run
-            raise
+            try:
+                self._loop()
+                status = "FINISHED"
+            except (preemption.Preempted, SystemExit, KeyboardInterrupt):  # incl. faults.InjectedStop
+                status = "KILLED"  # resumed later into the same MLflow run
+                raise
+            finally:
+                if status != "FINISHED":
+                    self.tracker.end("FAILED" if status == "FAILED" else status)
+            summary = self.finish()
         finally:
-            if status != "FINISHED":
-                self.tracker.end("FAILED" if status == "FAILED" else status)
-        summary = self.finish()
+            if self.lock is not None:
+                self.lock.release()
         return summary
 
     def _progress(self, total: int, initial: int):
@@ -338,13 +363,18 @@ class Trainer:
                         dt = time.perf_counter() - t_log
                         self.tracker.log_metrics({T.TRAIN_LOSS: loss, T.TRAIN_LR: self._lr,
                                                   T.TRAIN_TOTAL_IPS: n_log * self.global_batch / max(dt, 1e-9),
-                                                  T.TRAIN_CUMULATIVE_MACS: s.train_macs}, step=s.step)
+                                                  T.TRAIN_CUMULATIVE_MACS: s.train_macs,
+                                                  # the model's size at every interval: a step function
+                                                  T.MODEL_MACS: self.current_macs(),
+                                                  T.MODEL_PARAMS: self.current_params()}, step=s.step)
                         t_log, n_log = time.perf_counter(), 0
                     if self.method.check_due(s.step):
                         self.maybe_prune(Event.STEP_END)
                     if eval_every and s.step % eval_every == 0:
                         self.evaluate()
                     s.wall_s = time.perf_counter() - self._t_start
+                    if self.lock is not None:
+                        self.lock.heartbeat()
                     self._after_step_checkpoint()
                     if s.step >= self.total_steps:
                         break
@@ -406,7 +436,11 @@ class Trainer:
         s.wall_s = time.perf_counter() - self._t_start
         final_spec = deployed.spec()
         if self.env.rank == 0:
-            save_deployed(deployed, self.run_dir / "final")
+            d = cfg.data
+            size = d.synthetic_size if d.loader == "synthetic" and d.synthetic_size else d.val_crop
+            save_deployed(deployed, self.run_dir / "final", classes=class_names(d),
+                          preprocess={"input_size": size, "resize": d.val_resize if d.loader != "synthetic" else size,
+                                      "mean": list(d.mean), "std": list(d.std), "layout": "NCHW RGB, 0-1 scale"})
         macs, params = count(final_spec)
         target = cfg.method.target_macs
         reached = None
@@ -425,10 +459,12 @@ class Trainer:
             "channels_removed": s.channels_removed, "prune_events": s.prune_events,
             "train_macs": s.train_macs, "train_macs_dense": s.train_macs_dense,
             "train_macs_pct": 100.0 * s.train_macs / max(1.0, s.train_macs_dense),
-            "wall_s": s.wall_s, "steps": s.step, "epochs": cfg.train.epochs, "world_size": self.env.world_size,
+            "wall_s": s.wall_s, "steps": s.step, "epochs": round(s.step / max(1, self.steps_per_epoch), 3),
+            "epochs_configured": cfg.train.epochs, "world_size": self.env.world_size,
             "device": str(self.device), "run_dir": str(self.run_dir), "run_id": getattr(self, "run_id", None),
             "method_details": self.method.summary(),
             "target_macs": target, "target_reached": reached, "eval_split": cfg.data.eval_split,
+            "mlflow_run_url": self.tracker.run_url(),
         }
         if self.env.rank == 0:
             atomic_write_json(self.run_dir / "summary.json", summary)

@@ -10,6 +10,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -67,6 +69,14 @@ class Collectives:
         t = torch.tensor(values, dtype=torch.float64)
         self.all_reduce_([t], op="sum")
         return t.tolist()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a picklable object; a no-op in one process)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def any_flag(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank (preemption agreement)."""

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from system.config import check
+
+#: MLflow's own environment variables: defaults for ``tracking.uri`` / ``tracking.experiment``
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_EXPERIMENT_NAME = "MLFLOW_EXPERIMENT_NAME"
+DEFAULT_EXPERIMENT = "parsimony"
+
 
 @dataclass(frozen=True)
 class TrackingConfig:
@@ -14,8 +21,10 @@ class TrackingConfig:
     Attributes:
         enabled: False makes every rank use the no-op tracker.
         uri: MLflow tracking URI (``http://host:5000``, ``sqlite:///...``, ``postgresql://...``);
-            empty means the embedded sqlite store ``sqlite:///<runs_root>/mlflow.db``.
-        experiment: experiment name, created on first use.
+            empty means ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store
+            ``sqlite:///<runs_root>/mlflow.db``.
+        experiment: experiment name, created on first use; empty means ``$MLFLOW_EXPERIMENT_NAME``,
+            else ``parsimony``.
         fallback_local: if the server is unreachable at start, False fails before training,
             True announces it and records the run in the embedded store instead.
         connect_timeout: seconds allowed for the reachability check at start.
@@ -32,7 +41,7 @@ class TrackingConfig:
 
     enabled: bool = True
     uri: str = ""
-    experiment: str = "parsimony"
+    experiment: str = ""
     fallback_local: bool = False
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
@@ -43,7 +52,7 @@ class TrackingConfig:
         check(self.uri == self.uri.strip(), "uri", "must not have surrounding spaces")
         check(self.uri == "" or "://" in self.uri or self.uri.startswith("databricks"),
               "uri", f"{self.uri!r} is not a URI (e.g. http://host:5000 or sqlite:///path.db)")
-        check(self.experiment.strip() != "", "experiment", "must not be empty")
+        check(self.experiment == self.experiment.strip(), "experiment", "must not have surrounding spaces")
         check(self.connect_timeout > 0, "connect_timeout", "must be > 0")
         check(self.request_timeout > 0, "request_timeout", "must be > 0")
         check(self.request_retries >= 0, "request_retries", "must be >= 0")
@@ -67,5 +76,10 @@ def local_store_uri(runs_root: str | Path) -> str:
 
 
 def resolve_uri(cfg: TrackingConfig, runs_root: str | Path) -> str:
-    """``cfg.uri``, or the embedded store's URI when it is empty."""
-    return cfg.uri or local_store_uri(runs_root)
+    """``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store's URI (an explicit key wins)."""
+    return cfg.uri or os.environ.get(ENV_TRACKING_URI, "").strip() or local_store_uri(runs_root)
+
+
+def experiment_name(cfg: TrackingConfig) -> str:
+    """``cfg.experiment``, else ``$MLFLOW_EXPERIMENT_NAME``, else ``parsimony``."""
+    return cfg.experiment or os.environ.get(ENV_EXPERIMENT_NAME, "").strip() or DEFAULT_EXPERIMENT

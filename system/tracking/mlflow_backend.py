@@ -16,8 +16,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from system.tracking.config import TrackingConfig, TrackingUnavailable, local_store_uri, resolve_uri
-from system.tracking.names import EXPERIMENT_KIND_TAG, RUN_STATUSES, TAG_FALLBACK, TAG_RESUMED_FROM, UNSENT_FILE
+from system.tracking.config import (TrackingConfig, TrackingUnavailable, experiment_name, local_store_uri,
+                                    resolve_uri)
+from system.tracking.names import (EXPERIMENT_KIND_TAG, RUN_STATUSES, TAG_FALLBACK, TAG_RESUMED_FROM,
+                                   UI_WORKFLOW_QUERY, UNSENT_FILE)
 from system.tracking.protocol import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class MLflowTracker:
         self.runs_root = Path(runs_root)
         self._run_dir = Path(run_dir) if run_dir is not None else None
         self.uri = resolve_uri(cfg, runs_root)     # the store actually used (after any fallback)
+        self.asked_uri = self.uri                  # the store asked for (config, else $MLFLOW_TRACKING_URI)
+        self.experiment = experiment_name(cfg)     # config, else $MLFLOW_EXPERIMENT_NAME
+        self._experiment_id: str | None = None
         self.fell_back = False
         self._client: Any = None
         self._run_id: str | None = None
@@ -125,7 +130,7 @@ class MLflowTracker:
 
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if self.fell_back:
-            tags[TAG_FALLBACK] = self.cfg.uri
+            tags[TAG_FALLBACK] = self.asked_uri
         run = None
         if run_id:
             run = self._find_run(run_id)
@@ -144,17 +149,36 @@ class MLflowTracker:
             created = self._client.create_run(exp_id, run_name=run_name)
             self._run_id = created.info.run_id
             log.info("MLflow run %s (%s) in %s, experiment %r", self._run_id, run_name, self.uri,
-                     self.cfg.experiment)
+                     self.experiment)
+        self._experiment_id = exp_id
+        if self.uri.startswith(("http://", "https://")):
+            log.info("MLflow UI: run %s , experiment %s", self.run_url(), self.experiment_url())
         if params:
             self.log_params(params)
         if tags:
             self.set_tags(tags)
         return self._run_id
 
+    def experiment_url(self) -> str | None:
+        """The experiment's page in the MLflow UI, on its runs table (None for a file store)."""
+        if self._experiment_id is None or not self.uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs{UI_WORKFLOW_QUERY}"
+
+    def run_url(self) -> str | None:
+        """The run's page in the MLflow UI (None for a file store)."""
+        if self._experiment_id is None or not self.uri.startswith(("http://", "https://")):
+            return None
+        return (f"{self.uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
+                f"{UI_WORKFLOW_QUERY}")
+
     def _configure_http(self) -> None:
         # MLflow's REST client reads these per request; the config is the one place to set them.
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.cfg.request_retries)
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(math.ceil(self.cfg.request_timeout))))
+        # MLflow prints its own run link to stdout (without the workflow the UI needs, and into the
+        # JSON summary launch.train prints there); ours goes to the log
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     def _connect(self, uri: str) -> tuple[Any, str]:
         """Client for ``uri`` and the experiment's id; TrackingUnavailable if it does not answer."""
@@ -170,17 +194,17 @@ class MLflowTracker:
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
         try:
-            exp = client.get_experiment_by_name(self.cfg.experiment)
+            exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
                 # Locally, artifacts live beside the database (not in ./mlruns of whatever cwd).
-                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / self.cfg.experiment
+                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / self.experiment
                             ).as_uri() if is_local else None
                 try:
                     return client, client.create_experiment(
-                        self.cfg.experiment, artifact_location=location,
+                        self.experiment, artifact_location=location,
                         tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
                 except MlflowException:   # another process created it meanwhile
-                    exp = client.get_experiment_by_name(self.cfg.experiment)
+                    exp = client.get_experiment_by_name(self.experiment)
                     if exp is None:
                         raise
             if exp.lifecycle_stage == "deleted":
@@ -376,7 +400,10 @@ class MLflowTracker:
         self._dropped += self._count(rec) if count is None else count
         try:
             self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.spool_path.exists()
             with self.spool_path.open("a") as f:
+                if new:  # which run the backlog belongs to, for a later `launch.compare --sync`
+                    f.write(json.dumps(self._header()) + "\n")
                 f.write(json.dumps(rec) + "\n")
         except OSError as exc:
             log.warning("could not write tracking backlog %s: %s", self.spool_path, exc)
@@ -400,15 +427,60 @@ class MLflowTracker:
             log.info("tracking store %s answers again; backlog delivered", self.uri)
         return not self._pending
 
+    def _header(self) -> dict[str, Any]:
+        return {"kind": "run", "run_id": self._run_id, "uri": self.uri, "experiment": self.experiment}
+
     def _rewrite_spool(self) -> None:
         try:
             if self._pending:
-                self.spool_path.write_text("".join(json.dumps(r) + "\n" for r in self._pending))
+                self.spool_path.write_text("".join(json.dumps(r) + "\n" for r in [self._header(), *self._pending]))
             elif self.spool_path.exists():
                 self.spool_path.unlink()
                 shutil.rmtree(self.spool_path.parent / "mlflow_unsent_artifacts", ignore_errors=True)
         except OSError as exc:
             log.warning("could not rewrite tracking backlog %s: %s", self.spool_path, exc)
+
+
+def sync_backlog(run_dir: str | Path, uri: str | None = None) -> tuple[int, str | None]:
+    """Deliver a run's backlog (``<run_dir>/mlflow_unsent.jsonl``, left by a tracking-store outage)
+    in order, then mark the run with the end status it recorded.  ``uri`` overrides the store the
+    backlog names.  Returns (items delivered, end status or None); the backlog file keeps what could
+    not be delivered.
+
+    Raises:
+        FileNotFoundError: no backlog in ``run_dir``.
+        TrackingUnavailable: the store does not answer.
+    """
+    path = Path(run_dir) / UNSENT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tracking backlog (nothing to sync)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    header = next((r for r in records if r.get("kind") == "run"), None)
+    if header is None or not header.get("run_id"):
+        raise ValueError(f"{path}: the backlog does not say which run it belongs to (written by an older version)")
+    target = uri or header["uri"]
+    cfg = TrackingConfig(uri=target if "://" in target else "", experiment=header.get("experiment") or "")
+    tracker = MLflowTracker(cfg, Path(run_dir).parent, run_dir)
+    tracker.uri = target
+    tracker._client, _ = tracker._connect(target)
+    tracker._run_id = header["run_id"]
+    tracker._pending = [r for r in records if r.get("kind") not in ("run", "end")]
+    tracker._dropped = sum(tracker._count(r) for r in tracker._pending)
+    ends = [r["status"] for r in records if r.get("kind") == "end"]
+    before = tracker._dropped
+    if not tracker._replay():
+        raise TrackingUnavailable(target, f"{tracker._dropped} item(s) still undelivered; kept in {path}")
+    status = ends[-1] if ends else None
+    if status is not None:
+        try:
+            tracker._client.set_terminated(tracker._run_id, status=status)
+        except Exception:
+            path.write_text(json.dumps(header) + "\n" + json.dumps({"kind": "end", "status": status}) + "\n")
+            raise
+    path.unlink(missing_ok=True)
+    log.info("synced %s: %d item(s) delivered to %s, run %s%s", run_dir, before, target, tracker._run_id,
+             f" marked {status}" if status else "")
+    return before, status
 
 
 def make_tracker(cfg: TrackingConfig, rank: int, runs_root: str | Path,

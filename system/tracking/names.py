@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# --- metric names (DeepLearningExamples style) ----------------------------------------------
-TRAIN_LOSS = "train.loss"
-TRAIN_TOTAL_IPS = "train.total_ips"
-TRAIN_LR = "train.lr"
-TRAIN_CUMULATIVE_MACS = "train.cumulative_macs"
-VAL_TOP1 = "val.top1"
-VAL_TOP5 = "val.top5"
-VAL_LOSS = "val.loss"
-MODEL_MACS = "model.macs"
-MODEL_PARAMS = "model.params"
-PRUNE_EVENTS = "prune.events"
-PRUNE_CHANNELS_REMOVED = "prune.channels_removed"
-PRUNE_BLOCKS_REMOVED = "prune.blocks_removed"
-PRUNE_REBUILD_S = "prune.rebuild_s"
+# --- metric names: "<section>/<name>", so the MLflow UI groups the charts in sections --------
+TRAIN_LOSS = "train/loss"
+TRAIN_TOTAL_IPS = "train/total_ips"
+TRAIN_LR = "train/lr"
+TRAIN_CUMULATIVE_MACS = "train/cumulative_macs"
+VAL_TOP1 = "val/top1"
+VAL_TOP5 = "val/top5"
+VAL_LOSS = "val/loss"
+MODEL_MACS = "model/macs"  # logged at every log interval and at every pruning event: a step function
+MODEL_PARAMS = "model/params"
+PRUNE_EVENTS = "prune/events"
+PRUNE_CHANNELS_REMOVED = "prune/channels_removed"
+PRUNE_BLOCKS_REMOVED = "prune/blocks_removed"
+PRUNE_REBUILD_S = "prune/rebuild_s"
 
-# End-of-run summary: logged as metrics ``final.<key>`` (see ``final_metrics``).
-FINAL_PREFIX = "final."
+# End-of-run summary: metrics ``summary/<key>`` (see ``final_metrics``): one value each, the runs
+# table's columns.  The UI sorts chart sections by name and opens the first, "model" (the MACs step
+# function), with "summary" collapsed among the others.
+FINAL_PREFIX = "summary/"
+LEGACY_FINAL_PREFIX = "final."  # what runs logged before the sections (launch.compare reads both)
 FINAL_KEYS: tuple[str, ...] = (
     "top1", "macs", "params", "macs_dense", "params_dense", "blocks_removed",
     "channels_removed", "train_macs", "train_macs_dense", "wall_s",
@@ -29,7 +32,7 @@ FINAL_TOP1, FINAL_MACS, FINAL_PARAMS, FINAL_MACS_DENSE, FINAL_PARAMS_DENSE, \
     FINAL_BLOCKS_REMOVED, FINAL_CHANNELS_REMOVED, FINAL_TRAIN_MACS, FINAL_TRAIN_MACS_DENSE, \
     FINAL_WALL_S = (FINAL_PREFIX + k for k in FINAL_KEYS)
 
-# Run tags.
+# Run tags (plus MLflow's standard ``mlflow.*`` tags and the Slurm ones, see ``standard_tags``).
 TAG_METHOD = "method"
 TAG_MODEL = "model"
 TAG_WORLD_SIZE = "world_size"
@@ -38,8 +41,11 @@ TAG_CODE_VERSION = "code_version"
 TAG_FALLBACK = "parsimony.tracking_fallback_from"   # set when the local store stood in for a server
 TAG_RESUMED_FROM = "parsimony.resumed_from"         # set when a requeued job could not find its run
 
-# Makes the MLflow UI open the experiment on its runs table rather than the GenAI overview.
+# The experiment kind (a model-training experiment, not a GenAI one).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# The MLflow UI opens on its GenAI overview unless the link says which workflow (it then remembers).
+UI_WORKFLOW_QUERY = "?workflowType=machine_learning"
+CONFIG_ARTIFACT = "config.json"
 
 SUMMARY_ARTIFACT = "summary.json"
 LAYER_WIDTHS_ARTIFACT = "layer_widths.png"
@@ -49,6 +55,6 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """``{"top1": 76.1, ...} -> {"final.top1": 76.1, ...}`` for the keys in ``FINAL_KEYS``."""
+    """``{"top1": 76.1, ...} -> {"summary/top1": 76.1, ...}`` for the keys in ``FINAL_KEYS``."""
     return {FINAL_PREFIX + k: float(summary[k]) for k in FINAL_KEYS
             if k in summary and summary[k] is not None}

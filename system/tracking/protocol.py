@@ -40,6 +40,9 @@ class Tracker(Protocol):
     def log_figure(self, figure: Any, name: str) -> None:
         """Upload a matplotlib figure as PNG artifact ``name``."""
 
+    def run_url(self) -> str | None:
+        """The run's page in the MLflow UI (None without a UI)."""
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with ``status`` (FINISHED, FAILED or KILLED); report what was not sent."""
 
@@ -80,6 +83,9 @@ class NullTracker:
 
     def log_figure(self, figure: Any, name: str) -> None:
         pass
+
+    def run_url(self) -> str | None:
+        return None
 
     def end(self, status: str = "FINISHED") -> None:
         pass

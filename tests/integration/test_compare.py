@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.compare import format_table, main, pareto_front
+from launch.compare import RunRow, format_table, main, pareto_front
 from system.tracking import (TAG_CODE_VERSION, TAG_DEVICE, TAG_METHOD, TAG_MODEL, TAG_WORLD_SIZE,
                              TRAIN_LOSS, TrackingConfig, final_metrics, make_tracker)
 from tests.mlflow_server import TEST_CLIENT_ENV
@@ -136,3 +136,32 @@ def test_format_table_handles_missing_values():
     row = RunRow("id", "partial", None, None, 70.0, None, None, None, None, None, None)
     lines = format_table([row]).splitlines()
     assert lines[2].split() == ["partial", "-", "-", "70.00"] + ["-"] * 6
+
+
+def test_pareto_plot_colours_methods_with_a_dense_reference_and_the_legend_outside(tmp_path):
+    from launch.compare import pareto_figure, plot_pareto
+
+    def row(name, method, top1, pct):
+        return RunRow(run_id=name, run_name=name, method=method, model="resnet20", top1=top1,
+                      macs=40e6 * pct / 100, params=None, macs_removed_pct=100 - pct, blocks_removed=None,
+                      train_macs_pct=None, wall_s=None)
+
+    rows = [row("d", "none", 0.92, 100), row("v1", "variational", 0.91, 50), row("v2", "variational", 0.89, 30),
+            row("t1", "taylor", 0.90, 50), row("t2", "taylor", 0.85, 30)]
+    fig = pareto_figure(rows)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "inference MACs (% of dense)"
+    # colour encodes the method: one scatter per method, distinct colours
+    scatters = {c.get_label(): tuple(c.get_facecolor()[0]) for c in ax.collections}
+    assert set(scatters) == {"variational", "taylor"} and len(set(scatters.values())) == 2
+    # the dense reference line at its top-1
+    dense = [ln for ln in ax.get_lines() if ln.get_label().startswith("dense")]
+    assert dense and dense[0].get_ydata()[0] == pytest.approx(92.0)
+    # absolute MACs on a second axis
+    assert any(getattr(a, "get_xlabel", lambda: "")() == "inference GMACs" for a in ax.child_axes)
+    # the legend sits outside the axes (it never covers the points)
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1
+    out = plot_pareto(rows, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

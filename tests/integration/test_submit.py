@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -222,6 +223,10 @@ def test_cli_bad_partition_and_failed_job(root):
                   f"launch.folder={root / 'failed' / '%j'}", "--wait", cwd=root)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert re.search(r"^job \d+: run ", failed.stdout, re.M)  # printed the job id before waiting
+    # the submit-time check warned (the path may exist on the cluster's nodes), and --wait showed states
+    assert "warning: data.root: /nonexistent/shards does not exist on this host" in failed.stderr
+    states = re.findall(r"^job \d+ \(\S+\): (\w+)$", failed.stdout, re.M)
+    assert states and states[-1] in ("FAILED", "COMPLETED") and len(states) == len(dict.fromkeys(states))
     assert "mlflow    sqlite:///" in failed.stdout
     assert "FAILED" in failed.stderr and "/nonexistent/shards" in failed.stderr
     err_log = re.search(r"stderr: (\S+)", failed.stderr).group(1)
@@ -247,7 +252,6 @@ def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):
     """Without Slurm: a stop request mid-run saves at the next step, raises Preempted; resuming equals
     the uninterrupted run."""
     from system.runtime import preemption
-    from system.checkpoint_hook import attach_checkpointer
     from system.config import load_config
     from system.run_config import RunConfig
     from system.trainer import Trainer
@@ -257,7 +261,6 @@ def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):
         cfg = load_config(RunConfig, None, [*BASE, *TAYLOR, "checkpoint.every_steps=0", f"run.root={tmp_path}",
                                             f"run.name={name}", "run.resume=auto"])
         tr = Trainer(cfg)
-        attach_checkpointer(tr)
         inner = tr.train_step
 
         def step(x, y):
@@ -286,3 +289,37 @@ def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):
     for key in ("top1", "val_loss", "macs", "params", "prune_events", "steps"):
         assert resumed[key] == plain[key], key
     assert (tmp_path / "p" / "final" / "spec.json").read_text() == (tmp_path / "u" / "final" / "spec.json").read_text()
+
+
+@slurm
+@slow
+@timeout
+@pytest.mark.parametrize("overrides,key", [
+    (["engine.kind=deepspeed", "launch.tasks_per_node=2", "engine.zero_stage=2"], "engine.zero_stage"),
+    (["method.name=variational", "model.zero_init_residual=true"], "method.name"),
+    (["train.precision=bf16"], "train.precision"),  # the allocation has no GPU
+])
+def test_dry_run_runs_the_checks_a_job_would_fail_inside(root, overrides, key):
+    before = _jobs_in_queue()
+    out = _cli(*TINY, *ONE_TASK, *overrides, f"run.root={root / 'runs'}", f"launch.folder={root / 'dry' / '%j'}",
+               "--dry-run", cwd=root)
+    assert out.returncode == 2 and f"config key '{key}'" in out.stderr, out.stdout + out.stderr
+    assert "nothing was submitted" in out.stderr and _jobs_in_queue() == before
+
+
+@slurm
+@slow
+@timeout
+def test_dry_run_prints_the_real_command_and_warns_about_the_data(root):
+    out = _cli(*TINY, *ONE_TASK, "data.root=/nonexistent/shards", f"run.root={root / 'runs'}",
+               f"launch.folder={root / 'dry' / '%j'}", "--dry-run", cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "warning: data.root: /nonexistent/shards does not exist on this host" in out.stderr
+    srun = [ln for ln in out.stdout.splitlines() if ln.startswith("srun")]
+    assert srun and "-m submitit.core._submit" in srun[0] and not srun[0].rstrip().endswith(" true")
+    cmd = [ln.strip() for ln in out.stdout.splitlines() if "-m launch.train" in ln]
+    assert cmd and "data.root=/nonexistent/shards" in cmd[0] and "method.name=taylor" in cmd[0]
+    # the printed command line is the same run config (it parses back to it)
+    from launch.train import load
+    args = shlex.split(cmd[0])[3:]
+    assert load(None, args).data.root == "/nonexistent/shards"

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import subprocess
@@ -107,16 +108,24 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     assert hist[T.VAL_TOP1][-1] == (STEPS, pytest.approx(summary["top1"]))
     assert max(v for _, v in hist[T.PRUNE_EVENTS]) == summary["prune_events"] >= 1
     assert hist[T.PRUNE_BLOCKS_REMOVED][-1][1] >= 1          # STRONG variational removes blocks
-    # model.macs starts dense and drops at the first pruning event; never grows
-    macs = hist[T.MODEL_MACS]
+    # model/macs starts dense and drops at the first pruning event; never grows (in logging order: at
+    # an event's step the interval's value comes before the event's)
+    macs = [(m.step, m.value) for m in sorted(client.get_metric_history(rid, T.MODEL_MACS),
+                                              key=lambda m: (m.step, m.timestamp))]
     assert macs[0] == (0, summary["macs_dense"])
     first_event = hist[T.PRUNE_EVENTS][0][0]
     at_event = [v for s, v in macs if s == first_event]
-    assert at_event and at_event[0] < summary["macs_dense"]
+    assert at_event and at_event[-1] < summary["macs_dense"]
     assert [v for _, v in macs] == sorted((v for _, v in macs), reverse=True)
     assert macs[-1] == (STEPS, summary["macs"])
     assert hist[T.MODEL_PARAMS][0] == (0, summary["params_dense"])
     assert hist[T.MODEL_PARAMS][-1] == (STEPS, summary["params"])
+    # the model's size at every log interval (a step function in the chart, the events visible)
+    assert set(loss_steps) <= {s for s, _ in macs}
+    assert len({v for _, v in macs}) >= 2
+    # names in sections: "<section>/<name>"
+    assert all("/" in k for k in run.data.metrics)
+    assert {k.split("/")[0] for k in run.data.metrics} == {"train", "val", "model", "prune", "summary"}
 
     # final.* metrics are summary.json's values
     on_disk = json.loads((run_dir / "summary.json").read_text())
@@ -136,10 +145,18 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     assert t[T.TAG_METHOD] == summary["method"] and t[T.TAG_MODEL] == "resnet20"
     assert t[T.TAG_WORLD_SIZE] == "1" and t[T.TAG_DEVICE] == "cpu"
     assert t[T.TAG_CODE_VERSION] == T.code_version() != "unknown"
+    # MLflow's standard tags: who, from what source, which commit (the UI's "Created by" / "Source")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert t["mlflow.user"] and t["mlflow.source.name"] and t["mlflow.source.type"] == "LOCAL"
+    assert t["mlflow.source.git.commit"] == head
+    # the UI link in the summary opens the runs view
+    if uri.startswith("http"):
+        assert summary["mlflow_run_url"].startswith(f"{uri}/#/experiments/") and rid in summary["mlflow_run_url"]
+        assert summary["mlflow_run_url"].endswith("?workflowType=machine_learning")
 
     # artifacts
     top = {a.path for a in client.list_artifacts(rid)}
-    assert {"specs", "final", T.SUMMARY_ARTIFACT, T.LAYER_WIDTHS_ARTIFACT} <= top, top
+    assert {"specs", "final", T.SUMMARY_ARTIFACT, T.LAYER_WIDTHS_ARTIFACT, T.CONFIG_ARTIFACT} <= top, top
     specs = sorted(a.path for a in client.list_artifacts(rid, "specs"))
     event_steps = [s for s, _ in hist[T.PRUNE_EVENTS]]
     assert [int(name[len("specs/step"):][:8]) for name in specs] == event_steps, specs
@@ -153,6 +170,8 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     assert got_summary["run_id"] == rid
     spec = json.loads(Path(client.download_artifacts(rid, specs[0], str(dl))).read_text())
     assert isinstance(spec, dict) and spec
+    config = Path(client.download_artifacts(rid, T.CONFIG_ARTIFACT, str(dl))).read_text()
+    assert json.loads(config) == json.loads((run_dir / "config.json").read_text())
     final_spec = Path(client.download_artifacts(rid, "final/spec.json", str(dl))).read_text()
     assert final_spec == (run_dir / "final" / "spec.json").read_text()
     weights = Path(client.download_artifacts(rid, "final/model.safetensors", str(dl)))
@@ -222,7 +241,7 @@ def test_stopped_and_resumed_run_continues_the_same_mlflow_run(mlflow_server, tm
     assert runs[0].info.status == "KILLED"                 # preempted, not failed
     assert [s for s, _ in _history(client, rid, T.TRAIN_LOSS)] == list(range(2, 11, 2))
     manifest = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/manifest.json")).read_text())
-    assert manifest["mlflow_run_id"] == rid
+    assert manifest["parts"]["tracking"]["run_id"] == rid
     assert not (tmp_path / "run" / "summary.json").exists()
 
     second = _train_cli(tmp_path, *common, "run.resume=auto")
@@ -321,3 +340,111 @@ def test_server_killed_mid_run_training_finishes(tmp_path, caplog):
     artifacts = [r for r in recs if r["kind"] == "artifact"]
     assert any(Path(r["path"]).name == "summary.json" and Path(r["path"]).is_file() for r in artifacts)
     assert any(r["kind"] == "end" and r["status"] == "FINISHED" for r in recs)
+
+
+# ------------------------------------------------------------------------------------------ 5b
+def test_a_backlog_left_by_an_outage_is_delivered_after_the_run(tmp_path):
+    """The server dies in the last stretch: the run ends with a backlog and stays RUNNING in MLflow;
+    ``launch.compare --sync RUN_DIR`` delivers the backlog in order and marks the run FINISHED."""
+    server = MlflowServer(tmp_path / "server").start()
+    exp = _exp()
+    cfg = tiny_config(tmp_path, *STRONG["taylor"], *FAST, f"tracking.uri={server.uri}",
+                      f"tracking.experiment={exp}", "train.max_steps=12", "checkpoint.at_epoch_end=false")
+    trainer = Trainer(cfg)
+    inner = trainer.train_step
+
+    def step(x, y):  # the server dies after step 8
+        loss = inner(x, y)
+        if trainer.state.step == 8:
+            server.kill()
+        return loss
+
+    trainer.train_step = step
+    try:
+        summary = trainer.run()
+    finally:
+        server.kill()
+    run_dir = tmp_path / "run"
+    assert summary["tracking_unsent"] > 0 and (run_dir / T.UNSENT_FILE).is_file()
+    again = MlflowServer(tmp_path / "server").start()  # the same store, back (on another port)
+    try:
+        client = _client(again.uri)
+        assert client.get_run(summary["run_id"]).info.status == "RUNNING"  # what the outage left
+        out = subprocess.run([sys.executable, "-m", "launch.compare", "--sync", str(run_dir),
+                              "--tracking-uri", again.uri], cwd=REPO, env=_cli_env(), capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"{summary['tracking_unsent']} item(s) delivered, run marked FINISHED" in out.stdout
+        run = client.get_run(summary["run_id"])
+        assert run.info.status == "FINISHED"
+        assert [s for s, _ in _history(client, run.info.run_id, T.TRAIN_LOSS)] == list(range(2, 13, 2))
+        assert run.data.metrics[T.FINAL_PREFIX + "top1"] == pytest.approx(summary["top1"])
+        assert T.SUMMARY_ARTIFACT in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert not (run_dir / T.UNSENT_FILE).exists()
+        # nothing left: a second sync says so and fails
+        again_out = subprocess.run([sys.executable, "-m", "launch.compare", "--sync", str(run_dir)], cwd=REPO,
+                                   env=_cli_env(), capture_output=True, text=True, timeout=120)
+        assert again_out.returncode == 1 and "no tracking backlog" in again_out.stderr
+    finally:
+        again.kill()
+
+
+# ------------------------------------------------------------------------------------------ env
+def test_mlflow_environment_variables_are_the_defaults(mlflow_server, tmp_path):
+    exp, explicit = _exp(), _exp()
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "MLFLOW_EXPERIMENT_NAME": exp}
+    out = _train_cli(tmp_path, "tracking.enabled=true", "train.max_steps=2", **env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    client = _client(mlflow_server.uri)
+    assert [r.info.run_id for r in _runs(client, exp)] == [summary["run_id"]]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
+    # an explicit key wins over the environment
+    out = _train_cli(tmp_path / "b", "tracking.enabled=true", "train.max_steps=2",
+                     f"tracking.experiment={explicit}", **env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r.info.run_id for r in _runs(client, explicit)] == [json.loads(out.stdout)["run_id"]]
+    # launch.compare reads the same variables
+    cmp = subprocess.run([sys.executable, "-m", "launch.compare", "--json"], cwd=REPO,
+                         env=_cli_env(**env), capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    assert [r["run_id"] for r in json.loads(cmp.stdout)] == [summary["run_id"]]
+
+
+def _chromium() -> str | None:
+    import shutil
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _page_text(url: str, profile: Path) -> tuple[str, str]:
+    """(title, visible text) of ``url`` rendered by headless Chromium."""
+    out = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    html = out.stdout
+    title = re.search(r"<title>(.*?)</title>", html, re.S)
+    text = re.sub(r"<style[^>]*>.*?</style>|<script[^>]*>.*?</script>", " ", html, flags=re.S)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+    return (title.group(1) if title else ""), text
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (Debian package `chromium`)")
+def test_the_mlflow_ui_opens_on_the_training_runs_and_shows_sections(mlflow_server, tmp_path):
+    """What the page shows in headless Chromium: the link we print opens the experiment on its runs
+    table (the bare experiment URL opens MLflow's GenAI overview); the run's metrics come in sections."""
+    exp = _exp()
+    summary = Trainer(tiny_config(tmp_path, *STRONG["taylor"], *FAST, f"tracking.uri={mlflow_server.uri}",
+                                  f"tracking.experiment={exp}", "train.max_steps=6")).run()
+    url = summary["mlflow_run_url"]
+    exp_url = url.split("/runs/")[0] + "/runs?workflowType=machine_learning"
+    title, text = _page_text(exp_url, tmp_path / "chromium-a")
+    assert title.startswith("Runs"), title
+    assert "run" in text and Path(summary["run_dir"]).name in text  # the run's row
+    bare_title, _ = _page_text(exp_url.split("/runs")[0], tmp_path / "chromium-b")
+    assert bare_title.startswith("Overview"), bare_title  # why the printed link carries the workflow
+    metrics_url = url.replace("?workflowType", "/model-metrics?workflowType")
+    _, metrics_text = _page_text(metrics_url, tmp_path / "chromium-a")
+    for section in ("model", "prune", "summary", "train", "val"):
+        assert f"{section} (" in metrics_text, section
+    assert "final." not in metrics_text

@@ -143,3 +143,32 @@ def test_the_checker_sees_a_violation():
     g = graph()
     g["system.runtime.checkpoint.manager"] = g["system.runtime.checkpoint.manager"] | {"system.trainer"}
     assert violations(g) == ["system.runtime.checkpoint.manager -> system.trainer"]
+
+
+def test_every_project_import_resolves():
+    """Imports of project modules (also inside functions, in tests and bench scripts) name modules
+    and attributes that exist: a moved module cannot leave a stale import behind."""
+    import importlib
+    import importlib.util
+
+    bad = []
+    files = [p for d in (*PACKAGES, "tests", "bench") for p in (ROOT / d).rglob("*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] in (*PACKAGES, "tests"):
+                try:
+                    mod = importlib.import_module(node.module)
+                except ImportError as exc:
+                    bad.append(f"{path.relative_to(ROOT)}: {node.module} ({exc})")
+                    continue
+                for alias in node.names:
+                    if alias.name != "*" and not hasattr(mod, alias.name) and \
+                            importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                        bad.append(f"{path.relative_to(ROOT)}: {node.module}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    ours = alias.name.split(".")[0] in (*PACKAGES, "tests")
+                    if ours and importlib.util.find_spec(alias.name) is None:
+                        bad.append(f"{path.relative_to(ROOT)}: {alias.name}")
+    assert not bad, "imports that do not resolve:\n" + "\n".join(bad)

@@ -170,7 +170,12 @@ class Checkpointer:
         if code == -2:
             raise CheckpointError(f"rank 0 refused the checkpoint under {target} (see its log)")
         if code == -1:
-            log.info("run.resume=%s: no checkpoint under %s, starting from scratch", resume, self.root)
+            if resume != "auto":  # an explicit path is never replaced, least of all by a fresh start
+                raise CheckpointError(
+                    f"config key 'run.resume': {target} does not exist" if not target.exists() else
+                    f"config key 'run.resume': {target} holds no complete checkpoint (only run.resume=auto "
+                    f"starts fresh when there is none)")
+            log.info("run.resume=auto: no checkpoint under %s, starting from scratch", self.root)
             return None
         if info is None:  # ranks > 0: same directory, already verified by rank 0
             path = target if (target / MANIFEST).exists() or _NAME.match(target.name) else \

@@ -1,0 +1,76 @@
+"""Checks a submitted job would otherwise fail inside Slurm, run on the submitting host first.
+
+Pure checks of each run's config against the allocation (no GPU, no data loading):
+
+- the engine: ``engine.*`` at ``launch.nodes x launch.tasks_per_node`` ranks on the allocation's
+  device (ZeRO stage, global batch, precision, backend) -- an error naming the key;
+- the method against the model (block kind, zero-initialised residuals with layer gates,
+  ``method.round_to`` against the widths) -- an error naming the key;
+- the data root: missing or unreadable *from this host* is a warning naming ``data.root`` (the
+  cluster's nodes may see other file systems).
+
+``launch.submit`` runs them at ``--dry-run`` and before every real submission.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from launch.config import Job, LaunchConfig
+from system.config import ConfigError
+
+
+def check_job(launch: LaunchConfig, job: Job) -> list[str]:
+    """Raise :class:`ConfigError` for what the job would fail on; return warnings."""
+    cfg = job.cfg
+    world = launch.nodes * launch.tasks_per_node
+    device = torch.device("cuda" if launch.gpus_per_node else "cpu")
+    if cfg.engine.kind == "deepspeed" or (cfg.engine.kind == "auto" and world > 1):
+        from system.runtime.engine_ds import check_engine_config
+
+        check_engine_config(cfg, world, device)
+    elif cfg.train.precision != "fp32" and device.type != "cuda":
+        raise ConfigError("train.precision", f"{cfg.train.precision} needs a GPU; the allocation has none "
+                                             "(launch.gpus_per_node=0): use train.precision=fp32")
+    _check_method(cfg)
+    return _check_data(cfg)
+
+
+def _check_method(cfg) -> None:
+    from system.models.anatomy import last_bn
+    from system.models.resnet import RemovedBlock, build_model
+    from system.models.spec import dense_spec
+    from system.pruning.methods import build_method
+
+    spec = dense_spec(cfg.model.name, input_size=cfg.model.input_size or cfg.data.train_size,
+                      shortcut=cfg.model.shortcut or None)
+    with torch.no_grad():
+        model = build_model(spec)
+        if cfg.model.zero_init_residual:
+            for _, blk in model.named_blocks():
+                if not isinstance(blk, RemovedBlock):
+                    last_bn(blk, model.block_kind).weight.zero_()
+    method = build_method(cfg.method, 1000, weight_decay=cfg.optim.weight_decay)
+    try:
+        method.check_model(model)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError("method.name", str(exc)) from None
+
+
+def _check_data(cfg) -> list[str]:
+    if cfg.data.loader == "synthetic":
+        return []
+    root = Path(cfg.data.root)
+    if not root.exists():
+        return [f"data.root: {root} does not exist on this host ({os.uname().nodename}); the job fails unless "
+                f"the cluster's nodes see it there"]
+    if not os.access(root, os.R_OK | os.X_OK):
+        return [f"data.root: {root} is not readable on this host ({os.uname().nodename})"]
+    if not (root / "manifest.json").is_file():
+        return [f"data.root: {root} holds no manifest.json (not a shard directory from pipelines.shards)"]
+    return []
