@@ -65,7 +65,18 @@ class Trainer:
         self.comm = Collectives(self.env.rank, self.env.world_size, self.device)
         self.coord = Coordinator(self.comm)
         self.lock: RunLock | None = None
+        self._made_dirs: list[Path] = []
         self.run_dir = self._run_dir()
+        try:
+            self._build(engine_factory)
+        except BaseException:
+            self._abandon()  # a run that could not be built leaves nothing behind
+            raise
+
+    def _build(self, engine_factory) -> None:
+        """Everything after the run directory: data, model, method, optimizer, engine (resumed ones
+        from their checkpoint), tracker."""
+        cfg = self.cfg
         seed_everything(cfg.train.seed)
 
         probe = build_loader(cfg.data, "train", self.env.rank, self.env.world_size, cfg.train.seed, 0)
@@ -148,6 +159,8 @@ class Trainer:
         if self.env.rank == 0:
             try:
                 chosen = resolve_run_dir(base, explicit=bool(c.dir), resume=c.resume)
+                missing = [d for d in [chosen, *chosen.parents] if not d.exists()]
+                self._made_dirs = missing  # what this run creates, innermost first
                 self.lock = RunLock(chosen)
                 self.lock.acquire()
                 path = str(chosen)
@@ -159,6 +172,16 @@ class Trainer:
         if not path:
             raise RunDirError(f"rank 0 could not use the run directory {base} (see its log)")
         return Path(path)
+
+    def _abandon(self) -> None:
+        """Release the run directory; remove it when this run created it and left nothing else there."""
+        if self.lock is not None:
+            self.lock.release()
+        for d in self._made_dirs:
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                break
 
     def _default_engine(self, model, opt):
         kind = self.cfg.engine.kind

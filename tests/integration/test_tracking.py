@@ -70,7 +70,7 @@ def test_make_tracker_picks_once_by_rank(tmp_path):
 
 def test_final_metrics_names():
     out = final_metrics({"top1": 75.5, "macs": 2e9, "wall_s": 10, "other": 1, "params": None})
-    assert out == {"final.top1": 75.5, "final.macs": 2e9, "final.wall_s": 10.0}
+    assert out == {"summary/top1": 75.5, "summary/macs": 2e9, "summary/wall_s": 10.0}
 
 
 def test_log_and_read_back(store):

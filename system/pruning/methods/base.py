@@ -18,7 +18,10 @@ What the loop asks of a method, in order:
 
 What a method declares instead of being probed for: :meth:`Method.decay_exempt` (weights it
 decays in its own loss), :meth:`Method.export_gates` (how its gates fold at export),
-:meth:`Method.theta_lrs` (its theta groups' learning rates), :attr:`Method.handles`.
+:meth:`Method.theta_lrs` (its theta groups' learning rates), :attr:`Method.handles` (block kinds),
+:attr:`Method.supports_target` (whether it steers to ``method.target_macs``).  Shared helpers:
+:func:`~system.pruning.surgery.plan_from_removals` (masks -> plan, the empty-branch rule),
+:func:`remap_stores` (per-gate state through surgery), :func:`round_removal` (``method.round_to``).
 
 Example::
 
