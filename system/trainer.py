@@ -30,7 +30,7 @@ from system.runtime.collectives import Collectives
 from system.runtime.coordinator import Coordinator
 from system.runtime.engine import DistEnv, Engine, LocalEngine, pick_device
 from system.runtime.faults import ENV_STOP, Faults, InjectedStop
-from system.runtime.rundir import RunDirError, RunLock, resolve_run_dir
+from system.runtime.rundir import RunLock, claim, remove_empty
 from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stream, widths_of
 from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
@@ -151,37 +151,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _run_dir(self) -> Path:
-        """Rank 0 picks the directory (a fresh run never writes into an earlier run's, see
-        :mod:`system.runtime.rundir`) and takes its lock; every rank gets the same path."""
+        """Rank 0 claims the directory (:func:`system.runtime.rundir.claim`); every rank gets its path."""
         c = self.cfg.run
         base = Path(c.dir) if c.dir else Path(c.root) / (c.name or f"{self.cfg.method.display}-{self.cfg.model.name}")
-        path, error = "", None
-        if self.env.rank == 0:
-            try:
-                chosen = resolve_run_dir(base, explicit=bool(c.dir), resume=c.resume)
-                missing = [d for d in [chosen, *chosen.parents] if not d.exists()]
-                self._made_dirs = missing  # what this run creates, innermost first
-                self.lock = RunLock(chosen)
-                self.lock.acquire()
-                path = str(chosen)
-            except RunDirError as exc:
-                error = exc
-        path = self.comm.broadcast_object(path)
-        if error is not None:
-            raise error
-        if not path:
-            raise RunDirError(f"rank 0 could not use the run directory {base} (see its log)")
-        return Path(path)
+        claimed = claim(base, explicit=bool(c.dir), resume=c.resume, rank=self.env.rank,
+                        broadcast=self.comm.broadcast_object)
+        self.lock, self._made_dirs = claimed.lock, claimed.made
+        return claimed.path
 
     def _abandon(self) -> None:
-        """Release the run directory; remove it when this run created it and left nothing else there."""
+        """Release the run directory, and remove what this run created if nothing else was written."""
         if self.lock is not None:
             self.lock.release()
-        for d in self._made_dirs:
-            try:
-                d.rmdir()  # only if empty
-            except OSError:
-                break
+        remove_empty(self._made_dirs)
 
     def _default_engine(self, model, opt):
         kind = self.cfg.engine.kind

@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +192,42 @@ class RunLock:
             if found is not None and found[0].pid == self.me.pid and found[0].host == self.me.host:
                 self.path.unlink(missing_ok=True)
             self.held = False
+
+
+@dataclass
+class Claimed:
+    """A claimed run directory: its path, rank 0's lock, and the folders the claim created."""
+
+    path: Path
+    lock: RunLock | None
+    made: list[Path]
+
+
+def claim(base: Path, explicit: bool, resume: str, rank: int, broadcast: Callable[[Any], Any]) -> Claimed:
+    """Rank 0 resolves the directory (:func:`resolve_run_dir`) and takes its lock; ``broadcast``
+    sends rank 0's path to every rank.  Raises :class:`RunDirError` on every rank if rank 0 cannot."""
+    path, error, lock, made = "", None, None, []
+    if rank == 0:
+        try:
+            chosen = resolve_run_dir(base, explicit=explicit, resume=resume)
+            made = [d for d in [chosen, *chosen.parents] if not d.exists()]  # innermost first
+            lock = RunLock(chosen)
+            lock.acquire()
+            path = str(chosen)
+        except RunDirError as exc:
+            error = exc
+    path = broadcast(path)
+    if error is not None:
+        raise error
+    if not path:
+        raise RunDirError(f"rank 0 could not use the run directory {base} (see its log)")
+    return Claimed(Path(path), lock, made)
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (innermost first) while they are empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
