@@ -37,7 +37,8 @@ class TrainConfig:
     eval_every_steps: int = 0  # 0 = at the end of every epoch
     eval_batches: int = 0  # 0 = the whole validation split
     log_every_steps: int = 20
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, a log line every progress_interval_s elsewhere
+    progress_interval_s: float = 30.0
     threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class TrainConfig:
         check(self.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
         check(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         check(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+        check(self.progress_interval_s > 0, "progress_interval_s", "must be > 0")
         check(self.threads >= 0, "threads", "must be >= 0")
 
 

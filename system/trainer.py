@@ -31,6 +31,7 @@ from system.runtime.coordinator import Coordinator
 from system.runtime.engine import DistEnv, Engine, LocalEngine, pick_device
 from system.runtime.faults import ENV_STOP, Faults, InjectedStop
 from system.runtime.rundir import RunLock, claim, remove_empty
+from system.progress import progress
 from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stream, widths_of
 from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
@@ -343,9 +344,7 @@ class Trainer:
 
     def _progress(self, total: int, initial: int):
         if self.cfg.train.progress and self.env.rank == 0:
-            from tqdm import tqdm
-
-            return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            return progress(total, initial, self.cfg.train.progress_interval_s)
         return contextlib.nullcontext()
 
     def _loop(self) -> None:
