@@ -8,7 +8,8 @@ Layers, lowest first (a package may import itself and what its row allows)::
     system.tracking                               names, protocol, MLflow backend, plots
     system.runtime                                process group, collectives, coordinator, engines,
                                                   checkpoints, preemption, faults
-    system.optim, system.export, system.state     what the loop uses around the model
+    system.optim, system.export, system.state,    what the loop uses around the model
+    system.progress
     system.run_config                             the root config tree (composes every section)
     system.trainer                                the loop
     launch                                        entry points
@@ -35,11 +36,13 @@ ALLOWED: dict[str, set[str]] = {
     "system.optim": BASE | {"system.models"},
     "system.export": BASE | {"system.models", "system.pruning"},
     "system.state": BASE | {"system.models"},
+    "system.progress": set(),
     "pipelines": BASE,
     "system.run_config": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
                                  "system.optim", "pipelines"},
     "system.trainer": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
-                              "system.optim", "system.export", "system.state", "system.run_config", "pipelines"},
+                              "system.optim", "system.export", "system.state", "system.progress", "system.run_config",
+                              "pipelines"},
 }
 
 
