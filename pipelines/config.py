@@ -42,6 +42,8 @@ class DataConfig:
         prefetch: batches prepared ahead (per worker for wds, DALI queue depth for dali).
         shuffle: shuffle the training split (shard order and order inside shards) every epoch.
         verify_checksums: hash every shard against the manifest when a loader is built (slow on ImageNet).
+        max_skip_frac: a run stops (with a checkpoint, naming the worst shards) once more than this
+            fraction of an epoch's training samples were skipped as unreadable (default 0.1%).
         eval_split: the split evaluations read: ``val`` (choices are made here) or ``test`` (shard sets
             built with a held-out test split; read only for final tables).
         synthetic_classes / synthetic_samples: size of the synthetic data set (train split; val is a tenth).
@@ -65,6 +67,7 @@ class DataConfig:
     prefetch: int = 2
     shuffle: bool = True
     verify_checksums: bool = False
+    max_skip_frac: float = 0.001
     eval_split: str = "val"
     synthetic_classes: int = 1000
     synthetic_samples: int = 10_000
@@ -83,6 +86,7 @@ class DataConfig:
         check(len(self.std) == 3 and all(s > 0 for s in self.std), "std", "needs 3 values > 0")
         check(self.eval_split in ("val", "test"), "eval_split", f"must be 'val' or 'test', got {self.eval_split!r}")
         check(self.workers >= 0, "workers", "must be >= 0")
+        check(0.0 <= self.max_skip_frac <= 1.0, "max_skip_frac", f"must be in [0, 1], got {self.max_skip_frac}")
         check(self.prefetch >= 1, "prefetch", "must be >= 1")
         check(self.synthetic_classes >= 1, "synthetic_classes", "must be >= 1")
         check(self.synthetic_samples >= 1, "synthetic_samples", "must be >= 1")

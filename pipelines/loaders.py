@@ -12,9 +12,10 @@ Example::
 
 Every loader follows ``pipelines.plan.epoch_plan``: the samples of batch ``g`` on rank ``r`` depend
 only on (seed, epoch, rank, world_size), so all loaders read the same samples, every rank yields the
-same number of batches, and ``start_batch`` resumes exactly. A sample that fails to decode is skipped
-(train: the batch is one shorter; val: it becomes padding with label -1), counted in ``skipped`` and
-logged.
+same number of batches, and ``start_batch`` resumes exactly. A sample that cannot be read (a label
+that is not an integer in range, a JPEG that does not decode) is skipped (train: the batch is one
+shorter; val: it becomes padding with label -1), counted in ``skipped`` / ``skipped_by_shard`` and
+logged with its shard; the trainer enforces ``data.max_skip_frac``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Loader:
         num_samples: samples in the split (all ranks together).
         batches_per_epoch: batches a rank yields in a whole epoch (the same on every rank).
         start_batch: index of the first batch this loader yields.
-        skipped: samples that failed to decode so far (this loader).
+        skipped: samples skipped so far by this loader (unreadable label, JPEG that does not decode);
+            ``skipped_by_shard`` counts them per shard file.
     ``len(loader) == batches_per_epoch - start_batch``: the batches this iterator yields.
     """
 
@@ -71,6 +73,8 @@ class Loader:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
         self.start_batch = start_batch
         self.skipped = 0
+        self.skipped_by_shard: dict[str, int] = {}
+        self.shard_paths: list[str] = []  # shard index -> file (set by the shard-reading loaders)
         self.train = split == "train"
         self.size = cfg.train_size if self.train else cfg.val_crop
         self._mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255
@@ -86,11 +90,15 @@ class Loader:
         x = images_u8.to(self.device, non_blocking=True).float()
         return x.sub_(self._mean).div_(self._std)
 
-    def _count_skips(self, n: int, g: int) -> None:
-        if n:
-            self.skipped += n
+    def _count_skips(self, shards: list[int], g: int) -> None:
+        """Count the skipped samples of batch ``g`` (``shards``: the shard index of each)."""
+        if shards:
+            self.skipped += len(shards)
+            for s in shards:
+                name = self.shard_paths[s] if s < len(self.shard_paths) else str(s)
+                self.skipped_by_shard[name] = self.skipped_by_shard.get(name, 0) + 1
             log.warning("%s rank %d batch %d: skipped %d corrupt sample(s) (%d so far)", self.split, self.rank,
-                        g, n, self.skipped)
+                        g, len(shards), self.skipped)
 
 
 # --------------------------------------------------------------------------------------------- wds
@@ -152,20 +160,22 @@ class _BatchReader(torch.utils.data.Dataset):
         torch.manual_seed(int(rng_for(self.seed, self.epoch, position).integers(2**62)))
         return self.transform(img)
 
-    def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        images, labels, skipped = [], [], 0
+    def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The batch's images and labels, and the shard index of every sample skipped (an unreadable
+        label or a JPEG that does not decode: logged with its shard and key, never fatal)."""
+        images, labels, skipped = [], [], []
         with torch.random.fork_rng(devices=[]):
             for s, r, p in zip(self.plan.shard[g], self.plan.row[g], self.plan.position[g]):
                 if s == PAD:
                     images.append(torch.zeros(3, self.size, self.size, dtype=torch.uint8))
                     labels.append(PAD)
                     continue
-                jpg, label, key = self._read(int(s), int(r))
                 try:
+                    jpg, label, key = self._read(int(s), int(r))
                     img = self.decode(jpg, int(p))
                 except Exception as exc:  # corrupt sample: skip, never crash the job
-                    log.warning("corrupt sample %s in %s: %s", key, self.paths[s], exc)
-                    skipped += 1
+                    log.warning("corrupt sample (shard %s, row %d): %s", self.paths[s], int(r), exc)
+                    skipped.append(int(s))
                     if not self.train:
                         images.append(torch.zeros(3, self.size, self.size, dtype=torch.uint8))
                         labels.append(PAD)
@@ -189,6 +199,7 @@ class WdsLoader(Loader):
     def __init__(self, cfg: DataConfig, shardset: ShardSet, split: str, **kw):
         super().__init__(cfg, split, **kw)
         self.reader = _BatchReader(cfg, shardset, split, self.plan, self.seed, self.epoch)
+        self.shard_paths = [str(p) for p in self.reader.paths]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         workers = self.cfg.workers
@@ -225,6 +236,7 @@ class DaliLoader(Loader):
         self.shardset = shardset
         self.shards = shardset.shards(split)
         self.fallback = _BatchReader(cfg, shardset, split, self.plan, self.seed, self.epoch)
+        self.shard_paths = [str(s.path) for s in self.shards]
         self.gpu = self.device.type == "cuda"
         self._tmp: str | None = None
 
@@ -327,7 +339,8 @@ class DaliLoader(Loader):
                     try:
                         out_images, out_cls = pipe.run()
                         images, labels = self._to_torch(out_images, out_cls, n)
-                    except RuntimeError as exc:
+                        self._check_labels(labels, g)
+                    except (RuntimeError, ValueError) as exc:  # a JPEG DALI cannot decode, a bad label
                         log.warning("DALI failed on %s batch %d (%s); decoding it in Python",
                                     self.split, g, str(exc).strip().splitlines()[0][:200])
                         pipe = None  # a failed DALI pipeline is not reused
@@ -337,7 +350,6 @@ class DaliLoader(Loader):
                         yield self._normalise(images_u8), labels.to(self.device)
                         g += 1
                         continue
-                    self._check_labels(labels, g)
                 yield self._pad(images, labels, g) if not self.train else (images, labels.to(self.device))
                 g += 1
         finally:

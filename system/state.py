@@ -34,6 +34,7 @@ class LoopState:
     best_top1: float = 0.0
     last_eval: dict = field(default_factory=dict)
     width_history: list = field(default_factory=list)  # [(step, {gate: width})]
+    samples_skipped: int = 0  # unreadable training samples skipped, all ranks together
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

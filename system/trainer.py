@@ -32,7 +32,9 @@ from system.runtime.engine import DistEnv, Engine, LocalEngine, pick_device
 from system.runtime.faults import ENV_STOP, Faults, InjectedStop
 from system.runtime.rundir import RunLock, claim, remove_empty
 from system.progress import progress
+from system.skips import SkipLimitExceeded, SkipWatch
 from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stream, widths_of
+from system.evaluation import accuracy, plain_forward
 from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
 from system.pruning.methods import Batch, Event, StepContext, build_method
@@ -123,6 +125,7 @@ class Trainer:
         self.engine: Engine = (engine_factory or self._default_engine)(model, opt)
         self.state = LoopState()
         self.tracking_run = Value(run_id="")
+        self.skips = SkipWatch(self.comm, cfg.data.max_skip_frac)
         self.rng = RngState()
         if resume is not None:
             parts = {k: v for k, v in self._rank_parts().items() if k != "method"}  # loaded above
@@ -243,19 +246,6 @@ class Trainer:
         self.tracker.log_dict(spec.to_dict(), f"specs/step{s.step:08d}.json")
 
     # ------------------------------------------------------------------ evaluation
-    def _plain_forward(self, net: torch.nn.Module):
-        """A forward for a gate-free network outside the engine, with the run's precision."""
-        p = self.cfg.train.precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p)
-
-        def fwd(x: torch.Tensor) -> torch.Tensor:
-            if self.cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                return net(x)
-        return fwd
-
-    @torch.no_grad()
     def evaluate(self, net: GatedResNet | None = None) -> dict[str, float]:
         """Top-1/top-5/loss on ``data.eval_split``: of the training model under the method's eval
         gates, or of ``net`` (the deployed network) when given."""
@@ -263,41 +253,19 @@ class Trainer:
         loader = build_loader(cfg.data, cfg.data.eval_split, self.env.rank, self.env.world_size, cfg.train.seed, 0,
                               device=self.device)
         model = self.model if net is None else net
-        forward = self.engine.forward if net is None else self._plain_forward(net)
+        forward = self.engine.forward if net is None else \
+            plain_forward(net, self.device, cfg.train.precision, cfg.train.channels_last)
         was_training = model.training
         model.eval()
-        n = correct1 = correct5 = loss_sum = 0.0
         with self.method.eval_gates(model):
-            batches = iter(loader)
-            try:
-                for i, (x, y) in enumerate(batches):
-                    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-                        break
-                    logits = forward(x).float()
-                    keep = y >= 0
-                    logits, y = logits[keep], y[keep]
-                    if y.numel() == 0:
-                        continue
-                    loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                    correct1 += float((top[:, 0] == y).sum())
-                    correct5 += float((top == y[:, None]).any(dim=1).sum())
-                    n += y.numel()
-            finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
-
-        n, correct1, correct5, loss_sum = self.comm.sum_scalars([n, correct1, correct5, loss_sum])
+            res = accuracy(forward, loader, cfg.train.eval_batches, self.comm.sum_scalars)
         model.train(was_training)
-        res = {"top1": correct1 / max(1.0, n), "top5": correct5 / max(1.0, n), "loss": loss_sum / max(1.0, n),
-               "n": int(n)}
         self.state.last_eval = res
         self.state.best_top1 = max(self.state.best_top1, res["top1"])
         self.tracker.log_metrics({T.VAL_TOP1: res["top1"], T.VAL_TOP5: res["top5"], T.VAL_LOSS: res["loss"]},
                                  step=self.state.step)
         log.info("step %d: val top1 %.4f top5 %.4f loss %.4f (%d images)", self.state.step, res["top1"],
-                 res["top5"], res["loss"], int(n))
+                 res["top5"], res["loss"], res["n"])
         return res
 
     # ------------------------------------------------------------------ the run
@@ -356,6 +324,7 @@ class Trainer:
                 loader = build_loader(cfg.data, "train", self.env.rank, self.env.world_size, cfg.train.seed,
                                       s.epoch, start_batch=s.batch, device=self.device)
                 batches = rng_neutral(loader)
+                self.skips.new_epoch()
                 for x, y in batches:
                     loss = self.train_step(x, y)
                     s.batch += 1
@@ -372,6 +341,7 @@ class Trainer:
                                                   T.MODEL_MACS: self.current_macs(),
                                                   T.MODEL_PARAMS: self.current_params()}, step=s.step)
                         t_log, n_log = time.perf_counter(), 0
+                        self._check_skips(loader)
                     if self.method.check_due(s.step):
                         self.maybe_prune(Event.STEP_END)
                     if eval_every and s.step % eval_every == 0:
@@ -385,6 +355,7 @@ class Trainer:
                     if preemption.watching() and self.comm.any_flag(preemption.stop_requested()):
                         self._stop_agreed()
                 batches.close()
+                self._check_skips(loader)
                 if s.batch >= loader.batches_per_epoch:
                     self.maybe_prune(Event.EPOCH_END)
                     s.epoch += 1
@@ -393,6 +364,17 @@ class Trainer:
                         self.evaluate()
                     if cfg.checkpoint.at_epoch_end:
                         self.save_checkpoint("epoch_end")
+
+    def _check_skips(self, loader) -> None:
+        """Count the unreadable samples (all ranks); over ``data.max_skip_frac``: checkpoint, then stop."""
+        new, over = self.skips.check(loader)
+        if new:
+            self.state.samples_skipped += new
+            self.tracker.log_metrics({T.DATA_SAMPLES_SKIPPED: self.state.samples_skipped}, step=self.state.step)
+        if over is not None:
+            path = self.save_checkpoint("skip_limit")
+            raise SkipLimitExceeded(f"{over}. Checkpoint {path} is saved: check the shards (python -m "
+                                    f"pipelines.verify {self.cfg.data.root}), then resume with run.resume=auto")
 
     def _after_step_checkpoint(self) -> None:
         step = self.state.step
@@ -468,7 +450,7 @@ class Trainer:
             "device": str(self.device), "run_dir": str(self.run_dir), "run_id": getattr(self, "run_id", None),
             "method_details": self.method.summary(),
             "target_macs": target, "target_reached": reached, "eval_split": cfg.data.eval_split,
-            "mlflow_run_url": self.tracker.run_url(),
+            "mlflow_run_url": self.tracker.run_url(), "samples_skipped": s.samples_skipped,
         }
         if self.env.rank == 0:
             atomic_write_json(self.run_dir / "summary.json", summary)

@@ -78,6 +78,14 @@ class Collectives:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, by rank (``[obj]`` in one process)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def any_flag(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank (preemption agreement)."""
         return self.sum_scalars([1.0 if flag else 0.0])[0] > 0

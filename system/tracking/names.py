@@ -18,6 +18,7 @@ PRUNE_EVENTS = "prune/events"
 PRUNE_CHANNELS_REMOVED = "prune/channels_removed"
 PRUNE_BLOCKS_REMOVED = "prune/blocks_removed"
 PRUNE_REBUILD_S = "prune/rebuild_s"
+DATA_SAMPLES_SKIPPED = "data/samples_skipped"  # unreadable training samples skipped so far (all ranks)
 
 # End-of-run summary: metrics ``summary/<key>`` (see ``final_metrics``): one value each, the runs
 # table's columns.  The UI sorts chart sections by name and opens the first, "model" (the MACs step

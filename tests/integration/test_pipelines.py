@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -278,12 +279,58 @@ def test_corrupt_sample_at_read_time_is_skipped_and_counted(shard_dir, tmp_path,
     assert loader.skipped == 1 and len(labels) == 44 and labels.count(PAD) == 3  # 2 padding + the bad one
 
 
+@pytest.mark.parametrize("payload", [b"99", b"x1"])
 @pytest.mark.parametrize("kind", ["wds", "dali"])
-def test_class_id_out_of_range_names_the_file(shard_dir, tmp_path, kind):
-    tar, _ = _corrupt_copy(shard_dir, tmp_path / "cls", "val", "cls", lambda b: b"99")
+def test_a_bad_label_is_skipped_and_named_with_its_shard(shard_dir, tmp_path, kind, payload, caplog):
+    """A class id out of range or a label that is not a number: the sample is skipped (padding in
+    val), counted against its shard and logged with it; the epoch goes on."""
+    tar, key = _corrupt_copy(shard_dir, tmp_path / "cls", "val", "cls", lambda b: payload)
     cfg = DataConfig(loader=kind, root=str(tmp_path / "cls"), **SMALL)
-    with pytest.raises(ShardSetError, match=rf"{tar}.*class id 99"):
-        list(build_loader(cfg, "val", 0, 1, 0, 0))
+    with caplog.at_level(logging.WARNING):
+        loader, batches = _epoch(cfg, "val", 0, 1)
+    labels = _labels(batches)
+    assert loader.skipped == 1 and loader.skipped_by_shard == {str(tar): 1}
+    assert len(labels) == 44 and labels.count(PAD) == 3
+    assert any(str(tar) in r.getMessage() for r in caplog.records)
+
+
+def _train_on(root: Path, tmp_path: Path, *over: str) -> dict:
+    from system.trainer import Trainer
+    from tests.methods_util import tiny_config
+    cfg = tiny_config(tmp_path, "data.loader=" + over[0], f"data.root={root}", "data.train_size=24",
+                      "data.val_resize=28", "data.val_crop=24", "data.batch_size=4", "data.workers=0",
+                      "train.epochs=1", *over[1:])
+    return Trainer(cfg).run()
+
+
+@pytest.mark.parametrize("kind", ["wds", "dali"])
+def test_a_run_over_a_damaged_sample_finishes_and_reports_it(shard_dir, tmp_path, kind):
+    tar, _ = _corrupt_copy(shard_dir, tmp_path / "bad", "train", "cls", lambda b: b"x1")
+    summary = _train_on(tmp_path / "bad", tmp_path, kind, "data.max_skip_frac=0.1", "tracking.enabled=true")
+    assert summary["samples_skipped"] == 1 and summary["steps"] == 10
+    from mlflow.tracking import MlflowClient
+
+    from system.tracking import DATA_SAMPLES_SKIPPED, local_store_uri
+    client = MlflowClient(local_store_uri(tmp_path))
+    assert [m.value for m in client.get_metric_history(summary["run_id"], DATA_SAMPLES_SKIPPED)] == [1.0]
+
+
+@pytest.mark.parametrize("kind", ["wds", "dali"])
+def test_too_many_bad_samples_stop_with_a_checkpoint_naming_the_shard(shard_dir, tmp_path, kind):
+    from system.skips import SkipLimitExceeded
+    tar, _ = _corrupt_copy(shard_dir, tmp_path / "bad", "train", "jpg", lambda b: b[:2] + bytes(len(b) - 2))
+    with pytest.raises(SkipLimitExceeded) as err:
+        _train_on(tmp_path / "bad", tmp_path, kind, "data.max_skip_frac=0", "train.log_every_steps=1")
+    msg = str(err.value)
+    assert "data.max_skip_frac" in msg and f"{tar} (1)" in msg and "pipelines.verify" in msg
+    step = int(msg.split("step-")[1][:8])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+
+
+def test_a_skip_limit_outside_0_1_is_refused():
+    with pytest.raises(ConfigError) as err:
+        from_dict(DataConfig, {"max_skip_frac": 1.5})
+    assert err.value.key == "max_skip_frac" and "[0, 1]" in str(err.value)
 
 
 def test_bad_shard_directories_are_clear_errors(shard_dir, tmp_path):

@@ -37,11 +37,14 @@ ALLOWED: dict[str, set[str]] = {
     "system.export": BASE | {"system.models", "system.pruning"},
     "system.state": BASE | {"system.models"},
     "system.progress": set(),
+    "system.skips": set(),
+    "system.evaluation": set(),
     "pipelines": BASE,
     "system.run_config": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
                                  "system.optim", "pipelines"},
     "system.trainer": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
-                              "system.optim", "system.export", "system.state", "system.progress", "system.run_config",
+                              "system.optim", "system.export", "system.state", "system.progress", "system.skips",
+                              "system.evaluation", "system.run_config",
                               "pipelines"},
 }
 
