@@ -454,14 +454,20 @@ class Trainer:
         }
         if self.env.rank == 0:
             atomic_write_json(self.run_dir / "summary.json", summary)
-            self._log_final(summary)
+            self._log_final(summary, deployed)
         self.engine.close()
         return summary
 
-    def _log_final(self, summary: dict[str, Any]) -> None:
+    def _log_final(self, summary: dict[str, Any], deployed: GatedResNet) -> None:
         tr = self.tracker
         tr.log_metrics(T.final_metrics(summary), step=self.state.step)
         tr.log_metrics({T.MODEL_MACS: summary["macs"], T.MODEL_PARAMS: summary["params"]}, step=self.state.step)
+        spec = deployed.spec()
+        example = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
+        uri = tr.log_model(deployed.cpu().eval(), example, {"spec": spec.to_dict()}, self.cfg.tracking.register_as)
+        if uri is not None:
+            summary["mlflow_model_uri"] = uri
+            atomic_write_json(self.run_dir / "summary.json", summary)
         tr.log_artifact(self.run_dir / "summary.json")
         for f in sorted((self.run_dir / "final").iterdir()):
             tr.log_artifact(f, subdir="final")

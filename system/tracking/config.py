@@ -33,6 +33,10 @@ class TrackingConfig:
             small, a dead server otherwise stalls each call for minutes.
         retry_after_s: after a failed send, items go straight to the local backlog for this long
             before the server is tried again.
+        register_as: register the run's final network in the model registry under this name
+            (empty: logged as an MLflow Model, not registered).
+        system_metrics: log MLflow's system metrics (CPU, memory, GPU) for the run, every
+            ``system_metrics_interval_s`` seconds.
 
     Example::
 
@@ -47,9 +51,14 @@ class TrackingConfig:
     request_timeout: float = 30.0
     request_retries: int = 2
     retry_after_s: float = 60.0
+    register_as: str = ""
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         check(self.uri == self.uri.strip(), "uri", "must not have surrounding spaces")
+        check(self.system_metrics_interval_s > 0, "system_metrics_interval_s", "must be > 0")
+        check(self.register_as == self.register_as.strip(), "register_as", "must not have surrounding spaces")
         check(self.uri == "" or "://" in self.uri or self.uri.startswith("databricks"),
               "uri", f"{self.uri!r} is not a URI (e.g. http://host:5000 or sqlite:///path.db)")
         check(self.experiment == self.experiment.strip(), "experiment", "must not have surrounding spaces")

@@ -85,6 +85,7 @@ class MLflowTracker:
         self._pending: list[dict[str, Any]] = []   # backlog records, in order
         self._down_until = 0.0
         self._ended = False
+        self._monitor: Any = None  # MLflow's system-metrics thread (rank 0)
         self._artifact_seq = 0
 
     # -- properties -------------------------------------------------------------------------
@@ -151,6 +152,7 @@ class MLflowTracker:
             log.info("MLflow run %s (%s) in %s, experiment %r", self._run_id, run_name, self.uri,
                      self.experiment)
         self._experiment_id = exp_id
+        self._start_system_metrics()
         if self.uri.startswith(("http://", "https://")):
             log.info("MLflow UI: run %s , experiment %s", self.run_url(), self.experiment_url())
         if params:
@@ -298,9 +300,58 @@ class MLflowTracker:
             self._submit({"kind": "artifact", "path": str(local),
                           "subdir": str(p.parent) if str(p.parent) != "." else None})
 
+    def log_model(self, model: Any, example: Any, metadata: Mapping[str, Any], register_as: str = "") -> str | None:
+        """Log ``model`` (the exported, gate-free network) as an MLflow Model of this run with its input
+        signature and ``metadata`` (the spec), registered as ``register_as`` when given; its URI, or
+        None (with a warning: the files are in the run's artifacts anyway) when the store refuses."""
+        if not self._started():
+            return None
+        try:
+            import mlflow
+            import mlflow.pytorch
+            import torch
+            from mlflow.models import infer_signature
+
+            with torch.no_grad():
+                out = model(example)
+            signature = infer_signature(example.numpy(), out.numpy())
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self._run_id):
+                info = mlflow.pytorch.log_model(
+                    # pickled (loads any batch size; needs this package importable, as pip_requirements say)
+                    model, name="model", signature=signature, metadata=dict(metadata), serialization_format="pickle",
+                    registered_model_name=register_as or None,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "parsimony"])
+            log.info("logged the final network as MLflow Model %s%s", info.model_uri,
+                     f", registered as {register_as!r}" if register_as else "")
+            return str(info.model_uri)
+        except Exception as exc:  # noqa: BLE001 -- never fail a finished run over its model entry
+            log.warning("could not log the final network as an MLflow Model in %s: %s", self.uri,
+                        str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            return None
+
+    def _start_system_metrics(self) -> None:
+        if not self.cfg.system_metrics:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=self.cfg.system_metrics_interval_s,
+                                                 resume_logging=True, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # noqa: BLE001 -- optional
+            log.warning("system metrics are off: %s", exc)
+            self._monitor = None
+
     def end(self, status: str = "FINISHED") -> None:
         if not self._started() or self._ended:
             return
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:  # noqa: BLE001
+                pass
+            self._monitor = None
         if status not in RUN_STATUSES:
             log.warning("unknown run status %r; recording FAILED", status)
             status = "FAILED"

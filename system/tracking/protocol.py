@@ -43,6 +43,9 @@ class Tracker(Protocol):
     def run_url(self) -> str | None:
         """The run's page in the MLflow UI (None without a UI)."""
 
+    def log_model(self, model: Any, example: Any, metadata: Mapping[str, Any], register_as: str = "") -> str | None:
+        """Log ``model`` as an MLflow Model (signature from ``example``); its URI, or None."""
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with ``status`` (FINISHED, FAILED or KILLED); report what was not sent."""
 
@@ -83,6 +86,9 @@ class NullTracker:
 
     def log_figure(self, figure: Any, name: str) -> None:
         pass
+
+    def log_model(self, model: Any, example: Any, metadata: Mapping[str, Any], register_as: str = "") -> str | None:
+        return None
 
     def run_url(self) -> str | None:
         return None

@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 import uuid
+
+import torch
 from pathlib import Path
 
 import pytest
@@ -125,7 +127,8 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     assert len({v for _, v in macs}) >= 2
     # names in sections: "<section>/<name>"
     assert all("/" in k for k in run.data.metrics)
-    assert {k.split("/")[0] for k in run.data.metrics} == {"train", "val", "model", "prune", "summary"}
+    ours = {"train", "val", "model", "prune", "summary"}
+    assert ours <= {k.split("/")[0] for k in run.data.metrics} <= ours | {"system"}  # + MLflow's system metrics
 
     # final.* metrics are summary.json's values
     on_disk = json.loads((run_dir / "summary.json").read_text())
@@ -448,3 +451,33 @@ def test_the_mlflow_ui_opens_on_the_training_runs_and_shows_sections(mlflow_serv
     for section in ("model", "prune", "summary", "train", "val"):
         assert f"{section} (" in metrics_text, section
     assert "final." not in metrics_text
+
+
+# ------------------------------------------------------------------------------------------ MLflow Model
+def test_the_final_network_is_an_mlflow_model_and_registered(mlflow_server, tmp_path):
+    """mlflow.pytorch.load_model on the run's model gives what system.export.load_exported gives; the
+    model is registered under tracking.register_as; the run has MLflow's system metrics."""
+    import mlflow
+    import mlflow.pytorch
+
+    from system.export import load_exported
+
+    exp, name = _exp(), f"parsimony-{uuid.uuid4().hex[:6]}"
+    summary = Trainer(tiny_config(tmp_path, *STRONG["taylor"], *FAST, f"tracking.uri={mlflow_server.uri}",
+                                  f"tracking.experiment={exp}", "train.max_steps=12", f"tracking.register_as={name}",
+                                  "tracking.system_metrics_interval_s=0.2")).run()
+    uri = summary["mlflow_model_uri"]
+    assert uri.startswith("models:/") or uri.startswith("runs:/")
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    model = mlflow.pytorch.load_model(uri)
+    plain = load_exported(tmp_path / "run" / "final")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    client = _client(mlflow_server.uri)
+    versions = client.search_model_versions(f"name='{name}'")
+    assert len(versions) == 1 and versions[0].run_id == summary["run_id"]
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature is not None and info.metadata["spec"]["name"] == "resnet20"
+    system = [k for k in client.get_run(summary["run_id"]).data.metrics if k.startswith("system/")]
+    assert system, "no system metrics were logged"
