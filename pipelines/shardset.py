@@ -14,7 +14,6 @@ offending file when it does not match.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -114,32 +113,39 @@ def cached_index(path: Path) -> ShardIndex:
 
 
 class TarShardWriter:
-    """Deterministic tar writer (fixed metadata, so identical input gives identical bytes).
+    """One shard through webdataset's ``TarWriter``, with fixed metadata (identical input gives
+    identical bytes) and the DALI index read back from the finished tar.
 
     Writes to ``<final>.tmp``; ``close()`` fsyncs and renames the index, then the tar, to their
     final names, so an interrupted run never leaves a partial shard under a final name.
     """
 
     def __init__(self, path: Path):
+        import webdataset
+
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._f = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = webdataset.TarWriter(self._f, user="", group="", mode=0o444, mtime=0, encoder=False,
+                                         format=tarfile.USTAR_FORMAT)
+        self.keys: list[str] = []
         self.lines: list[str] = []
         self.count = 0
 
-    def _add(self, name: str, data: bytes) -> tuple[int, int]:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-        header = self._f.tell()
-        self._tar.addfile(info, io.BytesIO(data))
-        return header + tarfile.BLOCKSIZE, len(data)
-
     def write(self, key: str, jpg: bytes, label: int) -> None:
-        jo, js = self._add(f"{key}.jpg", jpg)
-        co, cs = self._add(f"{key}.cls", str(int(label)).encode())
-        self.lines.append(f"jpg {jo} {js} {key}.jpg cls {co} {cs} {key}.cls")
+        self._tar.write({"__key__": key, "jpg": jpg, "cls": str(int(label)).encode()})
+        self.keys.append(key)
         self.count += 1
+
+    def _index_lines(self) -> list[str]:
+        """``jpg off size name cls off size name`` per sample, from the tar's own member headers."""
+        members: dict[str, dict[str, tuple[int, int]]] = {}
+        with tarfile.open(self.tmp, "r") as tar:
+            for m in tar:
+                stem, _, ext = m.name.rpartition(".")
+                members.setdefault(stem, {})[ext] = (m.offset_data, m.size)
+        return [f"jpg {members[k]['jpg'][0]} {members[k]['jpg'][1]} {k}.jpg "
+                f"cls {members[k]['cls'][0]} {members[k]['cls'][1]} {k}.cls" for k in self.keys]
 
     @property
     def bytes(self) -> int:
@@ -151,6 +157,7 @@ class TarShardWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        self.lines = self._index_lines()
         write_index(self.path.with_suffix(".idx"), self.lines)
         os.replace(self.tmp, self.path)
         return {

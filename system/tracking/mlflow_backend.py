@@ -3,6 +3,7 @@ when the server is away, replayed when it answers again (failure policy: see :mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,10 +15,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from system.tracking.config import (TrackingConfig, TrackingUnavailable, experiment_name, local_store_uri,
-                                    resolve_uri)
+from system.tracking.config import (ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable, experiment_name,
+                                    local_store_uri, resolve_uri)
 from system.tracking.names import (EXPERIMENT_KIND_TAG, RUN_STATUSES, TAG_FALLBACK, TAG_RESUMED_FROM,
                                    UI_WORKFLOW_QUERY, UNSENT_FILE)
 from system.tracking.protocol import NullTracker, Tracker
@@ -315,8 +316,7 @@ class MLflowTracker:
             with torch.no_grad():
                 out = model(example)
             signature = infer_signature(example.numpy(), out.numpy())
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self._run_id):
+            with _fluent_store(self.uri), mlflow.start_run(run_id=self._run_id):
                 info = mlflow.pytorch.log_model(
                     # pickled (loads any batch size; needs this package importable, as pip_requirements say)
                     model, name="model", signature=signature, metadata=dict(metadata), serialization_format="pickle",
@@ -490,6 +490,23 @@ class MLflowTracker:
                 shutil.rmtree(self.spool_path.parent / "mlflow_unsent_artifacts", ignore_errors=True)
         except OSError as exc:
             log.warning("could not rewrite tracking backlog %s: %s", self.spool_path, exc)
+
+
+@contextlib.contextmanager
+def _fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API on ``uri`` for a moment: its global URI and $MLFLOW_TRACKING_URI (which
+    ``mlflow.set_tracking_uri`` also sets, and which later runs read as their default) are restored."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    before = os.environ.get(ENV_TRACKING_URI)
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_TRACKING_URI, None)
+        else:
+            os.environ[ENV_TRACKING_URI] = before
 
 
 def sync_backlog(run_dir: str | Path, uri: str | None = None) -> tuple[int, str | None]:

@@ -463,9 +463,12 @@ def test_the_final_network_is_an_mlflow_model_and_registered(mlflow_server, tmp_
     from system.export import load_exported
 
     exp, name = _exp(), f"parsimony-{uuid.uuid4().hex[:6]}"
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     summary = Trainer(tiny_config(tmp_path, *STRONG["taylor"], *FAST, f"tracking.uri={mlflow_server.uri}",
                                   f"tracking.experiment={exp}", "train.max_steps=12", f"tracking.register_as={name}",
                                   "tracking.system_metrics_interval_s=0.2")).run()
+    # MLflow's fluent API left no global store behind (a later run in this process would read it)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     uri = summary["mlflow_model_uri"]
     assert uri.startswith("models:/") or uri.startswith("runs:/")
     mlflow.set_tracking_uri(mlflow_server.uri)
