@@ -65,6 +65,14 @@ def _check_method(cfg) -> None:
 def _check_data(cfg) -> list[str]:
     if cfg.data.loader == "synthetic":
         return []
+    from pipelines.shardset import MANIFEST, ShardSetError, fetch_text, is_remote
+
+    if is_remote(cfg.data.root):
+        try:
+            fetch_text(f"{cfg.data.root.rstrip('/')}/{MANIFEST}", tries=1)
+        except ShardSetError as exc:
+            return [f"data.root: {exc} (from this host; the nodes may reach it)"]
+        return []
     root = Path(cfg.data.root)
     if not root.exists():
         return [f"data.root: {root} does not exist on this host ({os.uname().nodename}); the job fails unless "

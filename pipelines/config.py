@@ -42,6 +42,9 @@ class DataConfig:
         prefetch: batches prepared ahead (per worker for wds, DALI queue depth for dali).
         shuffle: shuffle the training split (shard order and order inside shards) every epoch.
         verify_checksums: hash every shard against the manifest when a loader is built (slow on ImageNet).
+        root: a shard directory, or a URL of one (``http(s)://host/shards``, ``pipe:CMD {}`` with ``{}``
+            standing for a file name): read through wids, which caches shards on the node (``wds`` only).
+        cache_dir: where remote shards are cached (default: ``$TMPDIR/parsimony-shards``).
         max_skip_frac: a run stops (with a checkpoint, naming the worst shards) once more than this
             fraction of an epoch's training samples were skipped as unreadable (default 0.1%).
         eval_split: the split evaluations read: ``val`` (choices are made here) or ``test`` (shard sets
@@ -68,6 +71,7 @@ class DataConfig:
     shuffle: bool = True
     verify_checksums: bool = False
     max_skip_frac: float = 0.001
+    cache_dir: str = ""
     eval_split: str = "val"
     synthetic_classes: int = 1000
     synthetic_samples: int = 10_000
@@ -76,6 +80,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.loader in LOADERS, "loader", f"must be one of {list(LOADERS)}, got {self.loader!r}")
         check(self.loader == "synthetic" or bool(self.root), "root", "must name a shard directory")
+        check(not (self.loader == "dali" and self.root.startswith(("http://", "https://", "pipe:"))), "loader",
+              f"dali reads local shards; data.root={self.root} is a URL: use data.loader=wds (or a local copy)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.train_size >= 1, "train_size", "must be >= 1")
         check(self.val_crop >= 1, "val_crop", "must be >= 1")

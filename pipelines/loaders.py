@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+def _raw(value) -> bytes:
+    """A wids sample component as bytes (wids hands out file-like buffers)."""
+    return value.getvalue() if hasattr(value, "getvalue") else bytes(value)
+
+
 def _ignore_interrupts(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C to the main process, which stops the run at a step boundary
     with a checkpoint (a worker that died of SIGINT would fail the batch it was loading)."""
@@ -114,6 +119,12 @@ class _BatchReader(torch.utils.data.Dataset):
 
         self.paths = [s.path for s in shardset.shards(split)]
         self.index_paths = [s.index_path for s in shardset.shards(split)]
+        # a remote root: wids reads sample (shard, row) from a node-local cache it fills on first use
+        self.remote = shardset.remote
+        self._spec = [{"url": str(s.path), "nsamples": s.samples} for s in shardset.shards(split)]
+        self._offsets = np.cumsum([0] + [s.samples for s in shardset.shards(split)])[:-1].tolist()
+        self._cache_dir = cfg.cache_dir or str(Path(tempfile.gettempdir()) / "parsimony-shards")
+        self._wids: Any = None
         self.num_classes = shardset.num_classes
         self.plan, self.seed, self.epoch, self.train = plan, seed, epoch, split == "train"
         if self.train:
@@ -131,9 +142,25 @@ class _BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.plan.num_batches
 
+    def _read_remote(self, s: int, r: int) -> tuple[bytes, bytes, str]:
+        if self._wids is None:  # built in the worker that reads (the dataset is not shared across processes)
+            import contextlib
+            import sys
+
+            import wids
+
+            with contextlib.redirect_stdout(sys.stderr):  # wids prints its shard list (stdout is for results)
+                self._wids = wids.ShardListDataset(self._spec, cache_dir=self._cache_dir, transformations=[],
+                                                   lru_size=4)
+        sample = self._wids[self._offsets[s] + r]
+        return _raw(sample[".jpg"]), _raw(sample[".cls"]), str(sample["__key__"])
+
     def _read(self, s: int, r: int) -> tuple[bytes, int, str]:
+        if self.remote:
+            jpg, cls_bytes, key = self._read_remote(s, r)
+            return jpg, self._label(cls_bytes, s, key), key
         if s not in self._index:
-            self._index[s] = cached_index(self.index_paths[s])
+            self._index[s] = cached_index(Path(self.index_paths[s]))
             self._files[s] = open(self.paths[s], "rb")
         idx, f = self._index[s], self._files[s]
         if r >= len(idx):
@@ -142,14 +169,17 @@ class _BatchReader(torch.utils.data.Dataset):
         cls_bytes = f.read(idx.cls[r, 1])
         f.seek(idx.jpg[r, 0])
         jpg = f.read(idx.jpg[r, 1])
+        return jpg, self._label(cls_bytes, s, idx.keys[r]), idx.keys[r]
+
+    def _label(self, cls_bytes: bytes, s: int, key: str) -> int:
         try:
             label = int(cls_bytes)
         except ValueError:
-            raise ShardSetError(f"{self.paths[s]}: sample {idx.keys[r]} has a non-integer .cls {cls_bytes!r}") from None
+            raise ShardSetError(f"{self.paths[s]}: sample {key} has a non-integer .cls {cls_bytes!r}") from None
         if not 0 <= label < self.num_classes:
-            raise ShardSetError(f"{self.paths[s]}: sample {idx.keys[r]} has class id {label}, "
+            raise ShardSetError(f"{self.paths[s]}: sample {key} has class id {label}, "
                                 f"outside 0..{self.num_classes - 1}")
-        return jpg, label, idx.keys[r]
+        return label
 
     def decode(self, jpg: bytes, position: int) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image
@@ -203,9 +233,9 @@ class WdsLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         workers = self.cfg.workers
-        if workers:  # parse the indexes once here; forked workers inherit the cache
+        if workers and not self.reader.remote:  # parse the indexes once here; forked workers inherit the cache
             for path in self.reader.index_paths:
-                cached_index(path)
+                cached_index(Path(path))
         dl = torch.utils.data.DataLoader(
             self.reader, batch_size=None, sampler=range(self.start_batch, self.batches_per_epoch),
             num_workers=workers, prefetch_factor=self.cfg.prefetch if workers else None,
@@ -378,7 +408,7 @@ def class_names(cfg: DataConfig) -> list[str]:
     """The class names by label: the shard manifest's (``class0, ...`` for synthetic data)."""
     if cfg.loader == "synthetic":
         return [f"class{i}" for i in range(cfg.synthetic_classes)]
-    return list(ShardSet.open(cfg.root).classes)
+    return list(ShardSet.open(cfg.root).classes)  # a URL root: its manifest, fetched
 
 
 def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, epoch: int,

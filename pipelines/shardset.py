@@ -174,17 +174,56 @@ class TarShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+REMOTE_PREFIXES = ("http://", "https://", "pipe:")
+#: reaching a remote manifest: this many tries, the waits between them growing from 1 s
+REMOTE_TRIES = 3
+
+
+def is_remote(root: str | Path) -> bool:
+    """Whether ``data.root`` is a URL (``http(s)://...``, ``pipe:...``) rather than a folder."""
+    return str(root).startswith(REMOTE_PREFIXES)
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}" if not root.startswith("pipe:") else root.replace("{}", name)
+
+
+def fetch_text(url: str, tries: int = REMOTE_TRIES) -> str:
+    """``url``'s content through webdataset's ``gopen`` (http(s) and pipe: alike), with a bounded retry.
+
+    Raises:
+        ShardSetError: naming the URL, when it does not answer after ``tries``.
+    """
+    import time
+
+    from webdataset import gopen
+
+    last = ""
+    for attempt in range(tries):
+        try:
+            with gopen(url, "rb") as f:
+                data = f.read()
+            if data:
+                return data.decode()
+            last = "empty answer"
+        except Exception as exc:  # noqa: BLE001 -- curl / pipe failures come in many types
+            last = f"{type(exc).__name__}: {exc}"
+        if attempt + 1 < tries:
+            time.sleep(2 ** attempt)
+    raise ShardSetError(f"{url}: no answer after {tries} tries ({last[:300]})")
+
+
 @dataclass
 class Shard:
-    path: Path
-    index_path: Path
+    path: Path | str  # a local file, or the shard's URL (remote roots)
+    index_path: Path | str
     samples: int
     _index: ShardIndex | None = field(default=None, repr=False)
 
     @property
     def index(self) -> ShardIndex:
         if self._index is None:
-            self._index = cached_index(self.index_path)
+            self._index = cached_index(Path(self.index_path))
         return self._index
 
 
@@ -192,7 +231,7 @@ class Shard:
 class ShardSet:
     """A validated shard directory: classes and the shards of each split."""
 
-    root: Path
+    root: Path | str  # a folder, or a URL (remote roots)
     classes: list[str]
     splits: dict[str, list[Shard]]
     manifest: dict
@@ -203,11 +242,39 @@ class ShardSet:
 
     def shards(self, split: str) -> list[Shard]:
         if split not in self.splits:
-            raise ShardSetError(f"{self.root / MANIFEST}: no split {split!r} (has {sorted(self.splits)})")
+            raise ShardSetError(f"{self.root}/{MANIFEST}: no split {split!r} (has {sorted(self.splits)})")
         return self.splits[split]
 
     def num_samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards(split))
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(str(self.root))
+
+    @classmethod
+    def open_remote(cls, root: str) -> "ShardSet":
+        """The shard set behind a URL: its manifest fetched (bounded retry), the shards as URLs.
+        Sizes and checksums are checked by ``python -m pipelines.verify`` on a local copy, or as
+        the shards are read."""
+        murl = _join(root, MANIFEST)
+        try:
+            manifest = json.loads(fetch_text(murl))
+        except json.JSONDecodeError as exc:
+            raise ShardSetError(f"{murl}: not a manifest ({exc})") from None
+        if manifest.get("format") != FORMAT:
+            raise ShardSetError(f"{murl}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        classes = [c["name"] for c in manifest.get("classes", [])]
+        if not classes:
+            raise ShardSetError(f"{murl}: no classes")
+        splits: dict[str, list[Shard]] = {}
+        for split, meta in manifest.get("splits", {}).items():
+            shards = [Shard(_join(root, e["file"]), _join(root, e["index"]), int(e["samples"]))
+                      for e in meta.get("shards", [])]
+            if not shards or sum(s.samples for s in shards) != meta.get("num_samples"):
+                raise ShardSetError(f"{murl}: split {split!r} has no shards or miscounts its samples")
+            splits[split] = shards
+        return cls(root, classes, splits, manifest)
 
     @classmethod
     def open(cls, root: str | Path, verify_checksums: bool = False) -> "ShardSet":
@@ -217,6 +284,8 @@ class ShardSet:
             ShardSetError: missing or empty directory, missing manifest, a shard or index missing,
                 a size / sample count / checksum that differs from the manifest. The message names the file.
         """
+        if is_remote(root):
+            return cls.open_remote(str(root))
         root = Path(root)
         if not root.is_dir():
             raise ShardSetError(f"{root}: shard directory does not exist")
