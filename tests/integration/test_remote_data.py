@@ -3,10 +3,7 @@ same samples in the same order as from the local folder, bit for bit, and a resu
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 import time
 from pathlib import Path
 
@@ -18,18 +15,14 @@ from pipelines.shardset import ShardSetError
 from system.config import ConfigError, from_dict
 from system.runtime.faults import Faults, InjectedStop
 from system.trainer import Trainer
+from tests.http_server import serve
 from tests.methods_util import tiny_config
 
 
 @pytest.fixture(scope="module")
 def server():
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=DEMO_ROOT)
-    handler.log_message = lambda *a, **k: None  # quiet
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve(DEMO_ROOT) as url:
+        yield url
 
 
 def _cfg(tmp_path: Path, root: str, *over: str):

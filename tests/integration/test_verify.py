@@ -52,9 +52,7 @@ def test_a_missing_manifest_is_an_error_naming_it(tmp_path):
 
 def test_a_shard_set_behind_a_url_is_verified(tmp_path):
     """Served over HTTP from 127.0.0.1: the same checks, each shard downloaded through gopen."""
-    import functools
-    import http.server
-    import threading
+    from tests.http_server import serve
 
     data = tmp_path / "shards"
     shutil.copytree(DEMO, data)
@@ -64,15 +62,8 @@ def test_a_shard_set_behind_a_url_is_verified(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[int(index.jpg[5, 0]) + 100] ^= 0xFF  # inside one JPEG
     shard.write_bytes(bytes(raw))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data))
-    handler.log_message = lambda *a, **k: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with serve(data) as url:
         out = _run(url)
-        assert out.returncode == 1
-        damaged = [line for line in out.stderr.splitlines() if line.startswith("damaged:")]
-        assert len(damaged) == 1 and f"{url}/{entry['file']}" in damaged[0] and "sha256 differs" in damaged[0]
-    finally:
-        httpd.shutdown()
+    assert out.returncode == 1
+    damaged = [line for line in out.stderr.splitlines() if line.startswith("damaged:")]
+    assert len(damaged) == 1 and f"{url}/{entry['file']}" in damaged[0] and "sha256 differs" in damaged[0]
