@@ -88,7 +88,8 @@ def test_gate_settings_that_cannot_work_fail_at_start(tmp_path, over, key):
 
 def _submit(tmp_path, *args):
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
-    env.pop("SLURM_CONF", None)
+    for key in ("SLURM_CONF", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):  # the runs go to run.root's store
+        env.pop(key, None)
     cmd = [sys.executable, "-m", "launch.submit", "--config", str(ROOT / "configs" / "demo.yaml"),
            "launch.cluster=local", "launch.array_parallelism=2", "train.threads=1", "train.max_steps=2",
            "train.progress=false", "checkpoint.every_steps=0", f"run.root={tmp_path / 'runs'}",
