@@ -213,6 +213,26 @@ def fetch_text(url: str, tries: int = REMOTE_TRIES) -> str:
     raise ShardSetError(f"{url}: no answer after {tries} tries ({last[:300]})")
 
 
+_SIZES_CHECKED: set[str] = set()
+
+
+def _check_remote_sizes(root: str, manifest: dict) -> None:
+    """HEAD every shard of ``root``: it must answer with the manifest's size (ShardSetError naming it)."""
+    import urllib.error
+    import urllib.request
+
+    for meta in manifest.get("splits", {}).values():
+        for e in meta.get("shards", []):
+            url = _join(root, e["file"])
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30) as r:
+                    size = r.headers.get("Content-Length")
+            except (urllib.error.URLError, OSError) as exc:
+                raise ShardSetError(f"{url}: listed in {_join(root, MANIFEST)} but not available ({exc})") from None
+            if size is not None and int(size) != int(e["bytes"]):
+                raise ShardSetError(f"{url}: {size} bytes, {_join(root, MANIFEST)} says {e['bytes']}")
+
+
 @dataclass
 class Shard:
     path: Path | str  # a local file, or the shard's URL (remote roots)
@@ -255,8 +275,9 @@ class ShardSet:
     @classmethod
     def open_remote(cls, root: str) -> "ShardSet":
         """The shard set behind a URL: its manifest fetched (bounded retry), the shards as URLs.
-        Sizes and checksums are checked by ``python -m pipelines.verify`` on a local copy, or as
-        the shards are read."""
+        For ``http(s)`` roots every shard's size is checked against the manifest with a HEAD
+        request (once per process and root), so a manifest that does not match its shards is refused
+        before training; checksums and samples are checked by ``python -m pipelines.verify URL``."""
         murl = _join(root, MANIFEST)
         try:
             manifest = json.loads(fetch_text(murl))
@@ -274,6 +295,9 @@ class ShardSet:
             if not shards or sum(s.samples for s in shards) != meta.get("num_samples"):
                 raise ShardSetError(f"{murl}: split {split!r} has no shards or miscounts its samples")
             splits[split] = shards
+        if root.startswith(("http://", "https://")) and root not in _SIZES_CHECKED:
+            _check_remote_sizes(root, manifest)
+            _SIZES_CHECKED.add(root)
         return cls(root, classes, splits, manifest)
 
     @classmethod

@@ -91,3 +91,19 @@ def test_streamed_batches_equal_the_local_ones(server, tmp_path):
     remote, local = batches(server), batches(DEMO_ROOT)
     assert len(remote) == len(local) > 0
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(remote, local))
+
+
+def test_a_remote_manifest_that_does_not_match_its_shards_is_refused_before_training(tmp_path):
+    import shutil
+
+    from tests.http_server import serve
+
+    data = tmp_path / "shards"
+    shutil.copytree(DEMO_ROOT, data)
+    victim = data / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:-1024])  # truncated on the server
+    with serve(data) as url:
+        with pytest.raises(ShardSetError) as err:
+            Trainer(_cfg(tmp_path, url))
+    assert f"{url}/train-000001.tar" in str(err.value) and "bytes" in str(err.value)
+    assert not (tmp_path / "run").exists()
