@@ -40,19 +40,15 @@ def check_job(launch: LaunchConfig, job: Job) -> list[str]:
 
 
 def _check_method(cfg) -> None:
-    from system.models.anatomy import last_bn
-    from system.models.resnet import RemovedBlock, build_model
+    from system.models.resnet import build_model, zero_init_residual
     from system.models.spec import dense_spec
     from system.pruning.methods import build_method
 
     spec = dense_spec(cfg.model.name, input_size=cfg.model.input_size or cfg.data.train_size,
                       shortcut=cfg.model.shortcut or None)
-    with torch.no_grad():
-        model = build_model(spec)
-        if cfg.model.zero_init_residual:
-            for _, blk in model.named_blocks():
-                if not isinstance(blk, RemovedBlock):
-                    last_bn(blk, model.block_kind).weight.zero_()
+    model = build_model(spec)
+    if cfg.model.zero_init_residual:
+        zero_init_residual(model)
     method = build_method(cfg.method, 1000, weight_decay=cfg.optim.weight_decay)
     try:
         method.check_model(model)

@@ -33,7 +33,7 @@ import torch
 
 from pipelines.config import DataConfig
 from pipelines.plan import PAD, EpochPlan, epoch_plan, rng_for
-from pipelines.shardset import ShardIndex, ShardSet, ShardSetError, cached_index, write_index
+from pipelines.shardset import ShardIndex, ShardSet, ShardSetError, cached_index, parse_label, write_index
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,9 @@ class _BatchReader(torch.utils.data.Dataset):
 
     def _label(self, cls_bytes: bytes, s: int, key: str) -> int:
         try:
-            label = int(cls_bytes)
-        except ValueError:
-            raise ShardSetError(f"{self.paths[s]}: sample {key} has a non-integer .cls {cls_bytes!r}") from None
-        if not 0 <= label < self.num_classes:
-            raise ShardSetError(f"{self.paths[s]}: sample {key} has class id {label}, "
-                                f"outside 0..{self.num_classes - 1}")
-        return label
+            return parse_label(cls_bytes, self.num_classes)
+        except ValueError as exc:
+            raise ShardSetError(f"{self.paths[s]}: sample {key} has a {exc}") from None
 
     def decode(self, jpg: bytes, position: int) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image

@@ -179,6 +179,17 @@ REMOTE_PREFIXES = ("http://", "https://", "pipe:")
 REMOTE_TRIES = 3
 
 
+def parse_label(cls_bytes: bytes, num_classes: int) -> int:
+    """A sample's ``.cls`` as a class id; ValueError saying what is wrong with it."""
+    try:
+        label = int(cls_bytes)
+    except ValueError:
+        raise ValueError(f"non-integer .cls {cls_bytes!r}") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"class id {label}, outside 0..{num_classes - 1}")
+    return label
+
+
 def is_remote(root: str | Path) -> bool:
     """Whether ``data.root`` is a URL (``http(s)://...``, ``pipe:...``) rather than a folder."""
     return str(root).startswith(REMOTE_PREFIXES)

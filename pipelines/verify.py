@@ -23,7 +23,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
-from pipelines.shardset import FORMAT, MANIFEST, ShardSetError, _join, fetch_text, is_remote, read_index, sha256_file
+from pipelines.shardset import (FORMAT, MANIFEST, ShardSetError, _join, fetch_text, is_remote, parse_label,
+                                read_index, sha256_file)
 
 
 @contextlib.contextmanager
@@ -103,9 +104,7 @@ def _check_shard(entry: dict, path: Path, ipath: Path, num_classes: int, decode_
             f.seek(int(index.jpg[i, 0]))
             jpg = f.read(int(index.jpg[i, 1]))
             try:
-                label = int(cls_bytes)
-                if not 0 <= label < num_classes:
-                    raise ValueError(f"class {label} outside 0..{num_classes - 1}")
+                parse_label(cls_bytes, num_classes)
                 with Image.open(io.BytesIO(jpg)) as im:
                     im.load()
             except Exception as exc:  # noqa: BLE001 -- any unreadable sample is a finding

@@ -38,8 +38,7 @@ from system.evaluation import accuracy, plain_forward
 from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
 from system.pruning.methods import Batch, Event, StepContext, build_method
-from system.models.anatomy import last_bn
-from system.models.resnet import GatedResNet, RemovedBlock, build_model
+from system.models.resnet import GatedResNet, build_model, zero_init_residual
 from system.models.spec import ArchSpec, dense_spec
 from system.optim import build_optimizer, set_lrs
 from system.runtime import preemption
@@ -106,9 +105,7 @@ class Trainer:
                                          per_rank_batch=cfg.data.batch_size, total_steps=self.total_steps)
         model = build_model(resume.spec if resume else self.dense).to(self.device)  # method state: same device
         if cfg.model.zero_init_residual:
-            for _, blk in model.named_blocks():
-                if not isinstance(blk, RemovedBlock):
-                    torch.nn.init.zeros_(last_bn(blk, model.block_kind).weight)
+            zero_init_residual(model)
         self.method = build_method(cfg.method, self.total_steps, weight_decay=cfg.optim.weight_decay)
         try:
             self.method.check_model(model)

@@ -278,6 +278,16 @@ def build_model(spec: ArchSpec, gates: bool = True) -> GatedResNet:
     return GatedResNet(spec, gates=gates)
 
 
+def zero_init_residual(model: GatedResNet) -> None:
+    """Zero the last BatchNorm's scale of every kept branch (``model.zero_init_residual``)."""
+    from system.models.anatomy import last_bn
+
+    with torch.no_grad():
+        for _, blk in model.named_blocks():
+            if not isinstance(blk, RemovedBlock):
+                last_bn(blk, model.block_kind).weight.zero_()
+
+
 def gates_of(model: nn.Module) -> dict[str, Gate]:
     """All gates by module name, e.g. ``{"layer1.0.gate1": Gate, "layer1.0.layer_gate": Gate}``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Gate)}

@@ -20,6 +20,19 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def _damaged_copy(tmp_path: Path, split: str, component: str, row: int, at: int, mask: int):
+    """The demo shards copied, one byte of sample ``row``'s ``component`` in ``split``'s first shard
+    XORed with ``mask`` (``at`` bytes into it); returns (directory, manifest entry, index)."""
+    data = tmp_path / "shards"
+    shutil.copytree(DEMO, data)
+    entry = json.loads((data / "manifest.json").read_text())["splits"][split]["shards"][0]
+    shard, index = data / entry["file"], read_index(data / entry["index"])
+    raw = bytearray(shard.read_bytes())
+    raw[int(getattr(index, component)[row, 0]) + at] ^= mask
+    shard.write_bytes(bytes(raw))
+    return data, entry, index
+
+
 def test_intact_shards_pass():
     out = _run(str(DEMO))
     assert out.returncode == 0, out.stderr
@@ -27,14 +40,7 @@ def test_intact_shards_pass():
 
 
 def test_a_flipped_byte_is_named_with_its_shard(tmp_path):
-    data = tmp_path / "shards"
-    shutil.copytree(DEMO, data)
-    manifest = json.loads((data / "manifest.json").read_text())
-    entry = manifest["splits"]["train"]["shards"][0]
-    shard, index = data / entry["file"], read_index(data / entry["index"])
-    raw = bytearray(shard.read_bytes())
-    raw[int(index.cls[3, 0])] ^= 0x40  # the label of one sample: '3' -> 's' or similar
-    shard.write_bytes(bytes(raw))
+    data, entry, index = _damaged_copy(tmp_path, "train", "cls", 3, 0, 0x40)  # a label: '3' -> 's' or similar
     out = _run(str(data))
     assert out.returncode == 1
     damaged = [line for line in out.stderr.splitlines() if line.startswith("damaged:")]
@@ -54,14 +60,7 @@ def test_a_shard_set_behind_a_url_is_verified(tmp_path):
     """Served over HTTP from 127.0.0.1: the same checks, each shard downloaded through gopen."""
     from tests.http_server import serve
 
-    data = tmp_path / "shards"
-    shutil.copytree(DEMO, data)
-    manifest = json.loads((data / "manifest.json").read_text())
-    entry = manifest["splits"]["val"]["shards"][0]
-    shard, index = data / entry["file"], read_index(data / entry["index"])
-    raw = bytearray(shard.read_bytes())
-    raw[int(index.jpg[5, 0]) + 100] ^= 0xFF  # inside one JPEG
-    shard.write_bytes(bytes(raw))
+    data, entry, _ = _damaged_copy(tmp_path, "val", "jpg", 5, 100, 0xFF)  # inside one JPEG
     with serve(data) as url:
         out = _run(url)
     assert out.returncode == 1
