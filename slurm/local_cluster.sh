@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster (with accounting) on localhost, for tests and demos.
+# A real Slurm cluster (with accounting) on this one machine, for tests and demos.
 #
-#   slurm/local_cluster.sh up       install Debian packages if missing, start munged, MariaDB,
-#                                   slurmdbd, slurmctld, slurmd; wait until the node is idle
-#   slurm/local_cluster.sh status   daemons and sinfo
+#   slurm/local_cluster.sh up [--nodes N]
+#                                   install Debian packages if missing, start munged, MariaDB,
+#                                   slurmdbd, slurmctld, slurmd; wait until the nodes are idle.
+#                                   N = 1 (default): one node, this host, partition "debug".
+#                                   N > 1: also N nodes pnode1..pnodeN (partition "multi"), each
+#                                   slurmd in its own network + UTS namespace with its own hostname
+#                                   and address (veth pairs on a bridge, no route off the machine)
+#   slurm/local_cluster.sh status   daemons, nodes (with their namespaces and addresses), sinfo
 #   slurm/local_cluster.sh env      shell exports a client needs:  eval "$(slurm/local_cluster.sh env)"
-#   slurm/local_cluster.sh down     cancel jobs, stop every daemon this script started
+#   slurm/local_cluster.sh kill-node NAME
+#                                   lose a node: SIGKILL every process in its namespace (its slurmd,
+#                                   job steps and tasks) and cut its link; `up --nodes N` restores it
+#   slurm/local_cluster.sh down     cancel jobs, stop every daemon, remove namespaces, veths, bridge
 #
-# Everything (configs, logs, pid files, spool, database) lives in the state dir
-# ${PARSIMONY_SLURM_DIR:-/tmp/parsimony-slurm}; nothing is written to /etc/slurm.
+# Everything (configs, logs, pid files, spool, database, hosts file) lives in the state dir
+# ${PARSIMONY_SLURM_DIR:-/tmp/parsimony-slurm}; nothing is written to /etc.
 # No systemd needed: daemons are started by hand.  Must run as root (or via sudo).
 #
-# Exit codes: 0 ok, 1 failure (message names the log to read), 3 packages cannot be installed.
+# Exit codes: 0 ok, 1 failure (message names the log to read), 2 usage, 3 packages cannot be installed.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,12 +32,20 @@ SLURMD_PORT="${PARSIMONY_SLURM_SLURMD_PORT:-6818}"
 DBD_PORT="${PARSIMONY_SLURM_DBD_PORT:-6819}"
 DB_PORT="${PARSIMONY_SLURM_DB_PORT:-3316}"
 WAIT_S="${PARSIMONY_SLURM_WAIT_S:-60}"
+# Multi-node mode (up --nodes N, N > 1): the namespaced nodes' names, subnet and bridge.
+NODES=1
+NODE_PREFIX="${PARSIMONY_SLURM_NODE_PREFIX:-pnode}"
+SUBNET="${PARSIMONY_SLURM_SUBNET:-10.77.0}"          # /24: bridge .1, node k at .(10 + k)
+BRIDGE="${PARSIMONY_SLURM_BRIDGE:-pslbr0}"
+NODE_IF="clus0"                                      # the node's interface inside its namespace
+SLURMD_TIMEOUT="${PARSIMONY_SLURM_SLURMD_TIMEOUT:-20}"  # a silent node is DOWN after this
+MULTI_PARTITION=multi
 HOST="$(hostname -s)"
 CONF="$STATE/etc/slurm.conf"
 export SLURM_CONF="$CONF"
 export PATH="$PATH:/usr/sbin:/sbin:/usr/bin"
 
-PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server)
+PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server iproute2)
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
 
 log() { echo "[local_cluster] $*" >&2; }
@@ -40,7 +56,7 @@ if [ "$(id -u)" != 0 ]; then
   command -v sudo >/dev/null || die "must run as root (or have sudo)"
   SUDO="sudo"
   # Re-run the whole script as root, keeping our settings.
-  exec sudo --preserve-env=PARSIMONY_SLURM_DIR,PARSIMONY_SLURM_CLUSTER,PARSIMONY_SLURM_CPUS,PARSIMONY_SLURM_CTLD_PORT,PARSIMONY_SLURM_SLURMD_PORT,PARSIMONY_SLURM_DBD_PORT,PARSIMONY_SLURM_DB_PORT,PARSIMONY_SLURM_WAIT_S \
+  exec sudo --preserve-env=PARSIMONY_SLURM_DIR,PARSIMONY_SLURM_CLUSTER,PARSIMONY_SLURM_CPUS,PARSIMONY_SLURM_CTLD_PORT,PARSIMONY_SLURM_SLURMD_PORT,PARSIMONY_SLURM_DBD_PORT,PARSIMONY_SLURM_DB_PORT,PARSIMONY_SLURM_WAIT_S,PARSIMONY_SLURM_MEM_MB,PARSIMONY_SLURM_NODE_PREFIX,PARSIMONY_SLURM_SUBNET,PARSIMONY_SLURM_BRIDGE,PARSIMONY_SLURM_SLURMD_TIMEOUT \
     bash "$0" "$@"
 fi
 
@@ -71,9 +87,15 @@ ensure_packages() {
 }
 
 # ---------------------------------------------------------------- processes
+# Daemon names: munged mariadbd slurmdbd slurmctld slurmd (this host's node), slurmd@NODE (a
+# namespaced node).  Every slurmd writes $STATE/run/slurmd-<node>.pid (SlurmdPidFile=...-%n.pid).
 pidfile() {
-  # mariadbd runs as mysql and writes its pid file in its own (mysql-owned) dir.
-  if [ "$1" = mariadbd ]; then echo "$STATE/mysql/mariadbd.pid"; else echo "$STATE/run/$1.pid"; fi
+  case "$1" in
+    mariadbd) echo "$STATE/mysql/mariadbd.pid" ;;  # mariadbd runs as mysql: a dir it owns
+    slurmd) echo "$STATE/run/slurmd-$HOST.pid" ;;
+    slurmd@*) echo "$STATE/run/slurmd-${1#slurmd@}.pid" ;;
+    *) echo "$STATE/run/$1.pid" ;;
+  esac
 }
 
 # pid of a running daemon (from its pid file, checked against /proc), or nothing.
@@ -88,7 +110,7 @@ daemon_pid() {
     comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
     # comm is cut at 15 chars; mariadbd may show as mysqld on some builds.
     case "$name:$comm" in
-      munged:munged|mariadbd:mariadbd|mariadbd:mysqld|slurmdbd:slurmdbd|slurmctld:slurmctld|slurmd:slurmd)
+      munged:munged|mariadbd:mariadbd|mariadbd:mysqld|slurmdbd:slurmdbd|slurmctld:slurmctld|slurmd:slurmd|slurmd@*:slurmd)
         echo "$pid"; return 0 ;;
     esac
   fi
@@ -154,21 +176,122 @@ db_pass() {
   cat "$f"
 }
 
+ctld_addr() { if [ "$NODES" -gt 1 ]; then echo "$SUBNET.1"; else echo 127.0.0.1; fi; }
+
 render() {  # render TEMPLATE DEST
   sed -e "s|@STATE@|$STATE|g" -e "s|@CLUSTER@|$CLUSTER|g" -e "s|@HOST@|$HOST|g" \
+      -e "s|@CTLD_ADDR@|$(ctld_addr)|g" -e "s|@SLURMD_TIMEOUT@|$SLURMD_TIMEOUT|g" \
       -e "s|@CPUS@|$CPUS|g" -e "s|@MEM_MB@|$(mem_mb)|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
       -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" -e "s|@DBD_PORT@|$DBD_PORT|g" \
       -e "s|@DB_PORT@|$DB_PORT|g" -e "s|@DB_PASS@|$(db_pass)|g" "$1" >"$2.tmp"
   mv "$2.tmp" "$2"
 }
 
+# ---------------------------------------------------------------- namespaced nodes
+node_name() { echo "$NODE_PREFIX$1"; }          # node k (1-based)
+node_ns() { echo "parsimony-$NODE_PREFIX$1"; }  # its network namespace
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+node_veth() { echo "pslv$1"; }                  # the host end of its veth pair, on the bridge
+node_index() {                                  # NAME -> k, or nothing
+  local k
+  for ((k = 1; k <= NODES; k++)); do [ "$(node_name $k)" = "$1" ] && { echo $k; return; }; done
+}
+nodes_of_state() { cat "$STATE/etc/nodes" 2>/dev/null || echo 1; }  # N of the cluster last brought up
+all_node_names() {  # every Slurm node of the cluster: this host, then pnode1..N
+  local k; echo "$HOST"
+  for ((k = 1; k <= NODES; k++)); do node_name $k; done
+}
+
+# The names the nodes resolve: the controller at the bridge, every node at its address.  Bind-mounted
+# over /etc/hosts inside each node's own mount namespace only; the machine's /etc/hosts is untouched.
+write_hosts() {
+  local k f="$STATE/etc/hosts"
+  {
+    echo "# written by local_cluster.sh: the namespaced nodes' view of the cluster"
+    echo "127.0.0.1 localhost"
+    echo "::1 localhost ip6-localhost ip6-loopback"
+    echo "$SUBNET.1 $HOST"
+    for ((k = 1; k <= NODES; k++)); do echo "$(node_addr $k) $(node_name $k)"; done
+  } >"$f.tmp"
+  chmod 644 "$f.tmp"; mv "$f.tmp" "$f"
+}
+
+# Bridge + one namespace per node, joined by a veth pair.  Idempotent: it also brings back a link a
+# kill-node cut.  No default route, no forwarding, no NAT: nothing leaves the machine.
+net_up() {
+  local k ns veth
+  command -v ip >/dev/null || die "the multi-node cluster needs iproute2 (ip)"
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge \
+    || die "cannot create bridge $BRIDGE (needs CAP_NET_ADMIN)"
+  ip addr replace "$SUBNET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for ((k = 1; k <= NODES; k++)); do
+    ns="$(node_ns $k)"; veth="$(node_veth $k)"
+    [ -e "/run/netns/$ns" ] || ip netns add "$ns" || die "cannot create network namespace $ns"
+    if ! ip link show "$veth" >/dev/null 2>&1; then
+      ip -n "$ns" link del "$NODE_IF" >/dev/null 2>&1 || true
+      ip link add "$veth" type veth peer name "$NODE_IF" netns "$ns" || die "cannot create veth $veth"
+    fi
+    ip link set "$veth" master "$BRIDGE"
+    ip link set "$veth" up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr replace "$(node_addr $k)/24" dev "$NODE_IF"
+    ip -n "$ns" link set "$NODE_IF" up
+  done
+}
+
+# Remove every namespace, veth and the bridge this script made (any N: whatever exists).
+net_down() {
+  local ns pids veth
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^parsimony-$NODE_PREFIX[0-9]*$"); do
+    pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+    [ -n "${pids// /}" ] && { log "killing processes left in $ns: $pids"; kill -KILL $pids 2>/dev/null || true; }
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  for veth in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep '^pslv[0-9]*$'); do
+    ip link del "$veth" 2>/dev/null || true
+  done
+  ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
+  return 0
+}
+
 prepare_state() {
   mkdir -p "$STATE"/{etc,run,log,ctld,slurmd,munge,mysql}
   chmod 755 "$STATE"
-  render "$TEMPLATES/slurm.conf" "$STATE/etc/slurm.conf"
+  render "$TEMPLATES/slurm.conf" "$STATE/etc/slurm.conf.new"
+  if [ "$NODES" -gt 1 ]; then
+    local k
+    {
+      echo ""
+      echo "# up --nodes $NODES: namespaced nodes, each slurmd in its own network + UTS namespace"
+      for ((k = 1; k <= NODES; k++)); do
+        echo "NodeName=$(node_name $k) NodeAddr=$(node_addr $k) NodeHostname=$(node_name $k) CPUs=$CPUS RealMemory=$(mem_mb) State=UNKNOWN"
+      done
+      echo "PartitionName=$MULTI_PARTITION Nodes=${NODE_PREFIX}[1-$NODES] MaxTime=INFINITE State=UP"
+    } >>"$STATE/etc/slurm.conf.new"
+    write_hosts
+  fi
+  chmod 644 "$STATE/etc/slurm.conf.new"
   render "$TEMPLATES/slurmdbd.conf" "$STATE/etc/slurmdbd.conf"
-  chmod 644 "$STATE/etc/slurm.conf"
   chmod 600 "$STATE/etc/slurmdbd.conf"   # slurmdbd insists; it holds the DB password
+}
+
+# Install the new slurm.conf; if the cluster runs with another one (another --nodes), restart
+# slurmctld and the slurmds on it (jobs are kept in the controller's state).
+install_conf() {
+  local new="$STATE/etc/slurm.conf.new" prev_nodes k
+  if [ -f "$CONF" ] && ! cmp -s "$new" "$CONF"; then
+    prev_nodes="$(nodes_of_state)"
+    if running slurmctld; then
+      log "the cluster's configuration changes (nodes: $prev_nodes -> $NODES): restarting slurmctld and slurmds"
+    fi
+    stop_daemon slurmd 20
+    for ((k = 1; k <= prev_nodes; k++)); do stop_daemon "slurmd@$(node_name $k)" 20; done
+    stop_daemon slurmctld 20
+    [ "$NODES" -gt 1 ] || net_down
+  fi
+  mv "$new" "$CONF"
+  echo "$NODES" >"$STATE/etc/nodes"
 }
 
 # ---------------------------------------------------------------- daemons
@@ -245,77 +368,131 @@ start_slurmctld() {
 
 start_slurmd() {
   running slurmd && return 0
-  local lf="$STATE/log/slurmd.log"
+  local lf="$STATE/log/slurmd-$HOST.log"
   slurmd >>"$lf" 2>&1 9>&- || die "slurmd failed to start; see $lf"
   wait_for slurmd "$lf" 15 running slurmd
   log "slurmd up (pid $(daemon_pid slurmd))"
 }
 
-node_state() { timeout 10 sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -1; }
+# slurmd of namespaced node k: in its network namespace, with its own UTS namespace
+# (hostname = node name: slurmd finds its NodeName from it) and mount namespace (our hosts file
+# over /etc/hosts).  Its job steps and tasks inherit all three.
+start_node_slurmd() {
+  local k=$1 name ns lf
+  name="$(node_name $k)"; ns="$(node_ns $k)"; lf="$STATE/log/slurmd-$name.log"
+  running "slurmd@$name" && return 0
+  mkdir -p "$STATE/slurmd/$name"
+  # (nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup fs slurmd needs)
+  nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private -- \
+    sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd' _ "$name" "$STATE/etc/hosts" \
+    >>"$lf" 2>&1 9>&- || die "slurmd of node $name failed to start; see $lf"
+  wait_for "slurmd of $name" "$lf" 15 running "slurmd@$name"
+  log "slurmd of $name up in namespace $ns at $(node_addr $k) (pid $(daemon_pid "slurmd@$name"))"
+}
+
+node_state() { timeout 10 sinfo -h -N -n "${1:-$HOST}" -o %T 2>/dev/null | head -1; }
 
 wait_node_idle() {
-  local i=0 st="" deadline=$((SECONDS + WAIT_S))
+  local node=${1:-$HOST} i=0 st="" deadline=$((SECONDS + WAIT_S))
   while [ "$SECONDS" -lt "$deadline" ]; do
     i=$((i + 1))
-    st="$(node_state)"
+    st="$(node_state "$node")"
     case "$st" in
       idle|mixed|allocated|completing) return 0 ;;
       down*|drain*)
-        # e.g. left down by an earlier unclean stop: bring it back once
-        [ $((i % 20)) = 4 ] && scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true ;;
+        # e.g. left down by an earlier unclean stop or a kill-node: bring it back
+        [ $((i % 20)) = 4 ] && scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true ;;
     esac
     sleep 0.25
   done
-  log "node $HOST is '$st' after ${WAIT_S}s"
-  scontrol show node "$HOST" >&2 || true
-  log "last lines of $STATE/log/slurmd.log:"; tail -10 "$STATE/log/slurmd.log" >&2 || true
-  die "node not idle; see $STATE/log/slurmctld.log and $STATE/log/slurmd.log"
+  log "node $node is '$st' after ${WAIT_S}s"
+  scontrol show node "$node" >&2 || true
+  log "last lines of $STATE/log/slurmd-$node.log:"; tail -10 "$STATE/log/slurmd-$node.log" >&2 || true
+  die "node $node not idle; see $STATE/log/slurmctld.log and $STATE/log/slurmd-$node.log"
 }
 
 all_up() {
-  local d
+  local d k
   for d in "${DAEMONS[@]}"; do running "$d" || return 1; done
+  for ((k = 1; k <= NODES; k++)); do
+    [ "$NODES" -gt 1 ] || break
+    running "slurmd@$(node_name $k)" || return 1
+    # a link cut by kill-node
+    ip link show "$(node_veth $k)" 2>/dev/null | grep -q "state UP\|LOWER_UP" || return 1
+  done
   [ -n "$(node_state)" ]
 }
 
 # ---------------------------------------------------------------- commands
 cmd_up() {
-  local t0=$SECONDS
-  if [ -z "$(missing_packages)" ] && [ -f "$CONF" ] && all_up; then
-    log "already up ($STATE): node $HOST is $(node_state)"
+  local t0=$SECONDS k
+  if [ -z "$(missing_packages)" ] && [ -f "$CONF" ] && [ "$(nodes_of_state)" = "$NODES" ] && all_up; then
+    log "already up ($STATE): $(all_node_names | while read -r n; do printf '%s %s, ' "$n" "$(node_state "$n")"; done)"
     return 0
   fi
   ensure_packages
   local t1=$SECONDS
   prepare_state
+  install_conf
+  [ "$NODES" -gt 1 ] && net_up
   start_munged
   start_mariadb
   start_slurmdbd
   start_slurmctld
   start_slurmd
-  wait_node_idle
-  log "cluster '$CLUSTER' up in $((SECONDS - t1)) s (plus $((t1 - t0)) s checking/installing packages): node $HOST $(node_state), state dir $STATE"
+  for ((k = 1; k <= NODES; k++)); do [ "$NODES" -gt 1 ] && start_node_slurmd $k; done
+  while read -r n; do wait_node_idle "$n"; done < <(all_node_names)
+  log "cluster '$CLUSTER' up in $((SECONDS - t1)) s (plus $((t1 - t0)) s checking/installing packages):" \
+      "$(all_node_names | while read -r n; do printf '%s %s, ' "$n" "$(node_state "$n")"; done)state dir $STATE"
   log "client env:  eval \"\$($0 env)\""
 }
 
 cmd_env() {
   echo "export SLURM_CONF=$CONF"
   echo "export PARSIMONY_SLURM_DIR=$STATE"
+  # the namespaced nodes' partition ("" for a one-node cluster)
+  if [ "$NODES" -gt 1 ]; then echo "export PARSIMONY_SLURM_MULTI_PARTITION=$MULTI_PARTITION"
+  else echo "export PARSIMONY_SLURM_MULTI_PARTITION="; fi
 }
 
 cmd_status() {
-  local d pid rc=0
+  local d pid rc=0 k name ns link
   echo "state dir: $STATE"
   for d in "${DAEMONS[@]}"; do
     pid="$(daemon_pid "$d")"
     if [ -n "$pid" ]; then printf '  %-10s running (pid %s)\n' "$d" "$pid"
     else printf '  %-10s stopped\n' "$d"; rc=1; fi
   done
+  echo "nodes:"
+  printf '  %-10s 127.0.0.1     this host (partition debug)\n' "$HOST"
+  for ((k = 1; k <= NODES; k++)); do
+    [ "$NODES" -gt 1 ] || break
+    name="$(node_name $k)"; ns="$(node_ns $k)"
+    pid="$(daemon_pid "slurmd@$name")"
+    link="$(ip -br link show "$(node_veth $k)" 2>/dev/null | awk '{print $2}')"
+    printf '  %-10s %-13s namespace %s, link %s, slurmd %s (partition %s)\n' "$name" "$(node_addr $k)" "$ns" \
+      "${link:-missing}" "${pid:-stopped}" "$MULTI_PARTITION"
+    [ -n "$pid" ] && [ "$link" = UP ] || rc=1
+  done
   if running slurmctld; then
-    sinfo || rc=1
+    sinfo -N -o '%N %P %T %c %m' || rc=1
     squeue || true
   fi
   return $rc
+}
+
+# Lose node NAME as a machine is lost: every process in its namespace (slurmd, slurmstepd, tasks) is
+# SIGKILLed and its link cut.  The controller marks it DOWN after SlurmdTimeout.  `up --nodes N` restores it.
+cmd_kill_node() {
+  local name=$1 k ns pids
+  k="$(node_index "$name")"
+  [ -n "$k" ] || die "no namespaced node '$name' (the nodes are: $(for ((k = 1; k <= NODES; k++)); do printf '%s ' "$(node_name $k)"; done))"
+  ns="$(node_ns $k)"
+  ip link set "$(node_veth $k)" down 2>/dev/null || true
+  pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+  [ -n "${pids// /}" ] && kill -KILL $pids 2>/dev/null || true
+  rm -f "$(pidfile "slurmd@$name")"
+  log "node $name lost: link down, killed ${pids:-nothing}"
 }
 
 # slurmstepd processes that belong to this cluster (they hold files in our spool dir).
@@ -343,7 +520,9 @@ cmd_down() {
     fi
   fi
   stop_daemon slurmd 20
+  for ((i = 1; i <= NODES; i++)); do stop_daemon "slurmd@$(node_name $i)" 20; done
   stop_daemon slurmctld 20
+  net_down
   pids="$(our_stepds)"
   if [ -n "$pids" ]; then
     log "killing leftover slurmstepd: $pids"
@@ -356,12 +535,24 @@ cmd_down() {
   log "down"
 }
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 main() {
-  local cmd="${1:-}"
+  local cmd="${1:-}" arg=""
+  shift || true
   case "$cmd" in
-    up|down|status|env) ;;
+    up)
+      NODES=1
+      while [ $# -gt 0 ]; do
+        case "$1" in
+          --nodes) NODES="${2:-}"; shift 2 || { usage >&2; return 2; } ;;
+          --nodes=*) NODES="${1#--nodes=}"; shift ;;
+          *) log "unknown option '$1'"; usage >&2; return 2 ;;
+        esac
+      done
+      [[ "$NODES" =~ ^[1-9][0-9]?$ ]] || { log "--nodes must be a number from 1 to 99, got '$NODES'"; return 2; } ;;
+    down|status|env) NODES="$(nodes_of_state)" ;;
+    kill-node) NODES="$(nodes_of_state)"; arg="${1:-}"; [ -n "$arg" ] || { usage >&2; return 2; } ;;
     -h|--help|help) usage; return 0 ;;
     *) usage >&2; return 2 ;;
   esac
@@ -371,7 +562,7 @@ main() {
   # (fd 9 is closed for every daemon we start, or they would hold the lock forever.)
   exec 9>"$STATE/.lock"
   flock -w 300 9 || die "another local_cluster.sh holds $STATE/.lock"
-  "cmd_$cmd"
+  "cmd_${cmd//-/_}" $arg
 }
 
 main "$@"
