@@ -24,6 +24,7 @@ import yaml
 
 from system.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from system.run_config import RunConfig
+from system.runtime.rendezvous import PeerLost, RendezvousError
 from system.tracking import TrackingUnavailable
 
 
@@ -57,19 +58,29 @@ def parse(argv: list[str] | None = None) -> RunConfig:
 
 
 def setup_logging() -> None:
+    """INFO on rank 0, WARNING elsewhere; plus, on the first rank of every node, the per-node records
+    (interface choice, rank table, pruning plan digests: logger ``parsimony.node``)."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", stream=sys.stderr)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        logging.getLogger("parsimony.node").setLevel(logging.INFO)
 
 
 def run(cfg: RunConfig) -> dict:
     """Train one run from a resolved config (also the entry point of submitted jobs)."""
-    from system.runtime.distributed import init_distributed, shutdown_distributed
+    from system.runtime.distributed import init_distributed, lost_peers, shutdown_distributed
     from system.trainer import Trainer
 
     env = init_distributed(cfg)
     try:
         return Trainer(cfg, env).run()
+    except Exception as exc:
+        lost = lost_peers(exc)  # a failed collective: which ranks (hosts) went away
+        if lost is not None:
+            logging.getLogger("launch.train").error("%s", lost)
+            raise lost from exc
+        raise
     finally:
         shutdown_distributed()
 
@@ -122,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted again: stopped at once, without a checkpoint of this step (the run resumes from "
               "its newest checkpoint with run.resume=auto)", file=sys.stderr)
         return 130
+    except (RendezvousError, PeerLost) as exc:  # a host that cannot join, a rank (node) lost mid-run
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, TrackingUnavailable) as exc:
         logging.getLogger("launch.train").error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,8 +27,8 @@ from system.models.resnet import GatedResNet, gates_of
 from system.pruning.surgery import PrunePlan, apply_plan
 from system.pruning.transplant import transplant_optimizer
 from system.runtime.collectives import Collectives, PlanMismatch
+from system.runtime.rendezvous import node_log
 
-log = logging.getLogger(__name__)
 
 __all__ = ["Coordinator", "PruneEvent", "PlanMismatch"]
 
@@ -86,6 +85,7 @@ class Coordinator:
         ev = PruneEvent(step=step, channels=plan.n_channels, blocks=len(plan.blocks),
                         rebuild_s=time.perf_counter() - t0, digest=plan.digest())
         self.events.append(ev)
-        log.info("step %d: pruned %d channels and %d blocks in %.3fs (plan %s)", step, ev.channels, ev.blocks,
-                 ev.rebuild_s, ev.digest)
+        # on every node's first rank (not only rank 0): each node's log shows the plans it applied
+        node_log.info("step %d: pruned %d channels and %d blocks in %.3fs (plan %s)", step, ev.channels,
+                      ev.blocks, ev.rebuild_s, ev.digest)
         return ev

@@ -80,10 +80,14 @@ class EngineConfig:
     zero_stage: int = 0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     global_batch: int = 0  # 0 = data.batch_size x world size; else must divide evenly
+    # a collective (or the start-up rendezvous) that waits longer than this fails, naming the lost ranks
+    # and hosts, instead of hanging: longer than the slowest step, evaluation or checkpoint write
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
         check(self.global_batch >= 0, "global_batch", "must be >= 0")
+        check(self.collective_timeout_s >= 1, "collective_timeout_s", "must be >= 1 (seconds)")
 
 
 class LocalEngine:
