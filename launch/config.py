@@ -53,6 +53,11 @@ class LaunchConfig:
             requeued and continues from its checkpoint).
         signal_delay_s: Slurm sends the preemption signal (USR2) this long before the time limit.
         max_num_timeout: how many times a job may be requeued after reaching its time limit.
+        requeue_on_failure: a job that lost ranks mid-run (a node or a process died, or stopped
+            answering within ``engine.collective_timeout_s``) is requeued by its lowest surviving
+            rank and resumes from its last complete checkpoint; False: the job ends with the error
+            naming the lost ranks and hosts, and Slurm is told not to requeue it either.
+        max_failure_requeues: at most this many such requeues per job (then it ends).
         slurm_extra: more ``#SBATCH`` options, e.g. ``{constraint: a100, exclusive: true}``.
         setup: shell lines run in the batch script before the tasks start (module loads, ...).
         folder: submitit's folder (job pickles, stdout/stderr); ``%j`` is the job id.
@@ -74,6 +79,8 @@ class LaunchConfig:
     time_min: int = 60
     signal_delay_s: int = 90
     max_num_timeout: int = 3
+    requeue_on_failure: bool = True
+    max_failure_requeues: int = 3
     slurm_extra: dict[str, Any] = field(default_factory=dict)
     setup: tuple[str, ...] = ()
     folder: str = "runs/submitit/%j"
@@ -95,6 +102,7 @@ class LaunchConfig:
         check(self.signal_delay_s < self.time_min * 60, "signal_delay_s",
               f"{self.signal_delay_s}s is not shorter than the time limit ({self.time_min} min)")
         check(self.max_num_timeout >= 0, "max_num_timeout", "must be >= 0")
+        check(self.max_failure_requeues >= 0, "max_failure_requeues", "must be >= 0")
         check(self.array_parallelism >= 1, "array_parallelism", "must be >= 1")
         check(bool(self.folder.strip()), "folder", "must not be empty")
         check(self.cluster != "debug" or self.num_tasks == 1, "cluster",

@@ -20,7 +20,12 @@ submitit's own handler, which calls :meth:`TrainJob.checkpoint` (a resubmission 
 requeues the job and exits.  The requeued job resumes from that checkpoint into the same MLflow
 run.  SIGTERM (an external ``scontrol requeue``, ``scancel``) also stops the ranks at an agreed step
 with a checkpoint, but leaves the requeue to Slurm; a restarted job resumes from its newest complete
-checkpoint (``checkpoint.every_steps`` bounds what is lost if the kill comes first).  See docs/slurm.md.
+checkpoint (``checkpoint.every_steps`` bounds what is lost if the kill comes first).
+
+A lost node or rank (:class:`~system.runtime.rendezvous.PeerLost`: the survivors' collective failed
+or timed out, and they named the missing ranks and hosts): with ``launch.requeue_on_failure`` the
+lowest surviving rank requeues the job (at most ``launch.max_failure_requeues`` times) and it resumes
+from its last complete checkpoint; without, the job ends with that error.  See docs/slurm.md.
 
 Examples::
 
@@ -53,6 +58,7 @@ from launch.cluster_checks import _sbatch_test_only, _slurm, check_cluster  # no
 from launch.config import Job, LaunchConfig, load_jobs
 from launch.preflight import check_job
 from system.runtime import preemption
+from system.runtime.rendezvous import PeerLost
 from system.config import ConfigError, from_dict, to_dict
 
 try:  # a project dependency; only needed to submit and inside jobs
@@ -92,6 +98,17 @@ def base_name(job: Job) -> str:
 
 
 # ---------------------------------------------------------------------------------- in the job
+def _scontrol(*args: str) -> None:
+    """``scontrol ARGS`` from inside a job; a failure is logged (the job is ending anyway), not raised."""
+    try:
+        out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("scontrol %s failed: %s", " ".join(args), exc)
+        return
+    if out.returncode != 0:
+        log.error("scontrol %s failed: %s", " ".join(args), (out.stderr or out.stdout).strip())
+
+
 class TrainJob(Checkpointable):
     """What every task of a submitted job runs: one rank of one training run.
 
@@ -100,10 +117,13 @@ class TrainJob(Checkpointable):
         name: the run's base name; the job id is appended inside the job.
     """
 
-    def __init__(self, cfg: dict[str, Any], name: str, stable: bool = False):
+    def __init__(self, cfg: dict[str, Any], name: str, stable: bool = False, requeue_on_failure: bool = True,
+                 max_failure_requeues: int = 3):
         self.cfg = cfg
         self.name = name
         self.stable = stable  # a sweep's run: the name alone (no job id), so a re-run finds it
+        self.requeue_on_failure = requeue_on_failure
+        self.max_failure_requeues = max_failure_requeues
 
     def __call__(self) -> dict[str, Any]:
         from launch.train import run, setup_logging
@@ -129,6 +149,35 @@ class TrainJob(Checkpointable):
         except preemption.Preempted as stop:
             log.warning("%s", stop)
             self._after_stop(env, handover)
+        except PeerLost as lost:
+            self._after_peer_loss(env, lost)
+
+    def _after_peer_loss(self, env, lost: PeerLost) -> NoReturn:
+        """Ranks were lost mid-run: requeue the job once (its lowest surviving rank does), or end it."""
+        job_id = os.environ.get("SLURM_JOB_ID", env.job_id)
+        missing = {p.rank for p in lost.missing}
+        lowest = min((r for r in range(env.num_tasks) if r not in missing), default=env.global_rank)
+        requeue = getattr(self, "requeue_on_failure", False)
+        if env.global_rank == lowest and env.cluster == "slurm":
+            if requeue:
+                counter = Path(env.paths.folder) / f"{job_id}_failure_requeues"
+                done = int(counter.read_text()) if counter.is_file() else 0
+                limit = getattr(self, "max_failure_requeues", 3)
+                if done < limit:
+                    counter.write_text(str(done + 1))
+                    log.error("%s; requeueing job %s (failure requeue %d of %d, launch.max_failure_requeues): it "
+                              "resumes from its last complete checkpoint", lost, job_id, done + 1, limit)
+                    _scontrol("requeue", job_id)
+                else:
+                    requeue = False
+                    log.error("%s; not requeued: job %s was already requeued %d times after failures "
+                              "(launch.max_failure_requeues)", lost, job_id, done)
+            if not requeue:
+                # Slurm would requeue a job with a failed node by itself; this job ends instead
+                _scontrol("update", f"JobId={job_id}", "Requeue=0")
+        if requeue:
+            sys.exit(1)  # no result for this incarnation: the rerun writes it
+        raise lost
 
     def _after_stop(self, env, handover) -> NoReturn:
         """Every rank saved the agreed checkpoint; requeue (rank 0, on the preemption signal) and leave."""
@@ -335,7 +384,8 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     name = base_name(dataclasses.replace(jobs[0], sweep_values={}))
     ex = validate(launch, folder, name)
     stable = len(jobs) > 1
-    calls = [TrainJob(to_dict(j.cfg), base_name(j), stable=stable) for j in jobs]
+    calls = [TrainJob(to_dict(j.cfg), base_name(j), stable=stable, requeue_on_failure=launch.requeue_on_failure,
+                      max_failure_requeues=launch.max_failure_requeues) for j in jobs]
     if len(jobs) > 1:
         for uri in sorted({resolve_uri(j.cfg.tracking, j.cfg.run.root) for j in jobs if j.cfg.tracking.enabled}):
             init_local_store(uri)

@@ -19,7 +19,8 @@
 # ${PARSIMONY_SLURM_DIR:-/tmp/parsimony-slurm}; nothing is written to /etc.
 # No systemd needed: daemons are started by hand.  Must run as root (or via sudo).
 #
-# Exit codes: 0 ok, 1 failure (message names the log to read), 2 usage, 3 packages cannot be installed.
+# Exit codes: 0 ok, 1 failure (message names the log to read), 2 usage, 3 packages cannot be installed,
+# 4 this machine does not allow network namespaces (up --nodes N > 1).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -221,8 +222,9 @@ write_hosts() {
 net_up() {
   local k ns veth
   command -v ip >/dev/null || die "the multi-node cluster needs iproute2 (ip)"
-  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge \
-    || die "cannot create bridge $BRIDGE (needs CAP_NET_ADMIN)"
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1 && ! ip link add "$BRIDGE" type bridge; then
+    log "cannot create bridge $BRIDGE: network namespaces need CAP_NET_ADMIN and CAP_SYS_ADMIN"; exit 4
+  fi
   ip addr replace "$SUBNET.1/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   for ((k = 1; k <= NODES; k++)); do

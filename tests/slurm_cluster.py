@@ -1,4 +1,9 @@
-"""Session-scoped pytest fixture: a real one-node Slurm cluster (with accounting) on localhost.
+"""Session-scoped pytest fixture: a real Slurm cluster (with accounting) on this machine.
+
+The cluster is brought up with ``--nodes 2``: this host's node (partition ``debug``, the default, at
+127.0.0.1) and two namespaced nodes ``pnode1``/``pnode2`` (partition ``multi``) for the multi-node
+tests; ``multi_partition()`` says whether they exist (a machine that forbids network namespaces gets
+the one-node cluster, and the multi-node tests skip naming why).
 
 Usage in a test module (the fixture is registered in tests/conftest.py)::
 
@@ -33,14 +38,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 STATE_DIR = Path(os.environ.get("PARSIMONY_SLURM_DIR", "/tmp/parsimony-slurm"))
-# Packages missing or not installable (see local_cluster.sh).
+# Packages missing or not installable; network namespaces not allowed (see local_cluster.sh).
 EXIT_NO_PACKAGES = 3
+EXIT_NO_NAMESPACES = 4
+#: namespaced nodes of the session's cluster
+NODES = 2
+_NO_MULTI: list[str] = []
 
 
-def _run(cmd: str, timeout: float) -> subprocess.CompletedProcess:
+def _run(cmd: str, timeout: float, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(SCRIPT), cmd], capture_output=True, text=True, timeout=timeout
+        ["bash", str(SCRIPT), cmd, *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def multi_partition() -> str:
+    """The namespaced nodes' partition, or skip the calling test naming why there is none."""
+    if _NO_MULTI:
+        pytest.skip(_NO_MULTI[0])
+    return os.environ.get("PARSIMONY_SLURM_MULTI_PARTITION", "") or pytest.skip("no multi-node partition")
 
 
 def cluster_env() -> dict[str, str]:
@@ -66,7 +82,10 @@ def slurm_cluster():
         pytest.skip(f"cannot run {SCRIPT}")
     was_up = _run("status", 60).returncode == 0
     try:
-        up = _run("up", 900)
+        up = _run("up", 900, "--nodes", str(NODES))
+        if up.returncode == EXIT_NO_NAMESPACES:
+            _NO_MULTI.append(f"this machine forbids network namespaces: {up.stderr.strip()[-300:]}")
+            up = _run("up", 900)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"local_cluster.sh up timed out; logs in {STATE_DIR}/log: {exc}")
     if up.returncode == EXIT_NO_PACKAGES:
