@@ -198,8 +198,9 @@ node_index() {                                  # NAME -> k, or nothing
   for ((k = 1; k <= NODES; k++)); do [ "$(node_name $k)" = "$1" ] && { echo $k; return; }; done
 }
 nodes_of_state() { cat "$STATE/etc/nodes" 2>/dev/null || echo 1; }  # N of the cluster last brought up
-all_node_names() {  # every Slurm node of the cluster: this host, then pnode1..N
+all_node_names() {  # every Slurm node of the cluster: this host, then pnode1..N (N > 1 only)
   local k; echo "$HOST"
+  [ "$NODES" -gt 1 ] || return 0
   for ((k = 1; k <= NODES; k++)); do node_name $k; done
 }
 
