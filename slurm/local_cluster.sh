@@ -218,22 +218,26 @@ write_hosts() {
   chmod 644 "$f.tmp"; mv "$f.tmp" "$f"
 }
 
+no_namespaces() {  # exit 4: this machine does not let us build the namespaced nodes
+  log "cannot $1: the namespaced nodes need CAP_NET_ADMIN and CAP_SYS_ADMIN (root outside a restricted container)"
+  net_down
+  exit 4
+}
+
 # Bridge + one namespace per node, joined by a veth pair.  Idempotent: it also brings back a link a
 # kill-node cut.  No default route, no forwarding, no NAT: nothing leaves the machine.
 net_up() {
   local k ns veth
   command -v ip >/dev/null || die "the multi-node cluster needs iproute2 (ip)"
-  if ! ip link show "$BRIDGE" >/dev/null 2>&1 && ! ip link add "$BRIDGE" type bridge; then
-    log "cannot create bridge $BRIDGE: network namespaces need CAP_NET_ADMIN and CAP_SYS_ADMIN"; exit 4
-  fi
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge || no_namespaces "create bridge $BRIDGE"
   ip addr replace "$SUBNET.1/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   for ((k = 1; k <= NODES; k++)); do
     ns="$(node_ns $k)"; veth="$(node_veth $k)"
-    [ -e "/run/netns/$ns" ] || ip netns add "$ns" || die "cannot create network namespace $ns"
+    [ -e "/run/netns/$ns" ] || ip netns add "$ns" || no_namespaces "create network namespace $ns"
     if ! ip link show "$veth" >/dev/null 2>&1; then
       ip -n "$ns" link del "$NODE_IF" >/dev/null 2>&1 || true
-      ip link add "$veth" type veth peer name "$NODE_IF" netns "$ns" || die "cannot create veth $veth"
+      ip link add "$veth" type veth peer name "$NODE_IF" netns "$ns" || no_namespaces "create veth $veth"
     fi
     ip link set "$veth" master "$BRIDGE"
     ip link set "$veth" up
@@ -386,6 +390,9 @@ start_node_slurmd() {
   running "slurmd@$name" && return 0
   mkdir -p "$STATE/slurmd/$name"
   # (nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup fs slurmd needs)
+  if ! nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private -- true 2>>"$lf"; then
+    no_namespaces "enter namespace $ns with its own hostname and mounts (see $lf)"
+  fi
   nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private -- \
     sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd' _ "$name" "$STATE/etc/hosts" \
     >>"$lf" 2>&1 9>&- || die "slurmd of node $name failed to start; see $lf"
