@@ -58,6 +58,10 @@ class LaunchConfig:
             rank and resumes from its last complete checkpoint; False: the job ends with the error
             naming the lost ranks and hosts, and Slurm is told not to requeue it either.
         max_failure_requeues: at most this many such requeues per job (then it ends).
+        min_nodes: elastic floor (0 = ``nodes``: never shrink).  When ranks are lost and the nodes
+            still holding live ranks are at least this many, the requeued job asks for those nodes
+            only and resumes on them with the same global batch (a larger per-rank batch), instead
+            of waiting for the lost node.
         slurm_extra: more ``#SBATCH`` options, e.g. ``{constraint: a100, exclusive: true}``.
         setup: shell lines run in the batch script before the tasks start (module loads, ...).
         folder: submitit's folder (job pickles, stdout/stderr); ``%j`` is the job id.
@@ -81,6 +85,7 @@ class LaunchConfig:
     max_num_timeout: int = 3
     requeue_on_failure: bool = True
     max_failure_requeues: int = 3
+    min_nodes: int = 0
     slurm_extra: dict[str, Any] = field(default_factory=dict)
     setup: tuple[str, ...] = ()
     folder: str = "runs/submitit/%j"
@@ -103,6 +108,8 @@ class LaunchConfig:
               f"{self.signal_delay_s}s is not shorter than the time limit ({self.time_min} min)")
         check(self.max_num_timeout >= 0, "max_num_timeout", "must be >= 0")
         check(self.max_failure_requeues >= 0, "max_failure_requeues", "must be >= 0")
+        check(0 <= self.min_nodes <= self.nodes, "min_nodes",
+              f"must be between 0 (= launch.nodes, not elastic) and launch.nodes ({self.nodes}), got {self.min_nodes}")
         check(self.array_parallelism >= 1, "array_parallelism", "must be >= 1")
         check(bool(self.folder.strip()), "folder", "must not be empty")
         check(self.cluster != "debug" or self.num_tasks == 1, "cluster",
@@ -116,6 +123,11 @@ class LaunchConfig:
     @property
     def num_tasks(self) -> int:
         return self.nodes * self.tasks_per_node
+
+    @property
+    def elastic(self) -> bool:
+        """Whether a job may continue on fewer nodes after losing some (``min_nodes`` below ``nodes``)."""
+        return 0 < self.min_nodes < self.nodes
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,24 @@ def check_job(launch: LaunchConfig, job: Job) -> list[str]:
     elif cfg.train.precision != "fp32" and device.type != "cuda":
         raise ConfigError("train.precision", f"{cfg.train.precision} needs a GPU; the allocation has none "
                                              "(launch.gpus_per_node=0): use train.precision=fp32")
+    if launch.elastic:
+        _check_elastic(launch, cfg)
     _check_method(cfg)
     return _check_data(cfg)
+
+
+def _check_elastic(launch: LaunchConfig, cfg) -> None:
+    """A job that may continue on ``min_nodes`` .. ``nodes`` nodes must resume its checkpoints on each."""
+    if cfg.engine.kind != "deepspeed":
+        raise ConfigError("engine.kind", f"an elastic job (launch.min_nodes={launch.min_nodes}) may continue on a "
+                                         f"single rank, where engine.kind={cfg.engine.kind} would not resume "
+                                         f"the DeepSpeed checkpoints of its ranks; set engine.kind=deepspeed")
+    total = cfg.data.batch_size * launch.num_tasks
+    for nodes in range(launch.min_nodes, launch.nodes):
+        if total % (nodes * launch.tasks_per_node):
+            raise ConfigError("data.batch_size", f"the global batch {total} (data.batch_size x {launch.num_tasks} "
+                                                 f"ranks) is not divisible by {nodes * launch.tasks_per_node} "
+                                                 f"ranks, which an elastic job on {nodes} node(s) would have")
 
 
 def _check_method(cfg) -> None:

@@ -118,12 +118,15 @@ class TrainJob(Checkpointable):
     """
 
     def __init__(self, cfg: dict[str, Any], name: str, stable: bool = False, requeue_on_failure: bool = True,
-                 max_failure_requeues: int = 3):
+                 max_failure_requeues: int = 3, tasks_per_node: int = 1, planned_tasks: int = 1, min_nodes: int = 0):
         self.cfg = cfg
         self.name = name
         self.stable = stable  # a sweep's run: the name alone (no job id), so a re-run finds it
         self.requeue_on_failure = requeue_on_failure
         self.max_failure_requeues = max_failure_requeues
+        self.tasks_per_node = tasks_per_node
+        self.planned_tasks = planned_tasks  # nodes x tasks_per_node as submitted
+        self.min_nodes = min_nodes  # elastic floor (0: not elastic)
 
     def __call__(self) -> dict[str, Any]:
         from launch.train import run, setup_logging
@@ -142,6 +145,9 @@ class TrainJob(Checkpointable):
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name,
                                                                resume="auto"),
                                   train=dataclasses.replace(cfg.train, threads=threads))
+        planned = getattr(self, "planned_tasks", env.num_tasks)
+        if env.num_tasks != planned:  # an elastic job continuing on fewer nodes
+            cfg = same_global_batch(cfg, planned, env.num_tasks)
         log.info("job %s (restart %d), rank %d of %d, master %s:%s, run %s", env.job_id, restart, env.global_rank,
                  env.num_tasks, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], cfg.run.name)
         try:
@@ -168,6 +174,7 @@ class TrainJob(Checkpointable):
                     log.error("%s; requeueing job %s (failure requeue %d of %d, launch.max_failure_requeues): it "
                               "resumes from its last complete checkpoint", lost, job_id, done + 1, limit)
                     _scontrol("requeue", job_id)
+                    self._shrink(job_id, lost)
                 else:
                     requeue = False
                     log.error("%s; not requeued: job %s was already requeued %d times after failures "
@@ -178,6 +185,19 @@ class TrainJob(Checkpointable):
         if requeue:
             sys.exit(1)  # no result for this incarnation: the rerun writes it
         raise lost
+
+    def _shrink(self, job_id: str, lost: PeerLost) -> None:
+        """Elastic jobs (``launch.min_nodes``): the requeued job asks only for the nodes that still hold
+        live ranks, if they are at least ``min_nodes`` (Slurm then starts it without the lost node)."""
+        min_nodes = getattr(self, "min_nodes", 0)
+        alive = sorted({p.host for p in lost.survivors})
+        now = int(os.environ.get("SLURM_JOB_NUM_NODES", "0") or 0)
+        if not (0 < min_nodes <= len(alive) < now):
+            return
+        tasks = len(alive) * getattr(self, "tasks_per_node", 1)
+        log.error("job %s continues on %d node(s) instead of %d (launch.min_nodes=%d): %d ranks, the same global "
+                  "batch", job_id, len(alive), now, min_nodes, tasks)
+        _scontrol("update", f"JobId={job_id}", f"NumNodes={len(alive)}", f"NumTasks={tasks}")
 
     def _after_stop(self, env, handover) -> NoReturn:
         """Every rank saved the agreed checkpoint; requeue (rank 0, on the preemption signal) and leave."""
@@ -222,6 +242,29 @@ class TrainJob(Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
+def same_global_batch(cfg, planned: int, now: int):
+    """``cfg`` for ``now`` ranks instead of the ``planned`` ones, with the same global batch (a larger
+    per-rank batch), so the checkpoint's data position and schedules carry over.
+
+    Raises:
+        ConfigError: ``data.batch_size`` x ``planned`` is not divisible by ``now``.
+    """
+    total = cfg.data.batch_size * planned
+    if total % now:
+        raise ConfigError("data.batch_size", f"the job continues on {now} ranks instead of {planned}, but its "
+                                             f"global batch {total} is not divisible by {now}")
+    log.warning("continuing on %d ranks instead of %d: data.batch_size %d -> %d keeps the global batch %d", now,
+                planned, cfg.data.batch_size, total // now, total)
+    engine = dataclasses.replace(cfg.engine, global_batch=total if cfg.engine.global_batch else 0)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=total // now), engine=engine)
+
+
+#: an elastic job's batch script: the task count follows the nodes the (re)started job got (after a
+#: shrink, SLURM_NTASKS in the batch environment still says the submitted count, and srun obeys it)
+ELASTIC_SETUP = ("export SLURM_NTASKS=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE)) "
+                 "SLURM_NPROCS=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))")
+
+
 # ---------------------------------------------------------------------------------- submission
 def make_executor(launch: LaunchConfig, folder: Path, job_name: str, extra: dict[str, Any] | None = None):
     cluster = None if launch.cluster == "auto" else launch.cluster
@@ -245,8 +288,9 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str, extra: dict
             params["slurm_account"] = launch.account
         if launch.qos:
             params["slurm_qos"] = launch.qos
-        if launch.setup:
-            params["slurm_setup"] = list(launch.setup)
+        setup = ([ELASTIC_SETUP] if launch.elastic else []) + list(launch.setup)
+        if setup:
+            params["slurm_setup"] = setup
     ex.update_parameters(**params)
     return ex
 
@@ -385,7 +429,9 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     ex = validate(launch, folder, name)
     stable = len(jobs) > 1
     calls = [TrainJob(to_dict(j.cfg), base_name(j), stable=stable, requeue_on_failure=launch.requeue_on_failure,
-                      max_failure_requeues=launch.max_failure_requeues) for j in jobs]
+                      max_failure_requeues=launch.max_failure_requeues, tasks_per_node=launch.tasks_per_node,
+                      planned_tasks=launch.num_tasks, min_nodes=launch.min_nodes if launch.elastic else 0)
+             for j in jobs]
     if len(jobs) > 1:
         for uri in sorted({resolve_uri(j.cfg.tracking, j.cfg.run.root) for j in jobs if j.cfg.tracking.enabled}):
             init_local_store(uri)
@@ -410,6 +456,18 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
         out.append(Submitted(handle, rname, run_dir, resolve_uri(job.cfg.tracking, job.cfg.run.root),
                              job.sweep_values))
     return out
+
+
+def continued_on_fewer(job) -> dict | None:
+    """Rank 0's summary of an elastic job that finished on fewer ranks than submitted (the other tasks
+    of the submission wrote no result), else None."""
+    try:
+        summary = job.task(0).result()
+    except Exception:  # noqa: BLE001 -- no result: the job did fail
+        return None
+    if isinstance(summary, dict) and 0 < int(summary.get("world_size", 0)) < job.num_tasks:
+        return summary
+    return None
 
 
 def report(sub: list[Submitted]) -> None:
@@ -442,10 +500,16 @@ def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
         try:
             results = s.job.results()
         except Exception as exc:  # submitit raises the job's traceback (or why there is no result)
-            failed += 1
-            print(f"job {s.job.job_id} ({s.run_name}) FAILED: {str(exc).strip()[-3000:]}", file=sys.stderr)
-            print(f"  stderr: {s.job.paths.stderr}\n  stdout: {s.job.paths.stdout}", file=sys.stderr)
-            continue
+            shrunk = continued_on_fewer(s.job)
+            if shrunk is not None:
+                print(f"job {s.job.job_id} ({s.run_name}): continued on {shrunk.get('world_size')} of "
+                      f"{s.job.num_tasks} ranks after losing nodes (launch.min_nodes)")
+                results = [shrunk]
+            else:
+                failed += 1
+                print(f"job {s.job.job_id} ({s.run_name}) FAILED: {str(exc).strip()[-3000:]}", file=sys.stderr)
+                print(f"  stderr: {s.job.paths.stderr}\n  stdout: {s.job.paths.stdout}", file=sys.stderr)
+                continue
         summary = results[0] if results else {}
         keys = ("top1", "macs_pct", "prune_events", "steps", "world_size", "run_id")
         print(f"job {s.job.job_id} ({s.run_name}) done: " +

@@ -66,10 +66,13 @@ class PeerLost(RuntimeError):
     Attributes:
         rank, host: this (surviving) rank.
         missing: the ranks that did not check in after the failure, each with its host.
+        survivors: the ranks that did.
     """
 
-    def __init__(self, rank: int, host: str, missing: list[Peer], cause: str, hint: str = ""):
+    def __init__(self, rank: int, host: str, missing: list[Peer], cause: str, hint: str = "",
+                 survivors: list[Peer] | None = None):
         self.rank, self.host, self.missing, self.cause = rank, host, missing, cause
+        self.survivors = survivors or []
         lost = ", ".join(f"rank {p.rank} on host {p.host} ({p.address})" for p in missing) or "no rank identified"
         first = cause.strip().splitlines()[0] if cause.strip() else "collective failed"
         super().__init__(f"rank {rank} on host {host}: lost contact with {lost}{hint}; the collective failed "
@@ -199,4 +202,4 @@ def diagnose(exc: BaseException, me: Peer, peers: list[Peer], master: tuple[str,
         hint += f" (the rendezvous store on rank 0, {master[0]}:{master[1]}, does not answer)"
     if not missing:
         return None  # every rank is there: not a lost peer (the caller re-raises the original error)
-    return PeerLost(me.rank, me.host, missing, str(exc), hint)
+    return PeerLost(me.rank, me.host, missing, str(exc), hint, [p for p in peers if p not in missing])

@@ -176,6 +176,28 @@ def test_node_lost_mid_run_is_named_requeued_and_resumed(root):
     assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
 
 
+def test_node_lost_for_good_elastic_job_continues_on_one_node(root):
+    """``launch.min_nodes=1``: the survivor requeues the job asking for the one node left; Slurm starts
+    it once pnode2 is DOWN, and the run resumes 2 -> 1 ranks with the same global batch."""
+    sub = _submit(root, "n2elastic", 1, "engine.collective_timeout_s=8", "launch.min_nodes=1")
+    first = sub.run_dir / "checkpoints" / "step-00000010"
+    _wait_for((first / "manifest.json").exists, 300, "the first checkpoint")
+    _cluster("kill-node", "pnode2")
+    try:
+        summary = sub.job.task(0).result()  # the node stays down until the job is done
+    finally:
+        _cluster("up", "--nodes", "2")
+    text = _task_log(sub, 0)
+    assert "lost contact with rank 1 on host pnode2" in text, text[-3000:]
+    assert "continues on 1 node(s) instead of 2 (launch.min_nodes=1)" in text
+    assert "data.batch_size 16 -> 32 keeps the global batch 32" in text
+    assert re.search(r"resumed from \S+step-000000[1-9]0: .* 2 ranks -> 1", text), text[-3000:]
+    assert summary["world_size"] == 1 and summary["steps"] == 40 and summary["prune_events"] > 0
+    assert S.continued_on_fewer(sub.job) == summary  # what launch.submit --wait reports
+    (run,) = _mlflow_runs(sub.tracking_uri, sub.run_name)
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+
+
 def test_lost_rank_ends_the_job_without_requeue_on_failure(root):
     sub = _submit(root, "n2fail", 1, "launch.requeue_on_failure=false")
     _wait_for((sub.run_dir / "checkpoints" / "step-00000010" / "manifest.json").exists, 300, "the first checkpoint")
@@ -187,14 +209,18 @@ def test_lost_rank_ends_the_job_without_requeue_on_failure(root):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("launch.nodes=3", "launch.nodes"),                   # the partition has 2 nodes
-    ("launch.tasks_per_node=3", "launch.tasks_per_node"),  # 3 tasks x 1 CPU, the nodes have 2
-    ("launch.gpus_per_node=1", "launch.gpus_per_node"),    # the nodes have no GPU
+    (["launch.nodes=3"], "launch.nodes"),                   # the partition has 2 nodes
+    (["launch.tasks_per_node=3"], "launch.tasks_per_node"),  # 3 tasks x 1 CPU, the nodes have 2
+    (["launch.gpus_per_node=1"], "launch.gpus_per_node"),    # the nodes have no GPU
+    (["launch.min_nodes=3"], "launch.min_nodes"),            # above launch.nodes
+    (["launch.min_nodes=1", "engine.kind=local"], "engine.kind"),  # one rank would not resume DeepSpeed's
+    # 3 nodes x batch 3 = 9 would not split over the 2 ranks of a 2-node continuation (checked before the node count)
+    (["launch.nodes=3", "launch.min_nodes=2", "data.batch_size=3"], "data.batch_size"),
 ])
-def test_bad_multi_node_allocation_is_refused_naming_the_key(root, override: str, key: str):
-    launch, jobs = load_job(CONFIG, [*_overrides(root, "bad", 1), override])
+def test_bad_multi_node_allocation_is_refused_naming_the_key(root, override: list[str], key: str):
     before = S._slurm("squeue", "-h", "-o", "%i")
     with pytest.raises(ConfigError) as err:
+        launch, jobs = load_job(CONFIG, [*_overrides(root, "bad", 1), *override])
         S.submit(launch, jobs)
     assert err.value.key == key, str(err.value)
     assert S._slurm("squeue", "-h", "-o", "%i") == before  # nothing submitted
