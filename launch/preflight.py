@@ -43,10 +43,9 @@ def check_job(launch: LaunchConfig, job: Job) -> list[str]:
 
 def _check_elastic(launch: LaunchConfig, cfg) -> None:
     """A job that may continue on ``min_nodes`` .. ``nodes`` nodes must resume its checkpoints on each."""
-    if cfg.engine.kind != "deepspeed":
-        raise ConfigError("engine.kind", f"an elastic job (launch.min_nodes={launch.min_nodes}) may continue on a "
-                                         f"single rank, where engine.kind={cfg.engine.kind} would not resume "
-                                         f"the DeepSpeed checkpoints of its ranks; set engine.kind=deepspeed")
+    if cfg.engine.kind == "local":
+        raise ConfigError("engine.kind", f"an elastic job (launch.min_nodes={launch.min_nodes}) runs on several "
+                                         f"ranks, which the local engine cannot; use engine.kind=deepspeed (or auto)")
     total = cfg.data.batch_size * launch.num_tasks
     for nodes in range(launch.min_nodes, launch.nodes):
         if total % (nodes * launch.tasks_per_node):

@@ -146,6 +146,10 @@ class TrainJob(Checkpointable):
                                                                resume="auto"),
                                   train=dataclasses.replace(cfg.train, threads=threads))
         planned = getattr(self, "planned_tasks", env.num_tasks)
+        if planned > 1 and cfg.engine.kind == "auto":
+            # a distributed submission runs DeepSpeed in every incarnation, also one continuing on one rank
+            # (auto would pick the local engine there, which cannot resume DeepSpeed's checkpoints)
+            cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kind="deepspeed"))
         if env.num_tasks != planned:  # an elastic job continuing on fewer nodes
             cfg = same_global_batch(cfg, planned, env.num_tasks)
         log.info("job %s (restart %d), rank %d of %d, master %s:%s, run %s", env.job_id, restart, env.global_rank,
@@ -159,31 +163,31 @@ class TrainJob(Checkpointable):
             self._after_peer_loss(env, lost)
 
     def _after_peer_loss(self, env, lost: PeerLost) -> NoReturn:
-        """Ranks were lost mid-run: requeue the job once (its lowest surviving rank does), or end it."""
+        """Ranks were lost mid-run.  With ``launch.requeue_on_failure`` (and fewer than
+        ``max_failure_requeues`` such requeues so far) the lowest surviving rank requeues the job and
+        every survivor leaves without a result (the rerun writes it); otherwise the job ends with the
+        error, and Slurm is told not to requeue it for the lost node either."""
         job_id = os.environ.get("SLURM_JOB_ID", env.job_id)
-        missing = {p.rank for p in lost.missing}
-        lowest = min((r for r in range(env.num_tasks) if r not in missing), default=env.global_rank)
-        requeue = getattr(self, "requeue_on_failure", False)
+        lowest = min((p.rank for p in lost.survivors), default=env.global_rank)
+        counter = Path(env.paths.folder) / f"{job_id}_failure_requeues"
+        done = int(counter.read_text()) if counter.is_file() else 0
+        limit = getattr(self, "max_failure_requeues", 3)
+        wanted = getattr(self, "requeue_on_failure", False)
+        requeue = wanted and env.cluster == "slurm" and done < limit
         if env.global_rank == lowest and env.cluster == "slurm":
             if requeue:
-                counter = Path(env.paths.folder) / f"{job_id}_failure_requeues"
-                done = int(counter.read_text()) if counter.is_file() else 0
-                limit = getattr(self, "max_failure_requeues", 3)
-                if done < limit:
-                    counter.write_text(str(done + 1))
-                    log.error("%s; requeueing job %s (failure requeue %d of %d, launch.max_failure_requeues): it "
-                              "resumes from its last complete checkpoint", lost, job_id, done + 1, limit)
-                    _scontrol("requeue", job_id)
-                    self._shrink(job_id, lost)
-                else:
-                    requeue = False
-                    log.error("%s; not requeued: job %s was already requeued %d times after failures "
-                              "(launch.max_failure_requeues)", lost, job_id, done)
-            if not requeue:
-                # Slurm would requeue a job with a failed node by itself; this job ends instead
+                counter.write_text(str(done + 1))
+                log.error("%s; requeueing job %s (failure requeue %d of %d, launch.max_failure_requeues): it "
+                          "resumes from its last complete checkpoint", lost, job_id, done + 1, limit)
+                _scontrol("requeue", job_id)
+                self._shrink(job_id, lost)
+            else:
+                why = ("launch.requeue_on_failure=false" if not wanted else
+                       f"already requeued {done} times after failures, launch.max_failure_requeues={limit}")
+                log.error("%s; job %s ends (%s)", lost, job_id, why)
                 _scontrol("update", f"JobId={job_id}", "Requeue=0")
         if requeue:
-            sys.exit(1)  # no result for this incarnation: the rerun writes it
+            sys.exit(1)
         raise lost
 
     def _shrink(self, job_id: str, lost: PeerLost) -> None:

@@ -204,7 +204,8 @@ def test_lost_rank_ends_the_job_without_requeue_on_failure(root):
     os.kill(_task_pid(str(sub.job.job_id), 1), signal.SIGKILL)  # rank 1's process dies; its node stays
     with pytest.raises(Exception, match=r"lost contact with rank 1 on host pnode2"):
         sub.job.task(0).result()
-    assert "requeueing" not in _task_log(sub, 0)
+    text = _task_log(sub, 0)
+    assert "requeueing" not in text and f"job {sub.job.job_id} ends (launch.requeue_on_failure=false)" in text
     assert _sacct_state(str(sub.job.job_id)) == "FAILED"
 
 

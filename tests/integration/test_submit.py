@@ -248,6 +248,22 @@ def test_launch_section_is_not_part_of_the_run_config(tmp_path):
         load_job(recipe, ["launch.cluster=debug"])  # 2 tasks cannot run in-process
 
 
+def test_elastic_continuation_keeps_the_global_batch():
+    """What a job submitted on 2 x 2 ranks runs with when it continues on fewer (launch.min_nodes)."""
+    import dataclasses
+
+    launch, (job,) = load_job(CONFIG, ["launch.nodes=2", "launch.tasks_per_node=2", "launch.min_nodes=1",
+                                       "data.batch_size=16"])
+    assert launch.elastic and launch.num_tasks == 4 and not LaunchConfig(nodes=2, min_nodes=2).elastic
+    on_two = S.same_global_batch(job.cfg, 4, 2)
+    assert on_two.data.batch_size == 32 and on_two.engine.global_batch == 0
+    fixed = dataclasses.replace(job.cfg, engine=dataclasses.replace(job.cfg.engine, global_batch=64))
+    assert S.same_global_batch(fixed, 4, 1).engine.global_batch == 64  # an explicit global batch stays explicit
+    assert S.same_global_batch(fixed, 4, 1).data.batch_size == 64
+    with pytest.raises(ConfigError, match="data.batch_size.*64 is not divisible by 3"):
+        S.same_global_batch(job.cfg, 4, 3)
+
+
 def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):
     """Without Slurm: a stop request mid-run saves at the next step, raises Preempted; resuming equals
     the uninterrupted run."""
