@@ -39,9 +39,9 @@ node_log = logging.getLogger("parsimony.node")
 
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 _SIOCGIFADDR = 0x8915
-#: what a failed collective says (gloo, NCCL, the c10d store) when a peer went away or never answered
-_COMM_FAILURE = re.compile(r"connection closed|connection reset|broken pipe|timed out|timeout|no route to host|"
-                           r"connection refused|socket|gloo|nccl|peer", re.IGNORECASE)
+#: the signature of an error raised by the communication layer itself (gloo's transport, NCCL, the c10d
+#: store and process groups) -- not an HTTP "connection reset" from a data loader
+_COMM_FAILURE = re.compile(r"gloo|nccl|c10d|ProcessGroup", re.IGNORECASE)
 _PEER_ADDR = re.compile(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+")
 
 
@@ -149,7 +149,9 @@ def choose_socket_ifname(master_ip: str) -> tuple[str, str, str]:
 
 # ------------------------------------------------------------------------------------ peer loss
 def is_comm_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` looks like a failed collective (a lost or silent peer), not a bug in the step."""
+    """Whether ``exc`` comes from a failed collective (a lost or silent peer), not from the step's own code
+    or the data: one of torch.distributed's errors, or a RuntimeError carrying the signature of gloo,
+    NCCL or c10d."""
     try:
         import torch.distributed as dist
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from system.runtime.rendezvous import RendezvousError, choose_socket_ifname, resolve_host, route_interface
+from system.runtime.rendezvous import (RendezvousError, choose_socket_ifname, is_comm_failure, resolve_host,
+                                      route_interface)
 from tests.distributed.test_distributed import ROOT, SMALL, _env, ds_ops  # noqa: F401  (fixture)
 
 PY = sys.executable
@@ -111,3 +112,13 @@ def test_interface_is_the_one_routing_to_the_master(monkeypatch):
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo" == os.environ["NCCL_SOCKET_IFNAME"]
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # a user's choice wins and is reported as such
     assert choose_socket_ifname("127.0.0.1")[2] == "GLOO_SOCKET_IFNAME set by the environment"
+
+
+def test_only_communication_errors_count_as_a_lost_peer():
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.77.0.12]:24280: "
+                        "Connection reset by peer")
+    assert is_comm_failure(gloo)
+    assert is_comm_failure(RuntimeError("Timed out waiting 8000ms ... ProcessGroupGloo"))
+    # a data loader's network error or a bug is not a lost rank: it is re-raised as it is
+    assert not is_comm_failure(RuntimeError("fetching http://host/shard-000003.tar: Connection reset by peer"))
+    assert not is_comm_failure(ValueError("shape mismatch"))
