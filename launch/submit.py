@@ -98,15 +98,25 @@ def base_name(job: Job) -> str:
 
 
 # ---------------------------------------------------------------------------------- in the job
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _scontrol(*args: str) -> None:
-    """``scontrol ARGS`` from inside a job; a failure is logged (the job is ending anyway), not raised."""
+    """``scontrol ARGS`` from inside a job; a failure is logged (the job is ending anyway), not raised.
+
+    scontrol runs with SIGTERM ignored: after ``scontrol requeue`` Slurm SIGTERMs every process of the
+    job at once, and killed the ``scontrol update`` that followed it (measured); SIGKILL still comes
+    after KillWait."""
     try:
-        out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60,
+                             preexec_fn=_ignore_sigterm)
     except (OSError, subprocess.SubprocessError) as exc:
         log.error("scontrol %s failed: %s", " ".join(args), exc)
         return
     if out.returncode != 0:
-        log.error("scontrol %s failed: %s", " ".join(args), (out.stderr or out.stdout).strip())
+        log.error("scontrol %s failed (status %d): %s", " ".join(args), out.returncode,
+                  (out.stderr or out.stdout).strip())
 
 
 class TrainJob(Checkpointable):

@@ -136,12 +136,26 @@ def choose_socket_ifname(master_ip: str) -> tuple[str, str, str]:
 
     Returns:
         (interface, local address, where the choice came from: ``route to <ip>`` or the variable).
+
+    Raises:
+        RendezvousError: a preset variable names no interface here, or a loopback one while
+            ``master_ip`` is another host (e.g. ``GLOO_SOCKET_IFNAME=lo`` exported from a one-host
+            test shell into a multi-node job, which would time out in the rendezvous).
     """
     ifname, local = route_interface(master_ip)
     preset = {v: os.environ[v] for v in SOCKET_IFNAME_VARS if os.environ.get(v)}
     if preset:
         var, value = next(iter(preset.items()))
-        return value, _interface_address(value.split(",")[0]) or local, f"{var} set by the environment"
+        first = value.split(",")[0].lstrip("^=")
+        address = _interface_address(first)
+        if address is None:
+            raise RendezvousError(f"host {socket.gethostname()}: {var}={value} names no interface with an IPv4 "
+                                  f"address here; the route to MASTER_ADDR {master_ip} goes through {ifname}")
+        if address.startswith("127.") and not master_ip.startswith("127."):
+            raise RendezvousError(f"host {socket.gethostname()}: {var}={value} is a loopback interface, which "
+                                  f"cannot reach MASTER_ADDR {master_ip} on another host (the route goes through "
+                                  f"{ifname}); unset {var} or name that interface")
+        return value, address, f"{var} set by the environment"
     for var in SOCKET_IFNAME_VARS:
         os.environ[var] = ifname
     return ifname, local, f"route to {master_ip}"

@@ -107,11 +107,17 @@ def test_interface_is_the_one_routing_to_the_master(monkeypatch):
     with pytest.raises(RendezvousError, match="no-such-node.invalid"):
         resolve_host("no-such-node.invalid", 5, rank=3)
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        monkeypatch.delenv(var, raising=False)
+        # (set, then delete: monkeypatch then restores the variable as it was, also when
+        # choose_socket_ifname wrote it; a leaked GLOO_SOCKET_IFNAME=lo broke later multi-node jobs)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     assert choose_socket_ifname("127.0.0.1") == ("lo", "127.0.0.1", "route to 127.0.0.1")
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo" == os.environ["NCCL_SOCKET_IFNAME"]
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # a user's choice wins and is reported as such
     assert choose_socket_ifname("127.0.0.1")[2] == "GLOO_SOCKET_IFNAME set by the environment"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuchif0")
+    with pytest.raises(RendezvousError, match="GLOO_SOCKET_IFNAME=nosuchif0 names no interface"):
+        choose_socket_ifname("127.0.0.1")
 
 
 def test_only_communication_errors_count_as_a_lost_peer():

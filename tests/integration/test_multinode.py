@@ -209,6 +209,19 @@ def test_lost_rank_ends_the_job_without_requeue_on_failure(root):
     assert _sacct_state(str(sub.job.job_id)) == "FAILED"
 
 
+def test_loopback_interface_from_the_environment_fails_fast_naming_it(root, monkeypatch):
+    """A GLOO_SOCKET_IFNAME=lo exported from a one-host shell (sbatch passes the environment on)
+    would hang the rendezvous until the collective timeout; every rank refuses it at once."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    t0 = time.monotonic()
+    sub = _submit(root, "n2lo")
+    for task, host in ((0, "pnode1"), (1, "pnode2")):
+        with pytest.raises(Exception, match=f"host {host}: GLOO_SOCKET_IFNAME=lo is a loopback interface"):
+            sub.job.task(task).result()
+    assert time.monotonic() - t0 < 150
+    assert not (sub.run_dir / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("override,key", [
     (["launch.nodes=3"], "launch.nodes"),                   # the partition has 2 nodes
     (["launch.tasks_per_node=3"], "launch.tasks_per_node"),  # 3 tasks x 1 CPU, the nodes have 2

@@ -93,7 +93,12 @@ def test_submitit_preemption_requeues_and_resumes(slurm_cluster, tmp_path: Path)
     job = _executor(tmp_path / "submitit").submit(slurm_jobs.WaitForPreemption(), str(marker))
     _wait_for(marker.exists, 120, "the job to start")
     time.sleep(2)  # let submitit's signal handlers settle in the job
-    job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2 to the task
+    # what Slurm does on preemption: SIGTERM, then USR2 to the task.  (job._interrupt() sends both at
+    # once; on a loaded machine the SIGTERM then arrived after USR2 had started `scontrol requeue`, and
+    # killed it.)  Wait until the job has handled the SIGTERM before the USR2.
+    subprocess.run(["scancel", job.job_id, "--signal", "SIGTERM"], check=True)
+    _wait_for(lambda: "Bypassing signal SIGTERM" in Path(job.paths.stderr).read_text(), 60, "SIGTERM handled")
+    subprocess.run(["scancel", job.job_id, "--signal", "USR2"], check=True)
     assert job.result() >= 1  # ran again after the requeue
     assert _sacct_state(job.job_id) == "COMPLETED"
 
