@@ -57,34 +57,40 @@ def _wait_checkpoint(tmp: Path, err: Path, timeout: float = 240) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("how", ["killed", "silent"])
+@pytest.mark.parametrize("how", ["killed", "silent", "rank0-killed"])
 def test_lost_rank_is_named_and_the_survivor_stops(ds_ops, tmp_path: Path, how: str):  # noqa: F811
     timeout_s = 8
     procs = _start(tmp_path, _free_port(), f"engine.collective_timeout_s={timeout_s}", "checkpoint.every_steps=3")
-    (p0, err0), (p1, _) = procs
+    (p0, err0), (p1, err1) = procs
+    # rank0-killed: the lost rank hosts the rendezvous store; rank 1 survives and must name it
+    (victim, _), (survivor, err) = (procs[0], procs[1]) if how == "rank0-killed" else (procs[1], procs[0])
     try:
         ckpt = _wait_checkpoint(tmp_path, err0)
         manifest = (ckpt / "manifest.json").read_text()
         t0 = time.monotonic()
-        os.kill(p1.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
-        rc = p0.wait(timeout=120)
+        os.kill(victim.pid, signal.SIGSTOP if how == "silent" else signal.SIGKILL)
+        rc = survivor.wait(timeout=120)
         took = time.monotonic() - t0
     finally:
         for p, _ in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-    text = err0.read_text()
+    text = err.read_text()
     assert rc == 1, text[-3000:]
     host = socket.gethostname()
-    assert f"rank 0 on host {host}: lost contact with rank 1 on host {host} (127.0.0.1)" in text, text[-3000:]
+    me, lost = (1, 0) if how == "rank0-killed" else (0, 1)
+    assert f"rank {me} on host {host}: lost contact with rank {lost} on host {host} (127.0.0.1)" in text, text[-3000:]
+    if how == "rank0-killed":
+        assert "the rendezvous store on rank 0" in text and "does not answer" in text
     # bounded: at once when the peer's sockets close; after the collective timeout when it is silent
     # (plus the 5 s check-in grace)
     assert took < (30 if how == "killed" else timeout_s + 40), took
     if how == "silent":
         assert took >= timeout_s - 1, took
     # the process group used the interface that routes to MASTER_ADDR, and said so
-    assert "MASTER_ADDR 127.0.0.1 = 127.0.0.1; process group on interface lo (127.0.0.1, route to 127.0.0.1)" in text
+    assert "MASTER_ADDR 127.0.0.1 = 127.0.0.1; process group on interface lo (127.0.0.1, route to 127.0.0.1)" in \
+        err0.read_text()
     assert (ckpt / "manifest.json").read_text() == manifest  # what was checkpointed is still there
 
 
