@@ -151,7 +151,8 @@ def test_preempted_two_node_job_resumes_identically(root, two_nodes):
 def test_node_lost_mid_run_is_named_requeued_and_resumed(root):
     """The node goes silent (link cut, then every process killed: no FIN/RST reaches the survivor),
     so the survivor's collective times out.  The timeout (8 s; the loss is named about 15 s after the
-    kill) is well below the cluster's SlurmdTimeout (30 s): the job itself, not Slurm's node-failure handling, finds and names the loss and requeues."""
+    kill) is well below the cluster's SlurmdTimeout (30 s): the job itself, not Slurm's node-failure
+    handling, finds and names the loss and requeues."""
     sub = _submit(root, "n2lost", 1, "engine.collective_timeout_s=8")
     first = sub.run_dir / "checkpoints" / "step-00000010"
     _wait_for((first / "manifest.json").exists, 300, "the first checkpoint")
