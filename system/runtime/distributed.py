@@ -27,9 +27,8 @@ log = logging.getLogger(__name__)
 
 #: MASTER_ADDR must resolve within this many seconds (a hung resolver would stall every rank)
 RESOLVE_TIMEOUT_S = 30.0
-#: this process's view of the job (set by init_distributed; empty in one process)
+#: every rank's place on the network, by rank (set by init_distributed; empty in one process)
 _PEERS: list[Peer] = []
-_ME: list[Peer] = []
 
 
 def pick_backend(requested: str, device: torch.device) -> str:
@@ -75,7 +74,6 @@ def init_distributed(cfg) -> DistEnv:
         peers: list[Peer | None] = [None] * env.world_size
         dist.all_gather_object(peers, me)
         _PEERS[:] = [p for p in peers if p is not None]
-        _ME[:] = [me]
         log.info("process group up: rank %d of %d (%s, collective timeout %gs)", env.rank, env.world_size, backend,
                  cfg.engine.collective_timeout_s)
         node_log.info("ranks: %s", ", ".join(f"{p.rank}={p.host}/{p.address}" for p in _PEERS))
@@ -96,10 +94,10 @@ def _subgroups_inherit(timeout: timedelta) -> None:
 def lost_peers(exc: BaseException) -> PeerLost | None:
     """A :class:`PeerLost` naming the missing ranks and hosts if ``exc`` is a collective that failed
     because ranks went away; None otherwise (or in one process)."""
-    if not _PEERS or not _ME:
+    if not _PEERS:
         return None
     master = (os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0") or 0))
-    return diagnose(exc, _ME[0], list(_PEERS), master, tag="parsimony")
+    return diagnose(exc, _PEERS[dist.get_rank()], list(_PEERS), master, tag="parsimony")
 
 
 def ensure_process_group(env: DistEnv, device: torch.device, backend: str) -> None:
@@ -118,6 +116,5 @@ def ensure_process_group(env: DistEnv, device: torch.device, backend: str) -> No
 
 def shutdown_distributed() -> None:
     _PEERS.clear()
-    _ME.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
