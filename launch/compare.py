@@ -54,6 +54,8 @@ class RunRow:
     seed: int | None = None
     dataset: str | None = None          # the last folder of data.root
     setting: str | None = None          # what else sets the operating point (EGP: its iterations)
+    latency_ratio_b1: float | None = None   # the final network's CPU latency / the dense one's (batch 1)
+    latency_ratio_b64: float | None = None  # (batch 64)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -114,6 +116,8 @@ def row_from_run(run: Any) -> RunRow:
         seed=_int_or_none(_num(params.get("train.seed"))),
         dataset=Path(params["data.root"]).name if params.get("data.root") else None,
         setting=(f"iterations={params.get('method.egp.iterations')}" if params.get("method.name") == "egp" else None),
+        latency_ratio_b1=m.get(T.FINAL_PREFIX + "latency_ratio_b1"),
+        latency_ratio_b64=m.get(T.FINAL_PREFIX + "latency_ratio_b64"),
     )
 
 
@@ -194,10 +198,101 @@ class Group:
     macs_pct_spread: float
     train_macs_pct: float | None
     wall_vs_dense: float | None  # mean wall-clock / the dense runs' mean wall-clock
+    blocks_removed: float | None = None  # mean over seeds
+    latency_ratio_b1: float | None = None  # mean over seeds (None where no run measured it)
+    latency_ratio_b64: float | None = None
 
 
 def _mean_half(values: list[float]) -> tuple[float, float]:
     return sum(values) / len(values), (max(values) - min(values)) / 2.0
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+#: two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
+    if df in _T975:
+        return _T975[df]
+    return next((_T975[k] for k in sorted(_T975) if k >= df), 1.96)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A method's top-1 minus the reference method's, paired by seed, at one dataset and budget."""
+
+    dataset: str
+    budget: float
+    method: str
+    reference: str
+    n: int             # seeds both methods ran
+    mean: float        # mean paired difference (fraction, not %)
+    low: float | None  # 95% t-interval (None with one seed)
+    high: float | None
+
+
+def paired_differences(rows: Sequence[RunRow], reference: str = "taylor") -> list[Paired]:
+    """For every dataset and budget, every method's per-seed top-1 difference to ``reference``
+    (the same seed: the same initial weights and data order), with its mean and 95% interval."""
+    by: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        if r.top1 is None or r.target_macs is None or r.seed is None:
+            continue
+        by.setdefault((r.dataset or "-", r.target_macs, r.method or "-"), {})[r.seed] = r.top1
+    out = []
+    for (ds, budget, method), seeds in sorted(by.items()):
+        ref = by.get((ds, budget, reference))
+        if method == reference or not ref:
+            continue
+        d = [seeds[s] - ref[s] for s in sorted(seeds) if s in ref]
+        if not d:
+            continue
+        mean = sum(d) / len(d)
+        low = high = None
+        if len(d) > 1:
+            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+            half = t975(len(d) - 1) * sd / math.sqrt(len(d))
+            low, high = mean - half, mean + half
+        out.append(Paired(ds, budget, method, reference, len(d), mean, low, high))
+    return out
+
+
+def paired_table(pairs: Sequence[Paired]) -> str:
+    """Per dataset: one row per method, one column per budget, ``+0.35 [-0.20, +0.90] (3)`` in points."""
+    lines = []
+    for ds in sorted({p.dataset for p in pairs}):
+        ps = [p for p in pairs if p.dataset == ds]
+        budgets = sorted({p.budget for p in ps})
+        ref = ps[0].reference
+        header = ["method"] + [f"vs {ref} at {b:.0%}" for b in budgets]
+        cells = [header]
+        for m in sorted({p.method for p in ps}):
+            row = [m]
+            for b in budgets:
+                p = next((p for p in ps if p.method == m and p.budget == b), None)
+                if p is None:
+                    row.append("-")
+                elif p.low is None or p.high is None:
+                    row.append(f"{100 * p.mean:+.2f} ({p.n})")
+                else:
+                    row.append(f"{100 * p.mean:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}] ({p.n})")
+            cells.append(row)
+        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+        lines.append(f"dataset {ds}: top-1 minus {ref}'s, paired by seed, in points: mean [95% t-interval] (seeds)")
+        for n, r in enumerate(cells):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if n == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def group_runs(rows: Sequence[RunRow]) -> list[Group]:
@@ -222,15 +317,18 @@ def group_runs(rows: Sequence[RunRow]) -> list[Group]:
         walls = [r.wall_s for r in rs if r.wall_s]
         wall = (sum(walls) / len(walls)) / dense_wall[ds] if walls and ds in dense_wall else None
         out.append(Group(ds, method, target, setting, len(rs), top1, top1_s, macs, macs_s,
-                         sum(tm) / len(tm) if tm else None, wall))
+                         sum(tm) / len(tm) if tm else None, wall, _mean([r.blocks_removed for r in rs]),
+                         _mean([r.latency_ratio_b1 for r in rs]), _mean([r.latency_ratio_b64 for r in rs])))
     return out
 
 
 def matched_table(groups: Sequence[Group]) -> str:
     """Top-1 at matched budgets: per dataset, one row per method, one column per target.
 
-    A cell is ``top1 +- half-range (n) @ real MACs%``; the best mean of each column is marked
-    with ``*``.  Runs without a target (dense, EGP) are listed under ``own`` with their real MACs.
+    A cell is ``top1 +- half-range (n) @ real MACs% B<blocks removed> L<latency b1>/<b64>`` (latency
+    as a ratio to dense, measured on the CPU at batch 1 and 64; ``L?`` where no run measured it); the
+    best mean of each column is marked with ``*``.  Runs without a target (dense, EGP) are listed
+    under ``own`` with their real MACs.
     """
     lines = []
     for ds in sorted({g.dataset for g in groups}):
@@ -247,7 +345,7 @@ def matched_table(groups: Sequence[Group]) -> str:
                 g = next((g for g in gs if g.method == m and g.budget == b), None)
                 row.append("-" if g is None else
                            f"{100 * g.top1:.2f}+-{100 * g.top1_spread:.2f} ({g.n}) @{g.macs_pct:.0f}%"
-                           + ("*" if g.top1 == best[b] else ""))
+                           + ("*" if g.top1 == best[b] else "") + _extras(g))
             own = [g for g in gs if g.method == m and g.budget is None]
             row.append("; ".join(f"{100 * g.top1:.2f}+-{100 * g.top1_spread:.2f} ({g.n}) @{g.macs_pct:.0f}%"
                                  + (f" [{g.setting}]" if g.setting else "") for g in own) or "-")
@@ -268,7 +366,21 @@ def matched_table(groups: Sequence[Group]) -> str:
     return "\n".join(lines).rstrip()
 
 
-def plot_fronts(groups: Sequence[Group], path: str | Path) -> Path:
+def _extras(g: Group) -> str:
+    blocks = "" if g.blocks_removed is None else f" B{g.blocks_removed:.1f}"
+    if g.latency_ratio_b1 is None and g.latency_ratio_b64 is None:
+        return blocks + " L?"
+    fmt = lambda v: "?" if v is None else f"{v:.2f}"  # noqa: E731
+    return blocks + f" L{fmt(g.latency_ratio_b1)}/{fmt(g.latency_ratio_b64)}"
+
+
+#: the Pareto plot's x axes: (label, Group attribute, scale to %)
+PLOT_X = {"macs": ("inference MACs (% of dense)", "macs_pct", 1.0),
+          "latency_b1": ("CPU latency at batch 1 (% of dense)", "latency_ratio_b1", 100.0),
+          "latency_b64": ("CPU latency at batch 64 (% of dense)", "latency_ratio_b64", 100.0)}
+
+
+def plot_fronts(groups: Sequence[Group], path: str | Path, x: str = "macs") -> Path:
     """One panel per dataset: each method's front (mean top-1 against mean real MACs over seeds,
     error bars spanning the seeds), dense as a horizontal band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -282,17 +394,23 @@ def plot_fronts(groups: Sequence[Group], path: str | Path) -> Path:
     for k, ds in enumerate(datasets):
         ax = fig.add_subplot(1, len(datasets), k + 1)
         gs = [g for g in groups if g.dataset == ds]
+        label, attr, scale = PLOT_X[x]
+
+        def xv(g: Group) -> float:
+            v = getattr(g, attr)
+            return math.nan if v is None else scale * v
+
         for m in sorted({g.method for g in gs}):
-            pts = sorted((g for g in gs if g.method == m), key=lambda g: g.macs_pct)
+            pts = sorted((g for g in gs if g.method == m), key=xv)
             if m in ("dense", "none"):
                 for g in pts:
                     ax.axhspan(100 * (g.top1 - g.top1_spread), 100 * (g.top1 + g.top1_spread), color="0.85")
                     ax.axhline(100 * g.top1, color="0.3", linestyle="--", linewidth=1, label=f"dense ({g.n} seeds)")
                 continue
-            ax.errorbar([g.macs_pct for g in pts], [100 * g.top1 for g in pts],
-                        xerr=[g.macs_pct_spread for g in pts], yerr=[100 * g.top1_spread for g in pts],
-                        marker="o", capsize=3, linewidth=1.3, label=m)
-        ax.set_xlabel("inference MACs (% of dense)")
+            ax.errorbar([xv(g) for g in pts], [100 * g.top1 for g in pts],
+                        xerr=[g.macs_pct_spread for g in pts] if x == "macs" else None,
+                        yerr=[100 * g.top1_spread for g in pts], marker="o", capsize=3, linewidth=1.3, label=m)
+        ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{ds}: accuracy vs MACs (mean over seeds)")
         ax.grid(True, alpha=0.3)
@@ -382,6 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", default=None, metavar="PATH", help="write the accuracy-vs-MACs PNG here")
     p.add_argument("--budgets", action="store_true",
                    help="group over seeds: top-1 at matched budgets, per-method Pareto fronts (with --plot)")
+    p.add_argument("--reference", default="taylor",
+                   help="with --budgets: print every method's top-1 minus this method's, paired by seed, "
+                        "with a 95%% interval (default: taylor)")
+    p.add_argument("--plot-x", default="macs", choices=sorted(PLOT_X),
+                   help="with --budgets --plot: the x axis (inference MACs, or the measured CPU latency)")
     p.add_argument("--sync", nargs="+", metavar="RUN_DIR", default=None,
                    help="deliver the tracking backlog (mlflow_unsent.jsonl) a store outage left in these run "
                         "directories, in order, and mark each run with its recorded end status")
@@ -400,9 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --budgets: groups over seeds, the matched-budget table and one front per method
     if args.budgets:
         groups = group_runs(rows)
-        text, items = (matched_table(groups) if groups else ""), [asdict(g) for g in groups]
+        pairs = paired_differences(rows, args.reference)
+        text = "\n\n".join(t for t in (matched_table(groups) if groups else "", paired_table(pairs)) if t)
+        items = [asdict(g) for g in groups] + [{"paired": asdict(p)} for p in pairs]
         if args.plot:
-            plot_fronts(groups, args.plot)
+            plot_fronts(groups, args.plot, args.plot_x)
     else:
         text, items = (format_table(rows) if rows else ""), [asdict(r) for r in rows]
         if args.plot:

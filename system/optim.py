@@ -19,7 +19,7 @@ from typing import Collection, Literal
 import torch
 
 from system.models.resnet import GatedResNet
-from system.config import check
+from system.config import ConfigError, check
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class OptimConfig:
 
 
 def param_groups(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, float], lr: float,
-                 exempt: Collection[str] = ()) -> list[dict]:
+                 exempt: Collection[str] = (), theta_momentum: float = 0.0) -> list[dict]:
     groups: dict[str, list] = {"decay": [], "no_decay": [], "theta_unit": [], "theta_layer": []}
     for name, p in model.named_parameters():
         if name.endswith(".theta"):
@@ -70,15 +70,24 @@ def param_groups(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, floa
         base = theta_lrs["unit" if gname == "theta_unit" else "layer"] if theta else lr
         out.append({"name": gname, "params": params, "base_lr": base, "lr": base,
                     "weight_decay": cfg.weight_decay if gname == "decay" else 0.0,
-                    **({"momentum": 0.0, "nesterov": False} if theta and cfg.name == "sgd" else {})})
+                    # theta: an average of its recent gradients (dampening = momentum keeps the step's size)
+                    **({"momentum": theta_momentum, "dampening": theta_momentum, "nesterov": False}
+                       if theta and cfg.name == "sgd" else {})})
     return out
 
 
 def build_optimizer(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, float], global_batch: int,
-                    exempt: Collection[str] = ()) -> torch.optim.Optimizer:
-    """SGD or AdamW over :func:`param_groups`; ``exempt``: weights not decayed by the optimizer."""
+                    exempt: Collection[str] = (), theta_momentum: float = 0.0) -> torch.optim.Optimizer:
+    """SGD or AdamW over :func:`param_groups`; ``exempt``: weights not decayed by the optimizer;
+    ``theta_momentum``: the theta groups' gradient averaging (:meth:`Method.theta_momentum`)."""
+    if cfg.name == "adamw" and any(v > 0 for v in theta_lrs.values()):
+        # Adam divides every gradient by its running RMS: the price-normalised theta step (and with it
+        # the rule "a structure leaves when its importance per cost is below nu") would not hold
+        raise ConfigError("optim.name", "adamw cannot train the gate parameters theta (Adam rescales their "
+                          "gradients, so the price no longer sets the decisions): use optim.name=sgd with a "
+                          "method that trains theta")
     lr = scaled_lr(cfg, global_batch)
-    groups = param_groups(model, cfg, theta_lrs, lr, exempt)
+    groups = param_groups(model, cfg, theta_lrs, lr, exempt, theta_momentum)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=lr)

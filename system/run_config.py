@@ -12,6 +12,7 @@ from typing import Literal
 
 from pipelines.config import DataConfig
 from system.config import check
+from system.latency import LatencyConfig
 from system.models.config import ModelConfig
 from system.optim import OptimConfig
 from system.pruning.methods import MethodConfig
@@ -21,7 +22,7 @@ from system.tracking import TrackingConfig
 
 # each section lives next to its owner; the root tree composes them (and re-exports them here)
 __all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "EngineConfig", "CheckpointConfig", "RunSection", "RunConfig",
-           "DataConfig", "MethodConfig", "TrackingConfig"]
+           "DataConfig", "MethodConfig", "TrackingConfig", "LatencyConfig"]
 
 
 @dataclass(frozen=True)
@@ -74,4 +75,5 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     run: RunSection = field(default_factory=RunSection)

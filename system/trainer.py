@@ -37,6 +37,7 @@ from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stre
 from system.evaluation import accuracy, plain_forward
 from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
+from system.latency import measure_latency
 from system.pruning.methods import Batch, Event, StepContext, build_method
 from system.models.resnet import GatedResNet, build_model, zero_init_residual
 from system.models.spec import ArchSpec, dense_spec
@@ -116,9 +117,9 @@ class Trainer:
         if resume is not None:
             self.method.load_state_dict(self.checkpointer.rank_state(resume, "method"))
         self.method.attach(model)
-        seed_rank_stream(cfg.train.seed, self.env.rank)  # gate samples: per rank (ALGORITHM.md section 1)
+        seed_rank_stream(cfg.train.seed, self.env.rank)  # gate samples: per rank (docs/method.md section 1)
         opt = build_optimizer(model, cfg.optim, self.method.theta_lrs(), self.global_batch,
-                              self.method.decay_exempt(model))
+                              self.method.decay_exempt(model), self.method.theta_momentum())
         self.engine: Engine = (engine_factory or self._default_engine)(model, opt)
         self.state = LoopState()
         self.tracking_run = Value(run_id="")
@@ -425,6 +426,11 @@ class Trainer:
                           preprocess={"input_size": size, "resize": d.val_resize if d.loader != "synthetic" else size,
                                       "mean": list(d.mean), "std": list(d.std), "layout": "NCHW RGB, 0-1 scale"})
         macs, params = count(final_spec)
+        latency: dict[str, Any] = {}
+        if self.env.rank == 0:  # on the CPU, the deployed network against the dense one, in this process
+            latency = measure_latency(deployed, build_model(self.dense, gates=False),
+                                      (final_spec.in_channels, final_spec.input_size, final_spec.input_size),
+                                      cfg.latency)
         target = cfg.method.target_macs
         reached = None
         if target is not None:
@@ -448,6 +454,7 @@ class Trainer:
             "method_details": self.method.summary(),
             "target_macs": target, "target_reached": reached, "eval_split": cfg.data.eval_split,
             "mlflow_run_url": self.tracker.run_url(), "samples_skipped": s.samples_skipped,
+            **latency,
         }
         if self.env.rank == 0:
             atomic_write_json(self.run_dir / "summary.json", summary)

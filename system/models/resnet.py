@@ -191,6 +191,13 @@ class GatedResNet(nn.Module):
         self.arch_name, self.input_size, self.has_gates = spec.name, spec.input_size, gates
         self.stage_widths = tuple(spec.stage_widths)
         self._spec: ArchSpec | None = None
+        # the paired layer estimator's shared prefix: in training mode with ``keep_block_inputs`` the
+        # forward keeps (detached) every block's input in ``block_inputs`` (autograd holds those tensors
+        # until backward anyway); ``start_at = (i, x)`` makes the next forward skip the stem and the
+        # blocks before the i-th (flat index) and start from ``x``
+        self.keep_block_inputs = False
+        self.block_inputs: list[torch.Tensor] = []
+        self.start_at: tuple[int, torch.Tensor] | None = None
         if spec.family == "cifar":
             self.conv1 = _conv(spec.in_channels, spec.stem_width, 3)
             self.maxpool: nn.Module = nn.Identity()
@@ -235,9 +242,22 @@ class GatedResNet(nn.Module):
                 yield f"layer{s + 1}.{b}", blk
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        start = 0
+        if self.start_at is not None:
+            start, x = self.start_at
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        keep = self.keep_block_inputs and self.training and start == 0
+        if keep:
+            self.block_inputs = []
+        i = 0
         for stage in self.stages():
-            x = stage(x)
+            for blk in stage:
+                if i >= start:
+                    if keep:
+                        self.block_inputs.append(x.detach())
+                    x = blk(x)
+                i += 1
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

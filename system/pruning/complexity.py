@@ -1,6 +1,6 @@
 """Exact and expected complexity (MACs and parameters) of a spec.
 
-Counting convention (matches ALGORITHM.md's reference counts): multiply-accumulates of
+Counting convention (matches docs/method.md's reference counts): multiply-accumulates of
 convs and the classifier, BatchNorm excluded; parameters of convs, BN (weight, bias) and
 the classifier (weight, bias).  Gate parameters are not counted: they are folded away.
 
@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
@@ -37,6 +37,7 @@ def _out(h: int, k: int, s: int, p: int) -> int:
 class _Acc:
     macs: Number = 0
     params: Number = 0
+    marks: list = field(default_factory=list)  # MACs counted before each block (flat order)
 
     def conv(self, k: int, cin: Number, cout: Number, h: int, scale: Number = 1) -> None:
         self.macs = self.macs + scale * (k * k * h * h) * cin * cout
@@ -60,6 +61,7 @@ def _walk(spec: ArchSpec, width: Callable[[str, int, int], Number],
         h = _out(h, 3, 2, 1)
     acc.bn(spec.stem_width)
     for name, s, b, blk in spec.iter_blocks():
+        acc.marks.append(acc.macs)
         cin, cout, stride = spec.block_io(s, b)
         h_out = _out(h, 3, stride, 1)
         if spec.has_downsample(s, b) and spec.shortcut == "B":
@@ -92,6 +94,13 @@ def count(spec: ArchSpec) -> tuple[int, int]:
     """Exact ``(macs, params)`` of the deterministic network ``spec`` describes."""
     acc = _walk(spec, lambda name, i, w: w, lambda name: 1)
     return int(acc.macs), int(acc.params)
+
+
+def suffix_macs(spec: ArchSpec) -> list[int]:
+    """For every block (flat order, removed ones included), the MACs of a forward that starts at
+    its input: that block, the ones after it (shortcuts included) and the classifier."""
+    acc = _walk(spec, lambda name, i, w: w, lambda name: 1)
+    return [int(acc.macs - m) for m in acc.marks]
 
 
 def unit_gate_name(block: str, i: int) -> str:

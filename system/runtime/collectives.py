@@ -10,12 +10,23 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from system.pruning.surgery import PrunePlan
+
+
+def decision_digest(plan: PrunePlan | None, state: dict[str, Any] | None = None) -> str:
+    """The plan's digest, extended by the method's decision state (floats written exactly, by repr)."""
+    digest = (plan or PrunePlan()).digest()
+    if state:
+        text = json.dumps({k: repr(v) for k, v in sorted(state.items())}, sort_keys=True)
+        digest = hashlib.sha256((digest + text).encode()).hexdigest()[:16]
+    return digest
 
 
 class PlanMismatch(RuntimeError):
@@ -90,11 +101,13 @@ class Collectives:
         """True on every rank if it is True on any rank (preemption agreement)."""
         return self.sum_scalars([1.0 if flag else 0.0])[0] > 0
 
-    def agree(self, plan: PrunePlan | None) -> None:
-        """All-gather the plan digest; raise PlanMismatch naming the odd ranks if they differ."""
+    def agree(self, plan: PrunePlan | None, state: dict[str, Any] | None = None) -> None:
+        """All-gather the digest of the plan and of the method's decision ``state`` (for example the
+        variational method's nu, which every rank computes for itself); raise PlanMismatch naming the
+        odd ranks if they differ."""
         if not self.distributed:
             return
-        digest = (plan or PrunePlan()).digest()
+        digest = decision_digest(plan, state)
         out: list[str] = [""] * self.world_size
         dist.all_gather_object(out, digest)
         if len(set(out)) > 1:

@@ -70,7 +70,7 @@ class Coordinator:
         plan = decide_fn()
         if plan is not None and plan.empty:
             plan = None
-        self.comm.agree(plan)
+        self.comm.agree(plan, method.decision_state())
         return plan
 
     def apply(self, plan: PrunePlan, engine, method, step: int) -> PruneEvent:

@@ -57,5 +57,8 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """``{"top1": 76.1, ...} -> {"summary/top1": 76.1, ...}`` for the keys in ``FINAL_KEYS``."""
-    return {FINAL_PREFIX + k: float(summary[k]) for k in FINAL_KEYS
-            if k in summary and summary[k] is not None}
+    out = {FINAL_PREFIX + k: float(summary[k]) for k in FINAL_KEYS if k in summary and summary[k] is not None}
+    # the measured latency (system.latency): every number it reported, e.g. summary/latency_ratio_b1
+    out.update({FINAL_PREFIX + k: float(v) for k, v in summary.items()
+                if k.startswith("latency_") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out

@@ -2,9 +2,10 @@
 
     torchrun --standalone --nproc_per_node=2 -m tests.dist_scripts.mismatch OUT_PREFIX key=value ...
 
-Rank 1 zeroes a few unit-gate thetas *after* the coordinator's all-reduce and just before
-the method decides (the decision function is wrapped here, in the test's own script), so its
-plan differs from rank 0's.  Every rank records what it saw in ``OUT_PREFIX.rank{r}.json``:
+Rank 1 zeroes a few unit-gate thetas (or, with ``PERTURB=nu``, changes the variational
+method's nu in its last digits) *after* the coordinator's all-reduce and just before the method
+decides (the decision function is wrapped here, in the test's own script), so its plan (or its
+decision digest) differs from rank 0's.  Every rank records what it saw in ``OUT_PREFIX.rank{r}.json``:
 the error, the ranks it names, and the spec before and after (no surgery may have happened),
 then exits with status 3.
 """
@@ -12,6 +13,7 @@ then exits with status 3.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -39,8 +41,11 @@ def main(argv: list[str]) -> int:
             decide = tr.method.on_step_end
 
             def perturbed(ctx):
-                with torch.no_grad():
-                    gates_of(ctx.model)[GATE].theta[:3] = 0.0
+                if os.environ.get("PERTURB") == "nu":  # the plan stays the same; nu, a rank's own float, drifts
+                    tr.method.nu *= 1.0 + 1e-9
+                else:
+                    with torch.no_grad():
+                        gates_of(ctx.model)[GATE].theta[:3] = 0.0
                 return decide(ctx)
 
             tr.method.on_step_end = perturbed

@@ -43,8 +43,9 @@ def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return _run([TORCHRUN, "--standalone", "--nproc_per_node=2", *args], timeout=timeout)
+def _torchrun(args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", *args], cwd=ROOT, env={**_env(), **env},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,21 @@ def test_perturbed_rank_is_caught_before_any_surgery(ds_ops, tmp_path):
         assert rec["prune_events"] == 0 and rec["coordinator_events"] == 0
         assert rec["spec_after"] == rec["spec_before"]  # nothing was pruned
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_whose_nu_drifts_is_caught_though_its_plan_agrees(ds_ops, tmp_path):
+    """nu is each rank's own float (recomputed from theta): it joins the digest the ranks agree on."""
+    prefix = tmp_path / "nu"
+    over = SMALL + ["data.batch_size=8", "train.max_steps=10", "method.name=variational", "method.target_macs=0.5",
+                    "method.variational.warmup_frac=0", "method.variational.check_every=2",
+                    "method.variational.harden=none", f"run.dir={tmp_path / 'run'}"]
+    r = _torchrun(["-m", "tests.dist_scripts.mismatch", str(prefix), *over], timeout=180, PERTURB="nu")
+    assert r.returncode != 0
+    for rank in (0, 1):
+        rec = json.loads(Path(f"{prefix}.rank{rank}.json").read_text())
+        assert rec["error"] and "rank(s) [1]" in rec["error"], rec
+        assert rec["step"] == 2 and rec["prune_events"] == 0
 
 
 def test_plan_mismatch_names_the_odd_ranks():

@@ -98,13 +98,16 @@ def test_cli_refuses_bad_config_before_training(tmp_path):
 
 def test_data_gradient_reaches_theta_without_any_price(tmp_path):
     """With no complexity price at all (the theta of a priced run would move anyway), the data path
-    alone gives every layer theta (conditional estimator) and most unit thetas a gradient."""
-    cfg = tiny_config(tmp_path, "train.max_steps=1", *STRONG["variational"])
+    alone gives every layer theta (paired estimator, every block differenced this step) and most unit
+    thetas a gradient."""
+    cfg = tiny_config(tmp_path, "train.max_steps=1", *STRONG["variational"], "method.variational.paired_blocks=0")
     trainer = Trainer(cfg)
     trainer.method.nu = 0.0  # theta active (nu > 0 in the config) but priced at zero this step
     with torch.no_grad():
         for g in gates_of(trainer.model).values():
-            g.theta.fill_(0.5)  # both outcomes occur in the batch
+            # units: both outcomes occur in the batch; blocks: always on (a block drawn off for the
+            # batch would cut its units' gradients), the paired difference still sees them off
+            g.theta.fill_(0.5 if g.kind == "unit" else 1.0)
     x = torch.randn(16, 3, 16, 16)
     y = torch.randint(0, 4, (16,))
     seen = {}

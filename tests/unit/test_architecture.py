@@ -9,7 +9,7 @@ Layers, lowest first (a package may import itself and what its row allows)::
     system.runtime                                process group, collectives, coordinator, engines,
                                                   checkpoints, preemption, faults
     system.optim, system.export, system.state,    what the loop uses around the model
-    system.progress
+    system.progress, system.latency
     system.run_config                             the root config tree (composes every section)
     system.trainer                                the loop
     launch                                        entry points
@@ -39,12 +39,13 @@ ALLOWED: dict[str, set[str]] = {
     "system.progress": set(),
     "system.skips": set(),
     "system.evaluation": set(),
+    "system.latency": BASE,
     "pipelines": BASE,
     "system.run_config": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
-                                 "system.optim", "pipelines"},
+                                 "system.optim", "system.latency", "pipelines"},
     "system.trainer": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
                               "system.optim", "system.export", "system.state", "system.progress", "system.skips",
-                              "system.evaluation", "system.run_config",
+                              "system.evaluation", "system.latency", "system.run_config",
                               "pipelines"},
 }
 

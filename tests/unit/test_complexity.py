@@ -9,7 +9,7 @@ from system.pruning.complexity import count, expected
 from system.models.resnet import build_model, gates_of
 from system.models.spec import ArchSpec, BlockSpec, dense_spec
 
-# ALGORITHM.md section 4, with the precision they are quoted at.
+# docs/method.md section 4, with the precision they are quoted at.
 REFERENCE = {
     "resnet20": (40.55e6, 0.270e6, 0.005e6), "resnet56": (125.49e6, 0.853e6, 0.0005e6),
     "resnet110": (252.89e6, 1.728e6, 0.0005e6), "resnet18": (1.814e9, 11.69e6, 0.005e6),

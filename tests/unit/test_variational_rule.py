@@ -29,13 +29,13 @@ def test_patience_counts_consecutive_checks_at_zero():
     assert plan.units == {"layer1.0.gate1": (3, 5)}
 
 
-def test_grad_condition_keeps_a_unit_the_objective_pulls_back():
-    model, m = _setup(weight_condition="grad")
+def test_importance_condition_keeps_a_unit_the_objective_pulls_back():
+    model, m = _setup(weight_condition="importance")
     _set(model, "layer1.0.gate1", [3, 5], 0.0)
     for _ in range(2):
         m.grad_acc["layer1.0.gate1"][3] = -1.0  # descent would raise theta_3 again
         m.grad_acc["layer1.0.gate1"][5] = +1.0  # descent pushes theta_5 further into 0
-        m.grad_n = 1
+        m.grad_n = torch.tensor(1.0)
         plan = m._check(model)
     assert plan.units == {"layer1.0.gate1": (5,)}
 
@@ -54,13 +54,13 @@ def test_signal_condition_looks_at_bn_affine_not_conv_weights():
 
 
 def test_theta_cannot_bounce_back_from_zero_forever():
-    model, m = _setup(weight_condition="grad", max_revivals=2, patience=5)
+    model, m = _setup(weight_condition="importance", max_revivals=2, patience=5)
     name = "layer2.1.gate1"
     removed = None
     for i in range(12):
         _set(model, name, [7], 0.0 if i % 2 == 0 else 0.3)  # hits 0, revives, hits 0 ...
-        m.grad_acc[name][7] = -1.0  # the data always pulls it back: the grad condition never holds
-        m.grad_n = 1
+        m.grad_acc[name][7] = -1.0  # the data always pulls it back: the importance condition never holds
+        m.grad_n = torch.tensor(1.0)
         plan = m._check(model)
         if plan is not None:
             removed = (i, plan.units.get(name))

@@ -28,7 +28,8 @@ Example::
     method = build_method(cfg.method, total_steps, weight_decay=cfg.optim.weight_decay)
     method.check_model(model)
     method.attach(model)
-    opt = build_optimizer(model, cfg.optim, method.theta_lrs(), global_batch, method.decay_exempt(model))
+    opt = build_optimizer(model, cfg.optim, method.theta_lrs(), global_batch, method.decay_exempt(model),
+                          method.theta_momentum())
     loss = ce + sum(method.loss_terms(model, step, batch))
 """
 
@@ -113,6 +114,10 @@ class Method:
         """Configure gate modes for training.  The dense baseline switches every gate off."""
         set_gate_mode(model, unit="off", layer="off")
 
+    def theta_momentum(self) -> float:
+        """The theta groups' SGD momentum, with dampening equal to it (an average of recent gradients)."""
+        return 0.0
+
     def theta_lrs(self) -> dict[str, float]:
         """Learning rate of the unit / layer theta groups (0 = theta not trained)."""
         return {"unit": 0.0, "layer": 0.0}
@@ -135,9 +140,10 @@ class Method:
         gradient carries what autograd cannot, the method's own weight decay)."""
         return []
 
-    def extra_forwards(self) -> int:
-        """Forwards the last step ran beyond the main one (counted in the training MACs)."""
-        return 0
+    def extra_forwards(self) -> float:
+        """Forwards the last step ran beyond the main one, in full-network forwards (counted in the
+        training MACs)."""
+        return 0.0
 
     def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
         """Gradients are there.  ``grad_scale`` is the loss scale they carry (fp16): divide by it."""
@@ -148,6 +154,11 @@ class Method:
 
     def check_due(self, step: int) -> bool:
         return False
+
+    def decision_state(self) -> dict[str, Any]:
+        """Scalars a decision depends on that each rank computes for itself (not synced tensors):
+        they join the plan digest the ranks agree on, so a drift is caught before any surgery."""
+        return {}
 
     def sync_tensors(self) -> list[torch.Tensor]:
         """Tensors the coordinator all-reduces (mean) in place before a decision event."""
@@ -199,6 +210,13 @@ def remap_vector(values: dict[str, torch.Tensor], plan: PrunePlan, slices: Slice
         dims = slices.get(key_of(g))
         out[g] = select(v, {0: dims[0]}) if dims and 0 in dims else v
     return out
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: every value of every tensor is finite (no host sync).  An fp16 step whose
+    gradients overflowed is skipped by the loss scaler; a method's statistics must skip it too."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def remap_stores(stores: Iterable[dict[str, torch.Tensor]], plan: PrunePlan, slices: Slices) -> None:

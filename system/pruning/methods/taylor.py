@@ -23,7 +23,8 @@ import torch
 
 from system.pruning.complexity import count, expected
 from system.config import check
-from system.pruning.methods.base import Method, StepContext, remap_stores, round_removal, unit_and_layer_gates
+from system.pruning.methods.base import (Method, StepContext, all_finite, remap_stores, round_removal,
+                                         unit_and_layer_gates)
 from system.models.resnet import GatedResNet, set_gate_mode
 from system.pruning.surgery import PrunePlan, Slices, plan_from_removals
 
@@ -95,9 +96,10 @@ class Taylor(Method):
         if self._step + 1 <= self.first_check - self.cfg.check_every:
             return
         unit, _ = unit_and_layer_gates(model)
-        for n, g in unit.items():
-            if g.theta.grad is not None:
-                self.acc[n] += (g.theta.grad.detach() / grad_scale).pow(2)
+        grads = {n: g.theta.grad.detach() for n, g in unit.items() if g.theta.grad is not None}
+        finite = all_finite(grads.values())  # an fp16 overflow step adds nothing (the ranking is per window)
+        for n, gr in grads.items():
+            self.acc[n] += torch.where(finite, (gr / grad_scale).pow(2), torch.zeros_like(gr))
         self.n_acc += 1
 
     def after_step(self, model: GatedResNet) -> None:

@@ -1,4 +1,4 @@
-"""The complexity-aware variational method (ALGORITHM.md section 1): its config, its layer-gate
+"""The complexity-aware variational method (docs/method.md section 1): its config, its layer-gate
 estimators and the method itself."""
 
 from system.pruning.methods.variational.config import VariationalConfig

@@ -21,10 +21,16 @@ class VariationalConfig:
     theta_travel: float = 0.1  # normalized: the price alone moves theta across [0, 1] in this fraction of the run
     lr_unit: float = 1.0  # raw: theta learning rates (plain SGD, projected to [0, 1])
     lr_layer: float = 0.01
+    theta_momentum: float = 0.9  # [ours] theta steps on an average of its recent gradients (SGD momentum = dampening)
     warmup_frac: float = 0.2  # weights only for this fraction of the steps
-    estimator: Literal["conditional", "exact", "autograd"] = "conditional"
+    # layer-gate estimator [ours]: paired (CRN difference, layer gates drawn once per batch, suffix forward),
+    # conditional (examples on vs off in one batch; biased near theta 1), exact, autograd (first order; biased)
+    estimator: Literal["paired", "conditional", "exact", "autograd"] = "paired"
+    paired_blocks: int = 1  # paired: blocks differenced per step, round-robin (0 = all)
+    paired_memory: float = 0.5  # paired: share of a block's previous estimate kept at each new difference
     exact_blocks: int = 0  # exact: blocks differenced per step (0 = all)
-    per_example: bool = True  # sample xi per example (required by the conditional estimator)
+    per_example: bool = True  # sample unit gates per example
+    layer_per_example: bool = False  # sample layer gates per example (conditional needs it; paired refuses it)
     gated_decay: bool = False  # weight decay of gated weights scaled by theta (in the loss)
     # budget mode (method.target_macs): dual ascent on nu
     target_by: float = 0.4  # the scheduled budget reaches the target at this fraction of the run
@@ -32,14 +38,17 @@ class VariationalConfig:
     dual_gain: float = 3.0  # integral gain (log space)
     dual_kp: float = 2.0  # proportional gain (log space)
     # pruning conditions
-    check_every: int = 50
+    check_every: int = 0  # steps between checks; 0 = auto, 2% of the run (at least 1)
     patience: int = 3
     tau_theta: float = 0.0
-    weight_condition: Literal["grad", "signal", "none"] = "grad"
+    weight_condition: Literal["importance", "grad", "signal", "none"] = "importance"
     tau_w: float = 0.5
     max_revivals: int = 3
     # determinism [ours]: a drive to {0, 1}, and a safety-net rounding
-    drive: float = 3.0  # weight of s(t) * c_j theta (1 - theta), s ramps 0 -> 1 from warm-up to target_by
+    # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by): it moves
+    # "leave 1" to importance per cost < nu (1 - d s) and "back from 0" to > nu (1 + d s); removal itself
+    # is decided by the importance condition, which the drive does not enter
+    drive: float = 0.5
     harden: Literal["none", "final"] = "final"
     harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
@@ -52,22 +61,29 @@ class VariationalConfig:
         check(0.0 < self.theta_travel <= 1.0, "theta_travel", f"must be in (0, 1], got {self.theta_travel}")
         check(self.lr_unit >= 0, "lr_unit", f"a theta learning rate must be >= 0, got {self.lr_unit}")
         check(self.lr_layer >= 0, "lr_layer", f"a theta learning rate must be >= 0, got {self.lr_layer}")
+        check(0.0 <= self.theta_momentum < 1.0, "theta_momentum", f"must be in [0, 1), got {self.theta_momentum}")
         check(0.0 <= self.warmup_frac < 1.0, "warmup_frac", "must be in [0, 1)")
         check(self.unit_gates or self.layer_gates, "unit_gates", "at least one of unit_gates/layer_gates must be on")
         check(self.exact_blocks >= 0, "exact_blocks", "must be >= 0")
-        check(self.estimator != "conditional" or self.per_example or not self.layer_gates, "estimator",
+        check(self.paired_blocks >= 0, "paired_blocks", "must be >= 0")
+        check(0.0 <= self.paired_memory < 1.0, "paired_memory", f"must be in [0, 1), got {self.paired_memory}")
+        check(self.estimator != "conditional" or self.layer_per_example or not self.layer_gates, "estimator",
               "'conditional' compares examples with the block on and off in one batch: it needs "
-              "method.variational.per_example=true (or use 'exact' / 'autograd')")
+              "method.variational.layer_per_example=true (or use 'paired' / 'exact' / 'autograd')")
+        check(self.estimator != "paired" or not self.layer_per_example or not self.layer_gates, "layer_per_example",
+              "the 'paired' estimator is unbiased because a layer gate is drawn once per batch (E[CE] is then "
+              "affine in theta with train-mode BatchNorm): set method.variational.layer_per_example=false or "
+              "choose another method.variational.estimator")
         check(self.warmup_frac < self.target_by <= 1.0, "target_by", "must be in (warmup_frac, 1]")
         check(self.dual_gain > 0, "dual_gain", "must be > 0")
         check(self.dual_kp >= 0, "dual_kp", "must be >= 0")
         check(self.nu_start > 0, "nu_start", "must be > 0")
-        check(self.check_every >= 1, "check_every", "must be >= 1")
+        check(self.check_every >= 0, "check_every", "must be >= 0 (0 = 2% of the run)")
         check(self.patience >= 1, "patience", "must be >= 1")
         check(0.0 <= self.tau_theta < 0.5, "tau_theta", "must be in [0, 0.5)")
         check(self.tau_w >= 0, "tau_w", "must be >= 0")
         check(self.max_revivals >= 1, "max_revivals", "must be >= 1")
-        check(self.drive >= 0, "drive", "must be >= 0")
+        check(0.0 <= self.drive < 1.0, "drive", f"must be in [0, 1) (it is relative to nu), got {self.drive}")
         check(0.0 < self.harden_at <= 1.0, "harden_at", "must be in (0, 1]")
         check(self.harden == "none" or self.harden_at > self.warmup_frac, "harden_at", "must be after warmup_frac")
         check(0.0 < self.threshold < 1.0, "threshold", "must be in (0, 1)")

@@ -1,11 +1,10 @@
-"""Complexity-aware variational unit + layer gates (ALGORITHM.md section 1), and its
+"""Complexity-aware variational unit + layer gates (docs/method.md section 1), and its
 unit-only and layer-only special cases.
 
 theta in [0, 1] is trained by projected SGD in its own parameter groups.  The loss adds
 
     nu * [alpha * E[MACs]/MACs_full + (1 - alpha) * E[Params]/Params_full]   (layer part x beta)
     + sum_j theta_j * (lambda/2) * ||w_j||^2                                    (optional gated decay)
-    + drive * s(t) * sum_j c_j theta_j (1 - theta_j)                            (drive to {0, 1}, [ours])
 
 E[MACs] and E[Params] are the exact multilinear polynomials of :mod:`system.pruning.complexity`,
 so autograd gives each structure its marginal cost (the automatic coefficients).
@@ -16,14 +15,21 @@ The theta step [ours, configurable]:
   coefficient ``c_j`` (its marginal cost in the current network with every gate on).  Every
   theta then moves at ``nu * beta_kind`` minus its data importance per unit of cost, with one
   learning rate for both kinds (``1 / (theta_travel * total_steps)``: the price alone moves a
-  theta across [0, 1] in ``theta_travel`` of the run).  ``beta`` is then really the layer/unit
-  balance, and a structure is pruned when its importance per MAC is below ``nu``.
+  theta across [0, 1] in ``theta_travel`` of the run).
 - ``theta_step: raw`` is the plain gradient with per-kind rates ``lr_unit`` / ``lr_layer``.
+- The drive [ours]: ``drive * s(t) * nu * c_j * theta_j (1 - theta_j)`` (``s`` ramps 0 -> 1 from the
+  end of the warm-up to ``target_by``).  Its gradient is added in :meth:`Variational.after_backward`,
+  after the window sums the pruning condition reads, so it moves theta towards {0, 1} but never
+  enters a removal decision.  In normalised units it shifts "leave 1" to importance per cost
+  < nu (1 - drive s) and "come back from 0" to > nu (1 + drive s): a bound relative to nu.
 
-Layer-gate estimators (``estimator``; :mod:`.estimators`): ``conditional`` (default, free: the
-examples with the block on vs off in the same forward), ``exact`` (one extra forward per block with
-common random numbers, counted in the training MACs through :meth:`extra_forwards`), ``autograd``
-(the derivative w.r.t. the sampled gate value; biased).
+Layer-gate estimators (``estimator``; :mod:`.estimators`): ``paired`` (default: layer gates drawn
+once per batch; ``paired_blocks`` blocks a step, round-robin, get CE(on) - CE(off) of the batch
+from a suffix forward with every other gate replaying its draw; each block keeps a running
+estimate, ``paired_memory``; the suffix forwards are counted in the training MACs through
+:meth:`extra_forwards`), ``conditional`` (examples on vs off in one batch; biased towards 0 by
+1 - theta^B - (1 - theta)^B), ``exact`` (a full extra forward per block), ``autograd`` (the
+derivative w.r.t. the sampled gate value; biased).
 
 Unit gates use the autograd estimator; they sit after the ReLU, so a unit sampled off still
 sees the first-order benefit of switching on.
@@ -34,15 +40,15 @@ the relative gap ``(E[MACs]/MACs_full - m*(t)) / (1 - T)`` through a PI controll
 (:meth:`Variational._dual_step`; dual ascent on the budget constraint).  nu starts small
 (``nu_start``), so structures leave in order of importance per cost.  The safety-net rounding at
 ``harden_at`` picks the cut that lands the deterministic network at or just under T (with
-``method.round_to``, counting the rounded widths).
+``method.round_to``, counting the rounded widths; layer-only: the best cut over the blocks).
 
-Pruning rule: at every check (every ``check_every`` steps after the warm-up) a structure whose
-theta <= ``tau_theta`` has its zero-counter raised, else reset (a reset after a hit counts as
-a revival).  It is removed once the counter reaches ``patience`` and the weight condition
-holds, or once it has revived ``max_revivals`` times and sits at zero again.  Weight conditions:
+Pruning rule: at every check (every ``check_every`` steps after the warm-up; 0 = 2% of the run) a
+structure whose theta <= ``tau_theta`` has its zero-counter raised, else reset (a reset after a
+hit counts as a revival).  It is removed once the counter reaches ``patience`` and the weight
+condition holds, or once it has revived ``max_revivals`` times and sits at zero again.  Conditions:
 
-- ``grad``: the theta gradient averaged since the last check is >= 0, i.e. the full
-  objective pushes theta further into 0: it is in 0's domain of attraction;
+- ``importance`` (default): the window mean of the normalised theta gradient *without the drive*
+  (data + price) is >= 0, i.e. the structure's measured importance per cost is at most nu;
 - ``signal``: the channel's pre-gate output (|gamma| + |beta| of its BN, which set the
   output size after normalisation) is below ``tau_w`` times the layer's mean;
 - ``none``: theta alone decides.
@@ -53,6 +59,7 @@ condition holds (or layer gates are off); otherwise the unit with the largest th
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -60,12 +67,13 @@ from typing import Any, Iterator, cast
 
 import torch
 
-from system.pruning.complexity import count, expected
+from system.pruning.complexity import count, expected, suffix_macs
 from system.pruning.methods.variational.config import VariationalConfig
-from system.pruning.methods.variational.estimators import conditional_term, exact_term
+from system.pruning.methods.variational.estimators import conditional_term, exact_term, paired_differences
 from system.pruning.methods.variational.rounding import round_thetas
 from system.pruning.methods.variational.terms import gated_decay_term
-from system.pruning.methods.base import Batch, Method, StepContext, remap_stores, round_removal, unit_and_layer_gates
+from system.pruning.methods.base import (Batch, Method, StepContext, all_finite, remap_stores, round_removal,
+                                         unit_and_layer_gates)
 from system.models.anatomy import LAYER_GATE, anatomy, last_bn, split_gate_name
 from system.models.resnet import GatedResNet, RemovedBlock, gates_of, set_gate_mode
 from system.pruning.surgery import PrunePlan, Slices, plan_from_gates, plan_from_removals, plan_spec
@@ -96,11 +104,19 @@ class Variational(Method):
         self.nu_i = self.nu  # the integral part of the dual variable (budget mode)
         self.zero_count: dict[str, torch.Tensor] = {}
         self.revivals: dict[str, torch.Tensor] = {}
+        # the theta gradient without the drive (data + price), normalised, summed since the last check
         self.grad_acc: dict[str, torch.Tensor] = {}
-        self.grad_n = 0
+        self.grad_n: torch.Tensor = torch.zeros(())  # the steps summed (steps with non-finite gradients skip)
         self.removed_units = 0
         self.removed_blocks = 0
-        self.extra_forward_count = 0  # forwards of the exact estimator, per step (for the MACs account)
+        self.check_every = cfg.check_every or max(1, round(0.02 * total_steps))
+        self.extra_forward_count = 0.0  # the estimator's extra forwards this step, in full-forward MACs
+        # paired estimator: each block's running estimate of CE(on) - CE(off), and the round-robin position
+        self.layer_est: dict[str, torch.Tensor] = {}
+        self.layer_picks = 0
+        self._seen_blocks: set[str] = set()
+        self.expected_macs_at_harden: float | None = None
+        self.nu_max = self.nu
         self.expected_macs = 1.0  # E[MACs] / dense MACs after the last step
         # every event: (step, channels, blocks, 'rule' | 'rounding', MACs after it)
         self.removal_steps: list[tuple[int, int, int, str, float]] = []
@@ -131,8 +147,9 @@ class Variational(Method):
         if self.hardened:
             mode_u = "deterministic" if c.unit_gates else "off"
             mode_l = "deterministic" if c.layer_gates else "off"
-        set_gate_mode(model, unit=mode_u, layer=mode_l, per_example=c.per_example)
+        set_gate_mode(model, unit=mode_u, layer=mode_l)
         for g in gates_of(model).values():
+            g.per_example = c.per_example if g.kind == "unit" else c.layer_per_example
             g.threshold = c.threshold
             # the layer thetas get E[CE(xi=1) - CE(xi=0)] through surrogate_loss instead
             g.straight_through = not (g.kind == "layer" and c.estimator != "autograd")
@@ -144,13 +161,23 @@ class Variational(Method):
             self.zero_count.setdefault(n, torch.zeros_like(g.theta.detach()))
             self.revivals.setdefault(n, torch.zeros_like(g.theta.detach()))
             self.grad_acc.setdefault(n, torch.zeros_like(g.theta.detach()))
+        for n, g in layer.items():
+            self.layer_est.setdefault(n, torch.zeros_like(g.theta.detach()))
+        model.keep_block_inputs = self._paired_live()
+        self.grad_n = self.grad_n.to(model.fc.weight.device)
 
+    def _paired_live(self) -> bool:
+        c = self.cfg
+        return c.estimator == "paired" and c.layer_gates and not self.hardened and (c.nu > 0 or self.target is not None)
     @property
     def dense(self) -> tuple[float, float]:
         """(MACs, params) of the dense network (known from :meth:`attach` on)."""
         if self.full is None:
             raise RuntimeError("method 'variational': attach() the model first")
         return self.full
+
+    def theta_momentum(self) -> float:
+        return self.cfg.theta_momentum
 
     def theta_lrs(self) -> dict[str, float]:
         c = self.cfg
@@ -229,21 +256,11 @@ class Variational(Method):
         return [t for t in terms if t is not None]
 
     def regularizer(self, model: GatedResNet, step: int) -> torch.Tensor | None:
-        c = self.cfg
         if not self.theta_active(step):
             return None
-        terms = []
-        if self.nu > 0:
-            terms.append(self.complexity_cost(model))
-        s = self._ramp(step)
-        if c.drive > 0 and s > 0:
-            price = self.prices(model)
-            unit, layer = unit_and_layer_gates(model)
-            on = {**(unit if c.unit_gates else {}), **(layer if c.layer_gates else {})}
-            if on:
-                terms.append(c.drive * s * sum((price[n] * g.theta * (1 - g.theta)).sum()
-                                               for n, g in on.items()))
-        return cast(torch.Tensor, sum(terms)) if terms else None
+        # (the drive is not a loss term: after_backward adds its gradient, so that the pruning
+        # condition can read the theta gradient without it)
+        return self.complexity_cost(model) if self.nu > 0 else None
 
     def surrogate_loss(self, model, forward, x, y, loss_fn, step, per_example_loss=None):
         """Layer estimators other than autograd: a term whose theta_B gradient is the estimate."""
@@ -256,16 +273,43 @@ class Variational(Method):
             return None
         if c.estimator == "conditional":
             return conditional_term(layer, per_example_loss)
+        if c.estimator == "paired":
+            return self._paired_term(model, layer, forward, x, y, loss_fn, per_example_loss)
         names = sorted(layer)
         k = len(names) if c.exact_blocks == 0 else min(c.exact_blocks, len(names))
         if k < len(names):
             pick = torch.randperm(len(names))[:k].tolist()
             names = [names[i] for i in sorted(pick)]
-        self.extra_forward_count = k
+        self.extra_forward_count = float(k)
         return exact_term(model, layer, names, forward, x, y, loss_fn, per_example_loss)
 
-    def extra_forwards(self) -> int:
-        """Forwards this step ran beyond the main one (the exact estimator's)."""
+    def _paired_term(self, model, layer, forward, x, y, loss_fn, per_example_loss) -> torch.Tensor:
+        """Sum_B est_B * theta_B: every block's theta gets its running estimate of CE(on) - CE(off);
+        ``paired_blocks`` blocks (round-robin) get a fresh paired difference this step."""
+        c = self.cfg
+        flat = [(i, f"{n}.{LAYER_GATE}") for i, (n, _) in enumerate(model.named_blocks())]
+        live = [(i, n) for i, n in flat if n in layer]
+        k = len(live) if c.paired_blocks == 0 else min(c.paired_blocks, len(live))
+        picks = [live[(self.layer_picks + j) % len(live)] for j in range(k)]
+        self.layer_picks = (self.layer_picks + k) % len(live)
+        diffs = paired_differences(model, layer, picks, forward, x, y, loss_fn, per_example_loss)
+        model.block_inputs = []
+        suffix, total = suffix_macs(model.spec()), count(model.spec())[0]
+        self.extra_forward_count = sum(suffix[i] for i, _ in picks) / max(1, total)
+        m = c.paired_memory
+        for n, d in diffs.items():
+            est = self.layer_est[n]
+            fresh = d.to(est.dtype).reshape(est.shape)
+            # the first difference of a block replaces the zero it started with; a non-finite one is dropped
+            new = m * est + (1 - m) * fresh if n in self._seen_blocks else fresh
+            est.copy_(torch.where(torch.isfinite(fresh), new, est))
+            self._seen_blocks.add(n)
+        return cast(torch.Tensor, sum(self.layer_est[n].detach().reshape(()) * g.theta.reshape(())
+                                      for n, g in layer.items()))
+
+    def extra_forwards(self) -> float:
+        """This step's forwards beyond the main one, in full-network forwards (the paired estimator's
+        suffix forwards count their share of the network's MACs)."""
         return self.extra_forward_count
 
     def gated_decay(self, model: GatedResNet, weight_decay: float) -> torch.Tensor | None:
@@ -277,15 +321,35 @@ class Variational(Method):
 
     # -- per step -----------------------------------------------------------------------
     def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
-        normalized = self.cfg.theta_step == "normalized" and self.theta_active(self._step)
-        price = self.prices(model) if normalized else {}
-        for n, g in gates_of(model).items():
-            if g.theta.grad is None or n not in self.grad_acc:
-                continue
-            if normalized:  # in place: the optimizer steps on the normalized gradient
+        """Normalise the theta gradients (``theta_step: normalized``), add them to the window sums the
+        pruning condition reads (a step whose gradients are not finite, an fp16 overflow, adds nothing),
+        then add the drive's gradient, which the condition never sees."""
+        c = self.cfg
+        model.block_inputs = []  # the paired estimator's kept inputs are spent by now
+        active = self.theta_active(self._step)
+        normalized = c.theta_step == "normalized" and active
+        price = self.prices(model) if normalized or (active and c.drive > 0) else {}
+        live = [(n, g) for n, g in gates_of(model).items() if g.theta.grad is not None and n in self.grad_acc]
+        if not live:
+            return
+        if normalized:  # in place: the optimizer steps on the normalized gradient
+            for n, g in live:
+                assert g.theta.grad is not None
                 g.theta.grad.div_(price[n])
-            self.grad_acc[n] += g.theta.grad.detach() / grad_scale
-        self.grad_n += 1
+        grads = [cast(torch.Tensor, g.theta.grad).detach() for _, g in live]
+        finite = all_finite(grads)
+        for (n, _), t in zip(live, grads):
+            self.grad_acc[n] += torch.where(finite, t / grad_scale, torch.zeros_like(t))
+        self.grad_n += finite.to(self.grad_n.dtype)
+        s = self._ramp(self._step)
+        if active and c.drive > 0 and s > 0 and self.nu > 0:
+            # d/dtheta of drive * s * nu * c_j * theta (1 - theta), normalised by c_j when the step is
+            kinds = {"unit": c.unit_gates, "layer": c.layer_gates}
+            for n, g in live:
+                if kinds[g.kind]:
+                    scale = 1.0 if normalized else price[n]
+                    cast(torch.Tensor, g.theta.grad).add_(
+                        c.drive * s * self.nu * grad_scale * scale * (1 - 2 * g.theta.detach()))
 
     def after_step(self, model: GatedResNet) -> None:
         with torch.no_grad():
@@ -314,6 +378,7 @@ class Variational(Method):
         rate = c.dual_gain / (c.theta_travel * max(1, self.total_steps))
         self.nu_i = min(1e6, max(1e-6, self.nu_i * math.exp(rate * gap)))
         self.nu = self.nu_i * math.exp(c.dual_kp * max(-5.0, min(5.0, gap)))
+        self.nu_max = max(self.nu_max, self.nu)
 
     def _thetas(self, model: GatedResNet):
         unit, layer = unit_and_layer_gates(model)
@@ -326,7 +391,11 @@ class Variational(Method):
             return False
         if self.harden_step is not None and step >= self.harden_step:
             return True
-        return step > self.warmup_steps and step % self.cfg.check_every == 0
+        return step > self.warmup_steps and step % self.check_every == 0
+
+    def decision_state(self) -> dict[str, Any]:
+        """nu (the dual variable, recomputed on every rank from theta) and the expected MACs it follows."""
+        return {"nu": self.nu, "nu_i": self.nu_i, "expected_macs": self.expected_macs}
 
     def sync_tensors(self) -> list[torch.Tensor]:
         return [self.grad_acc[n] for n in sorted(self.grad_acc)]
@@ -346,6 +415,8 @@ class Variational(Method):
     def _harden(self, model: GatedResNet) -> PrunePlan:
         """Round theta to {0, 1}, switch to deterministic gates, cut every gate that is off."""
         c = self.cfg
+        self._update_expected_macs(model)
+        self.expected_macs_at_harden = self.expected_macs  # where the theta dynamics got before rounding
         rounded = self._round(model)
         gates = gates_of(model)
         with torch.no_grad():
@@ -363,7 +434,8 @@ class Variational(Method):
         c = self.cfg
         if c.weight_condition == "none":
             return torch.ones_like(mean_grad, dtype=torch.bool)
-        if c.weight_condition == "grad":
+        if c.weight_condition == "importance":
+            # the window mean of data + price (normalised): >= 0 iff importance per cost <= nu
             return mean_grad >= 0
         block, gate = split_gate_name(name)
         blk = dict(model.named_blocks())[block]
@@ -392,12 +464,12 @@ class Variational(Method):
             revived = (~at_zero) & (zc > 0)
             self.revivals[name] += revived.to(zc.dtype)
             zc.copy_(torch.where(at_zero, zc + 1, torch.zeros_like(zc)))
-            mean_grad = self.grad_acc[name] / max(1, self.grad_n)
+            mean_grad = self.grad_acc[name] / self.grad_n.clamp_min(1)
             ok = self._weight_ok(model, name, mean_grad)
             flagged[name] = at_zero & (((zc >= c.patience) & ok) | (self.revivals[name] >= c.max_revivals))
         for v in self.grad_acc.values():
             v.zero_()
-        self.grad_n = 0
+        self.grad_n.zero_()
         at0 = sum(int((g.theta.detach() <= c.tau_theta).sum()) for g in {**unit, **layer}.values())
         log.info("check at step %d: nu %.4f, E[MACs] %.3f of dense (budget %.3f), %d gates at theta <= %g, "
                  "%d flagged", self._step, self.nu, self.expected_macs, self.scheduled_budget(self._step), at0,
@@ -425,16 +497,52 @@ class Variational(Method):
         plan = plan_from_removals(removals, blocks)
         if plan.empty:
             return None
-        if self.target is not None:
-            macs = count(plan_spec(model.spec(), plan)[0])[0] / self.dense[0]
-            if macs < self.target:
-                # the cut would take the network under its budget for good: the structures at 0 wait
-                # (they may revive as nu falls; the rounding step settles them)
-                return None
+        if self.target is not None and self._macs_after(model, plan) < self.target:
+            # the whole cut would take the network under its budget for good: the flagged structures
+            # go lowest theta first, as many as keep it at or above the target (the rest wait: they
+            # may revive as nu falls; the rounding step settles them)
+            trimmed = self._within_target(model, removals, blocks)
+            return None if trimmed is None or trimmed.empty else trimmed
         return plan
 
+    def _macs_after(self, model: GatedResNet, plan: PrunePlan) -> float:
+        return count(plan_spec(model.spec(), plan)[0])[0] / self.dense[0]
+
+    def _within_target(self, model: GatedResNet, removals: dict[str, torch.Tensor],
+                       blocks: list[str]) -> PrunePlan | None:
+        """The longest prefix of the flagged structures, ordered by theta (blocks by their layer
+        theta), whose removal keeps the network at or above ``method.target_macs``."""
+        gates = gates_of(model)
+        items = [(float(gates[f"{b}.{LAYER_GATE}"].theta.detach().reshape(())) if f"{b}.{LAYER_GATE}" in gates
+                  else 0.0, b, -1) for b in blocks]
+        for gn, mask in removals.items():
+            th = gates[gn].theta.detach()
+            items += [(float(th[i]), gn, i) for i in torch.nonzero(mask).flatten().tolist()]
+        items.sort()
+        widths = {gn: mask.numel() for gn, mask in removals.items()}
+
+        def plan_of(k: int) -> PrunePlan:
+            rem = {gn: torch.zeros(w, dtype=torch.bool) for gn, w in widths.items()}
+            blk = []
+            for _, n, i in items[:k]:
+                if i < 0:
+                    blk.append(n)
+                else:
+                    rem[n][i] = True
+            for gn in rem:  # never empty a branch here (that is a block decision)
+                if bool(rem[gn].all()):
+                    rem[gn][int(torch.argmax(gates[gn].theta.detach()))] = False
+                rem[gn] = round_removal(rem[gn], gates[gn].theta, self.round_to)
+            return plan_from_removals({g: m for g, m in rem.items() if bool(m.any())}, blk)
+
+        target = cast(float, self.target)
+        k = bisect.bisect_left(range(len(items) + 1), True,
+                               key=lambda k: self._macs_after(model, plan_of(k)) < target) - 1
+        return plan_of(k) if k > 0 else None
+
     def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
-        remap_stores((self.zero_count, self.revivals, self.grad_acc), plan, slices)
+        remap_stores((self.zero_count, self.revivals, self.grad_acc, self.layer_est), plan, slices)
+        self._seen_blocks &= set(self.layer_est)
         self.removed_units += plan.n_channels
         self.removed_blocks += len(plan.blocks)
         kind = "rounding" if self._rounding else "rule"
@@ -465,7 +573,11 @@ class Variational(Method):
         return {"hardened": self.hardened, "full": list(self.full) if self.full else None,
                 "zero_count": self.zero_count, "revivals": self.revivals, "grad_acc": self.grad_acc,
                 "grad_n": self.grad_n, "removed_units": self.removed_units, "removed_blocks": self.removed_blocks,
-                "nu": self.nu, "nu_i": self.nu_i, "step": self._step, "expected_macs": self.expected_macs,
+                "layer_est": self.layer_est, "layer_seen": sorted(self._seen_blocks),
+                "layer_picks": self.layer_picks,
+                "nu_max": self.nu_max, "nu": self.nu, "nu_i": self.nu_i,
+                "expected_macs_at_harden": self.expected_macs_at_harden, "step": self._step,
+                "expected_macs": self.expected_macs,
                 "removal_steps": [list(r) for r in self.removal_steps]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -474,7 +586,13 @@ class Variational(Method):
         for key in ("zero_count", "revivals", "grad_acc"):
             getattr(self, key).clear()
             getattr(self, key).update({k: v.clone() for k, v in state[key].items()})
-        self.grad_n = int(state["grad_n"])
+        self.grad_n = torch.as_tensor(state["grad_n"], dtype=torch.float32).clone()
+        self.layer_est.clear()
+        self.layer_est.update({k: v.clone() for k, v in state.get("layer_est", {}).items()})
+        self._seen_blocks = set(state.get("layer_seen", []))
+        self.layer_picks = int(state.get("layer_picks", 0))
+        self.nu_max = float(state.get("nu_max", self.nu_max))
+        self.expected_macs_at_harden = state.get("expected_macs_at_harden")
         self.removed_units, self.removed_blocks = int(state["removed_units"]), int(state["removed_blocks"])
         self.nu = float(state.get("nu", self.nu))
         self.nu_i = float(state.get("nu_i", self.nu_i))
@@ -485,7 +603,9 @@ class Variational(Method):
     def summary(self) -> dict[str, Any]:
         """``macs_removed_by_rule_frac``: the share of all removed MACs that the pruning rule took out
         during training (the rest went at the rounding step); ``..._before_60pct``: of those, before 60%."""
-        out = {"hardened": self.hardened, "nu_final": self.nu, "expected_macs_frac": self.expected_macs,
+        out = {"hardened": self.hardened, "nu_final": self.nu, "nu_max": self.nu_max,
+               "expected_macs_frac": self.expected_macs, "check_every": self.check_every,
+               "expected_macs_at_harden": self.expected_macs_at_harden,
                "removal_steps": [list(r) for r in self.removal_steps]}
         if self.removal_steps and self.full:
             dense, final = self.dense[0], self.removal_steps[-1][4]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 
 import torch
 
@@ -15,8 +17,12 @@ def round_thetas(spec: ArchSpec, unit: dict[str, torch.Tensor], layer: dict[str,
                  round_to: int, target: float | None, dense_macs: float) -> dict[str, torch.Tensor]:
     """0/1 values for every gate: ``theta > threshold``, kept unit widths rounded up to multiples of
     ``round_to`` (the highest thetas kept); under a ``target`` (a fraction of ``dense_macs``), the
-    cut of the deterministic network nearest the target from below, by flipping the lowest-theta
-    kept gates off or the highest-theta cut gates back on."""
+    cut of the deterministic network nearest the target from below:
+
+    - layer-only: the best cut over the blocks (:func:`best_block_cut`);
+    - otherwise from ``theta > threshold``, flipping the lowest-theta kept gates off (the fewest) or
+      the highest-theta cut gates back on (the most that fit; units past a block that does not fit
+      still may), and also from the same units with every block kept; whichever lands nearer."""
     thetas = {**unit, **layer}
     on = {n: (t > threshold).to(t.dtype) for n, t in thetas.items()}
 
@@ -27,25 +33,98 @@ def round_thetas(spec: ArchSpec, unit: dict[str, torch.Tensor], layer: dict[str,
 
     if target is None or not thetas:
         return rounded(on)
+    if layer and not unit:  # layer-only: the best cut over the blocks, not a greedy flip
+        best = best_block_cut(spec, layer, target, dense_macs)
+        if best is not None:
+            return best
 
     def macs(vals):
         return float(expected(spec, {n: vals[n] for n in unit}, {n: vals[n] for n in layer})[0]) / dense_macs
 
-    def with_flips(cands, k, value):
-        vals = {n: t.clone() for n, t in on.items()}
+    def with_flips(start, cands, k, value):
+        vals = {n: t.clone() for n, t in start.items()}
         for n, i in cands[:k]:
             vals[n][i] = value
         return rounded(vals)
 
-    order = [(float(thetas[n][i]), n, i) for n in thetas for i in range(thetas[n].numel())]
-    # MACs fall monotonically with every flip to 0 (rise with every flip to 1): bisect the count
-    if macs(with_flips([], 0, 0.0)) > target:  # cut more: the fewest of the lowest-theta kept ones
-        cands = [(n, i) for t, n, i in sorted(order) if on[n][i] > 0]
-        k = bisect.bisect_left(range(len(cands) + 1), True,
-                               key=lambda k: macs(with_flips(cands, k, 0.0)) <= target)
-        return with_flips(cands, min(k, len(cands)), 0.0)
-    # keep more: as many of the highest-theta cut ones as stay within the target
-    cands = [(n, i) for t, n, i in sorted(order, reverse=True) if on[n][i] == 0]
-    k = bisect.bisect_left(range(len(cands) + 1), True,
-                           key=lambda k: macs(with_flips(cands, k, 1.0)) > target)
-    return with_flips(cands, k - 1, 1.0)
+    order = sorted((float(thetas[n][i]), n, i) for n in thetas for i in range(thetas[n].numel()))
+
+    def land(start):
+        # MACs fall monotonically with every flip to 0 (rise with every flip to 1): bisect the count
+        if macs(with_flips(start, [], 0, 0.0)) > target:  # cut more: the fewest of the lowest-theta kept ones
+            kept = [(n, i) for _, n, i in order if start[n][i] > 0]
+
+            def fewest(cands):
+                k = bisect.bisect_left(range(len(cands) + 1), True,
+                                       key=lambda k: macs(with_flips(start, cands, k, 0.0)) <= target)
+                return with_flips(start, cands, min(k, len(cands)), 0.0)
+
+            out = fewest(kept)
+            if layer and unit:  # a block flipped whole can overshoot by its size: units alone may land nearer
+                units_only = fewest([(n, i) for n, i in kept if n in unit])
+                if target >= macs(units_only) > macs(out):
+                    out = units_only
+            return out
+        # keep more: as many of the highest-theta cut ones as stay within the target
+        cands = [(n, i) for _, n, i in reversed(order) if start[n][i] == 0]
+
+        def most(cands):
+            return bisect.bisect_left(range(len(cands) + 1), True,
+                                      key=lambda k: macs(with_flips(start, cands, k, 1.0)) > target) - 1
+
+        k = most(cands)
+        if layer and unit and k < len(cands):  # a block that does not fit stops the prefix; units after it may
+            rest = [(n, i) for n, i in cands[k:] if n in unit]
+            cands = cands[:k] + rest
+            k = most(cands)
+        return with_flips(start, cands, k, 1.0)
+
+    best = land(on)
+    if layer and unit and any(float(on[n].min()) == 0 for n in layer):
+        alt = land({**on, **{n: torch.ones_like(on[n]) for n in layer}})
+        if target >= macs(alt) > macs(best) or macs(best) > target >= macs(alt):
+            best = alt
+    return best
+
+
+#: the most block-count combinations :func:`best_block_cut` enumerates (else the greedy flip decides)
+MAX_COMBINATIONS = 2_000_000
+
+
+def best_block_cut(spec: ArchSpec, layer: dict[str, torch.Tensor], target: float,
+                   dense_macs: float) -> dict[str, torch.Tensor] | None:
+    """Layer-only rounding: the set of blocks to cut whose network has the most MACs at or under
+    ``target`` (a fraction of ``dense_macs``); among equal cuts, the one that cuts the lowest thetas.
+
+    Removing a block removes its branch's MACs whatever else is removed (the residual stream is
+    never pruned), so the cut is a subset-sum over the block costs.  Blocks of equal cost are
+    interchangeable, so the search runs over how many of each cost class go (lowest theta first).
+    None when no cut reaches the target or the classes are too many to enumerate."""
+    names = list(layer)
+    ones = {n: torch.ones(1, dtype=torch.float64) for n in names}
+    full = float(expected(spec, None, ones)[0])
+    cost = {}
+    for n in names:
+        off = dict(ones)
+        off[n] = torch.zeros(1, dtype=torch.float64)
+        cost[n] = round(full - float(expected(spec, None, off)[0]))
+    classes: dict[int, list[str]] = {}
+    for n in sorted(names, key=lambda n: float(layer[n].reshape(()))):  # lowest theta first
+        classes.setdefault(cost[n], []).append(n)
+    keys = sorted(classes)
+    if math.prod(len(classes[k]) + 1 for k in keys) > MAX_COMBINATIONS:
+        return None
+    budget = target * dense_macs
+    best: tuple[float, float, tuple[int, ...]] | None = None
+    for counts in itertools.product(*(range(len(classes[k]) + 1) for k in keys)):
+        left = full - sum(k * c for k, c in zip(keys, counts))
+        if left > budget + 1e-6:
+            continue
+        cut_theta = sum(float(layer[n].reshape(())) for k, c in zip(keys, counts) for n in classes[k][:c])
+        cand = (left, -cut_theta, counts)
+        if best is None or cand[:2] > best[:2]:
+            best = cand
+    if best is None:
+        return None
+    cut = {n for k, c in zip(keys, best[2]) for n in classes[k][:c]}
+    return {n: torch.zeros_like(t) if n in cut else torch.ones_like(t) for n, t in layer.items()}

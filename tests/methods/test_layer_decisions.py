@@ -1,0 +1,249 @@
+"""Layer decisions from measured importance (docs/method.md section 1, "What must be true of the decisions").
+
+- the paired layer estimator agrees with a brute-force enumeration under train-mode BatchNorm, near
+  theta = 1 and at 0.5;
+- in a real training run with the default recipe, a planted useless block leaves before the budget
+  is due and a planted indispensable block stays;
+- the removal rule is "importance per cost below nu": a unit at theta 0 whose data gradient says
+  otherwise is not removed, whatever the drive does;
+- layer-only rounding lands on the best cut at or under its target;
+- fp16 overflow steps add nothing to any method's statistics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import system.runtime.coordinator as coordinator_mod
+import system.trainer as trainer_mod
+from system.config import ConfigError, apply_overrides, from_dict, read_yaml
+from system.models.anatomy import last_bn
+from system.models.resnet import RemovedBlock, build_model, gates_of, set_gate_mode
+from system.models.spec import dense_spec
+from system.pruning.complexity import count, expected
+from system.pruning.methods.base import Batch
+from system.pruning.methods.taylor import Taylor
+from system.pruning.methods.variational import Variational, VariationalConfig
+from system.pruning.methods.variational.rounding import round_thetas
+from system.run_config import RunConfig
+from tests.methods_util import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ce(logits, y):
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+# ----------------------------------------------------------------------------- the estimator
+SAMPLED = {"layer1.1": 0.8, "layer2.0": 0.6, "layer3.1": 0.7}  # the other sampled blocks
+
+
+@pytest.mark.parametrize("theta", [0.99, 0.5])
+def test_paired_estimator_matches_brute_force_with_train_mode_bn(theta):
+    """E[estimate] = d E[mean CE] / d theta_B, the expectation over every other sampled gate, each
+    configuration's loss computed with train-mode BN (batch statistics of that very forward)."""
+    torch.manual_seed(3)
+    model = build_model(dense_spec("resnet20", num_classes=3, input_size=8)).train()
+    method = Variational(VariationalConfig(warmup_frac=0.0, paired_blocks=0, paired_memory=0.0, drive=0.0),
+                         total_steps=100)
+    method.attach(model)
+    set_gate_mode(model, unit="off")
+    target = "layer2.2.layer_gate"
+    gates = gates_of(model)
+    for name, g in gates.items():
+        if g.kind == "layer":
+            blk = name.rsplit(".", 1)[0]
+            p = theta if name == target else SAMPLED.get(blk, 1.0)  # theta 1: always on
+            with torch.no_grad():
+                g.theta.fill_(p)
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+
+    def loss_with(values):  # forced gate values, train-mode BN, running statistics untouched
+        for name, v in values.items():
+            gates[name].force = v
+        try:
+            with torch.no_grad():
+                saved = {k: v.clone() for k, v in model.state_dict().items()}
+                out = float(_ce(model(x), y).mean())
+                model.load_state_dict(saved)
+        finally:
+            for name in values:
+                gates[name].force = None
+        return out
+
+    others = [f"{b}.layer_gate" for b in SAMPLED]
+    truth = 0.0
+    for bits in itertools.product((0.0, 1.0), repeat=len(others)):
+        p = math.prod(SAMPLED[o.rsplit(".", 1)[0]] if b else 1 - SAMPLED[o.rsplit(".", 1)[0]]
+                      for o, b in zip(others, bits))
+        conf = dict(zip(others, bits))
+        truth += p * (loss_with({**conf, target: 1.0}) - loss_with({**conf, target: 0.0}))
+
+    est = []
+    for step in range(600):
+        losses = _ce(model(x), y)
+        batch = Batch(x=x, y=y, forward=model, loss_fn=_ce, per_example_loss=losses)
+        method.loss_terms(model, step, batch)
+        est.append(float(method.layer_est[target]))
+    est_t = torch.tensor(est)
+    mean, se = float(est_t.mean()), float(est_t.std() / math.sqrt(len(est)))
+    assert abs(truth) > 1e-3  # the block matters in this network: the check has something to find
+    assert abs(mean - truth) <= 4 * se + 1e-6, (mean, truth, se)
+    assert method.extra_forwards() > 0  # the suffix forwards are counted in the training MACs
+
+
+# ----------------------------------------------------------------------------- planted blocks
+USELESS, VITAL = "layer2.1", "layer1.2"
+
+
+def _plant(model):
+    """``USELESS``: its branch output scaled by 1e-3; ``VITAL``: its shortcut cut, so that all the
+    signal goes through its branch (removing it leaves the rest of the network a zero input)."""
+    for name, blk in model.named_blocks():
+        if isinstance(blk, RemovedBlock):
+            continue
+        if name == USELESS:
+            last_bn(blk, model.block_kind).register_forward_hook(lambda m, i, out: out * 1e-3)
+        if name == VITAL:
+            blk.register_forward_hook(lambda m, inp, out: F.relu(m.layer_gate(m.branch(inp[0]))))
+    return model
+
+
+def test_planted_useless_block_leaves_before_the_budget_is_due_and_a_vital_one_stays(tmp_path, monkeypatch):
+    real_build, real_apply = trainer_mod.build_model, coordinator_mod.apply_plan
+    monkeypatch.setattr(trainer_mod, "build_model", lambda spec, gates=True: _plant(real_build(spec, gates)))
+
+    def apply_and_plant(model, plan):
+        new, spec, slices = real_apply(model, plan)
+        return _plant(new), spec, slices
+
+    monkeypatch.setattr(coordinator_mod, "apply_plan", apply_and_plant)
+    overrides = [f"run.root={tmp_path}", f"run.dir={tmp_path / 'run'}", "tracking.enabled=false",
+                 "data.workers=0", "data.batch_size=32", "data.train_size=16", "data.val_resize=16",
+                 "data.val_crop=16", "train.epochs=2", "train.max_steps=150", "train.progress=false",
+                 "train.eval_batches=2", "checkpoint.every_steps=0", "latency.enabled=false",
+                 "method.target_macs=0.5", "method.variational.check_every=0"]  # the default recipe otherwise
+    cfg = from_dict(RunConfig, apply_overrides(read_yaml(ROOT / "configs" / "demo.yaml"), overrides))
+    trainer = trainer_mod.Trainer(cfg)
+    trainer.run()
+    m = trainer.method
+    target_step = m.target_step
+    blocks = dict(trainer.model.named_blocks())
+    assert isinstance(blocks[USELESS], RemovedBlock), m.removal_steps
+    assert not isinstance(blocks[VITAL], RemovedBlock)
+    # the useless block went by the rule, before the scheduled budget reached the target
+    rule_blocks = [r for r in m.removal_steps if r[3] == "rule" and r[2] > 0]
+    assert rule_blocks and rule_blocks[0][0] <= target_step, (m.removal_steps, target_step)
+
+
+# ----------------------------------------------------------------------------- the rule
+def _rule_setup(importance: float):
+    """A unit at theta 0 with a data gradient of ``-importance`` per unit of its price, nu = 1, the
+    drive at full strength; steps through the real after_backward / after_step / decide."""
+    torch.manual_seed(0)
+    model = build_model(dense_spec("resnet20", num_classes=4, input_size=16))
+    cfg = VariationalConfig(warmup_frac=0.0, target_by=0.1, harden="none", nu=1.0)
+    m = Variational(cfg, total_steps=1000)
+    m.attach(model)
+    name = "layer2.1.gate1"
+    gates = gates_of(model)
+    with torch.no_grad():
+        gates[name].theta[7] = 0.0
+    lr = m.theta_lrs()["unit"]
+    opt = torch.optim.SGD([g.theta for g in gates.values()], lr=lr)
+    steps = m.check_every * (cfg.patience + 2)
+    removed = False
+    for step in range(200, 200 + steps):  # past target_by: the drive at full strength (s = 1)
+        m._step = step
+        opt.zero_grad()
+        cost = m.regularizer(model, step)
+        cost.backward()
+        price = m.prices(model)[name][7]
+        gates[name].theta.grad[7] += -importance * price  # the data: switching it on lowers the loss
+        m.after_backward(model)
+        opt.step()
+        m.after_step(model)
+        if m.check_due(step + 1):
+            from system.pruning.methods.base import Event, StepContext
+
+            plan = m.decide(Event.STEP_END, StepContext(step=step + 1, epoch=0, total_steps=1000, model=model))
+            if plan is not None and 7 in plan.units.get(name, ()):
+                removed = True
+                break
+    return removed
+
+
+def test_a_unit_worth_more_than_nu_is_not_removed_from_theta_zero():
+    assert _rule_setup(importance=2.0) is False  # importance per cost 2 > nu = 1
+
+
+def test_a_unit_worth_less_than_nu_is_removed():
+    assert _rule_setup(importance=0.3) is True  # the same path removes what the rule says goes
+
+
+# ----------------------------------------------------------------------------- layer-only rounding
+def test_layer_only_rounding_lands_on_the_best_cut_at_or_under_the_target():
+    spec = dense_spec("resnet20", num_classes=10, input_size=28)
+    dense = float(count(spec)[0])
+    names = [f"{b}.layer_gate" for b, *_ in spec.iter_blocks()]
+    ones = {n: torch.ones(1, dtype=torch.float64) for n in names}
+    cost = {}
+    for n in names:
+        off = {**ones, n: torch.zeros(1, dtype=torch.float64)}
+        cost[n] = (float(expected(spec, None, ones)[0]) - float(expected(spec, None, off)[0])) / dense
+    # every block's theta ordered so that the greedy lowest-theta flip cuts the large blocks first
+    big = sorted((n for n in names if cost[n] > 0.1), key=names.index)
+    small = [n for n in names if n not in big]
+    layer = {n: torch.tensor([0.1 + 0.01 * i]) for i, n in enumerate(big + small)}
+    out = round_thetas(spec, {}, layer, 0.5, 1, 0.30, dense)
+    kept = float(expected(spec, None, {n: v.double() for n, v in out.items()})[0]) / dense
+    best = max(float(expected(spec, None, {n: torch.tensor([float(b)], dtype=torch.float64)
+                                            for n, b in zip(names, bits)})[0]) / dense
+               for bits in itertools.product((0, 1), repeat=len(names))
+               if float(expected(spec, None, {n: torch.tensor([float(b)], dtype=torch.float64)
+                                              for n, b in zip(names, bits)})[0]) / dense <= 0.30)
+    assert kept <= 0.30 and kept == pytest.approx(best, abs=1e-9), (kept, best)
+    assert kept > 0.243
+
+
+# ----------------------------------------------------------------------------- fp16 overflow
+def test_an_overflow_step_adds_nothing_to_method_statistics():
+    torch.manual_seed(0)
+    model = build_model(dense_spec("resnet20", num_classes=4, input_size=16)).train()
+    var = Variational(VariationalConfig(warmup_frac=0.0), total_steps=100)
+    var.attach(model)
+    tay = Taylor(from_dict(RunConfig, {"method": {"name": "taylor"}}).method.taylor, total_steps=100)
+    tay.attach(model)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    for method in (var, tay):
+        for g in gates_of(model).values():
+            g.theta.grad = None
+        F.cross_entropy(model(x), y).backward()
+        g = gates_of(model)["layer1.0.gate1"]
+        g.theta.grad[0] = float("inf")  # what an fp16 overflow leaves in the gradients
+        method._step = max(method._step, 50)
+        method.after_backward(model, grad_scale=65536.0)
+    assert all(bool(torch.isfinite(t).all()) for t in var.grad_acc.values())
+    assert float(var.grad_n) == 0  # the step did not count either
+    assert all(bool(torch.isfinite(t).all()) for t in tay.acc.values())
+
+
+# ----------------------------------------------------------------------------- bad settings
+@pytest.mark.parametrize("over, key", [
+    (["method.variational.estimator=conditional"], "method.variational.estimator"),
+    (["method.variational.layer_per_example=true"], "method.variational.layer_per_example"),
+    (["method.variational.drive=1.5"], "method.variational.drive"),
+    (["optim.name=adamw"], "optim.name"),
+])
+def test_settings_that_leave_a_decision_without_signal_are_refused(tmp_path, over, key):
+    with pytest.raises(ConfigError) as err:
+        trainer_mod.Trainer(tiny_config(tmp_path, "method.name=variational", *over))
+    assert err.value.key == key
+    assert not (tmp_path / "run").exists()
