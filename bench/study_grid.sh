@@ -1,18 +1,40 @@
 #!/usr/bin/env bash
-# The 2-core Pareto study of docs/results.md: method x budget x seed on Fashion-MNIST and MNIST,
-# as 2 local processes of 1 thread each (launch.submit's local pool).  A re-run skips finished runs.
+# The 2-core Pareto study of docs/results.md (docs/method.md section 6: matched budgets, 3 paired seeds,
+# latency): method x budget x seed, as 2 local processes of 1 thread each (launch.submit's local pool).
+# Stages run in the order of what the study needs first; a re-run skips the finished runs and resumes
+# the others, so the grid can be stopped and continued at any point.
 # Data first:  python -m pipelines.fmnist --out data/fmnist-4k --train 4000
 #              python -m pipelines.mnist  --out data/mnist-4k  --train 4000
-# Then:        bench/study_grid.sh [runs/study]      (about 70 minutes on 2 cores)
+# Then:        bench/study_grid.sh [runs/study]
+#              python -m launch.compare --runs-root runs/study --experiment study --budgets --reference taylor
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/study}
 PY=${PY:-.venv/bin/python}
 COMMON=(launch.cluster=local launch.array_parallelism=2 train.threads=1 "run.root=$ROOT"
-        "launch.folder=$ROOT/submitit/%j" data.eval_split=test
-        --sweep data.root=data/fmnist-4k,data/mnist-4k --sweep train.seed=0,1)
-$PY -m launch.submit --config configs/study_dense.yaml "${COMMON[@]}"
-$PY -m launch.submit --config configs/study_variational.yaml --config configs/study_taylor.yaml \
-    --config configs/study_unit_only.yaml --config configs/study_unit_only_a1.yaml \
-    --config configs/study_layer_only.yaml --sweep method.target_macs=0.5,0.3,0.7 "${COMMON[@]}"
-$PY -m launch.submit --config configs/study_egp.yaml --sweep method.egp.iterations=1,3 "${COMMON[@]}"
+        "launch.folder=$ROOT/submitit/%j" data.eval_split=test --sweep train.seed=0,1,2)
+FM=(--sweep data.root=data/fmnist-4k)
+BOTH=(--sweep data.root=data/fmnist-4k,data/mnist-4k)
+# 1. the paired comparison that decides the method's claim: combined vs unit-only (alpha 1) vs Taylor
+for t in 0.3 0.5; do
+  $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
+      --config configs/study_taylor.yaml --sweep method.target_macs=$t "${FM[@]}" "${COMMON[@]}"
+done
+# 2. the reference and the other special cases on Fashion-MNIST
+$PY -m launch.submit --config configs/study_dense.yaml "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
+    --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
+# 3. depth: ResNet-56 (1 warm-up epoch, 10 epochs: the schedule where dense ResNet-56 trains), 30% and 50%
+R56=(model.name=resnet56 train.epochs=10 optim.warmup_epochs=1)
+$PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
+    --config configs/study_taylor.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${R56[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_dense.yaml "${FM[@]}" "${R56[@]}" "${COMMON[@]}"
+# 4. the 70% budget, MNIST, EGP at its own operating points
+$PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
+    --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
+    --sweep method.target_macs=0.7 "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_dense.yaml --sweep data.root=data/mnist-4k "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
+    --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
+    --sweep method.target_macs=0.3,0.5,0.7 --sweep data.root=data/mnist-4k "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_egp.yaml --sweep method.egp.iterations=1,3 "${BOTH[@]}" "${COMMON[@]}"

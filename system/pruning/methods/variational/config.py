@@ -48,7 +48,7 @@ class VariationalConfig:
     # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by): it moves
     # "leave 1" to importance per cost < nu (1 - d s) and "back from 0" to > nu (1 + d s); removal itself
     # is decided by the importance condition, which the drive does not enter
-    drive: float = 0.5
+    drive: float = 0.9
     harden: Literal["none", "final"] = "final"
     harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
