@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ablations of the variational method on the VALIDATION splits at a 50% MACs target (seed 0):
-# the layer estimator (autograd first order / exact with common random numbers, 2 blocks a step)
-# and the drive to {0, 1} switched off.  The default run is bench/calib_grid.sh's drive=3 row.
+# the layer estimator (autograd first order / exact with common random numbers, 2 blocks a step /
+# conditional with per-example layer gates)
+# and the drive to {0, 1} switched off.  The default run is bench/calib_grid.sh's drive=0.9 down row.
 # Results: python -m launch.compare --runs-root runs/calib --experiment study --json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,6 @@ COMMON=(launch.cluster=local launch.array_parallelism=2 train.threads=1 "run.roo
         --sweep data.root=data/fmnist-4k,data/mnist-4k)
 $PY -m launch.submit --config configs/study_variational.yaml --sweep method.variational.estimator=autograd,exact \
     method.variational.exact_blocks=2 "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.variational.estimator=conditional \
+    method.variational.layer_per_example=true "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml --sweep method.variational.drive=0 "${COMMON[@]}"

@@ -8,7 +8,7 @@ ROOT=${1:-runs/calib}
 PY=${PY:-.venv/bin/python}
 COMMON=(launch.cluster=local launch.array_parallelism=2 train.threads=1 "run.root=$ROOT"
         "launch.folder=$ROOT/submitit/%j" data.eval_split=val --sweep data.root=data/fmnist-4k,data/mnist-4k)
-$PY -m launch.submit --config configs/study_variational.yaml --sweep method.variational.drive=3,6 \
+$PY -m launch.submit --config configs/study_variational.yaml --sweep method.variational.drive=0.5,0.9 --sweep method.variational.drive_mode=down,both \
     method.target_macs=0.5 "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_taylor.yaml method.target_macs=0.5 "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_dense.yaml "${COMMON[@]}"

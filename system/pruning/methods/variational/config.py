@@ -45,10 +45,12 @@ class VariationalConfig:
     tau_w: float = 0.5
     max_revivals: int = 3
     # determinism [ours]: a drive to {0, 1}, and a safety-net rounding
-    # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by): it moves
-    # "leave 1" to importance per cost < nu (1 - d s) and "back from 0" to > nu (1 + d s); removal itself
-    # is decided by the importance condition, which the drive does not enter
+    # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by); "down": only
+    # below theta 0.5 (it speeds a leaving structure to 0 and moves "back from 0" to importance per cost
+    # > nu (1 + d s); "leave 1" stays at < nu); "both": also above 0.5 ("leave 1" at < nu (1 - d s)).
+    # Removal itself is decided by the importance condition, which the drive never enters.
     drive: float = 0.9
+    drive_mode: Literal["down", "both"] = "down"
     harden: Literal["none", "final"] = "final"
     harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening

@@ -17,11 +17,13 @@ The theta step [ours, configurable]:
   learning rate for both kinds (``1 / (theta_travel * total_steps)``: the price alone moves a
   theta across [0, 1] in ``theta_travel`` of the run).
 - ``theta_step: raw`` is the plain gradient with per-kind rates ``lr_unit`` / ``lr_layer``.
-- The drive [ours]: ``drive * s(t) * nu * c_j * theta_j (1 - theta_j)`` (``s`` ramps 0 -> 1 from the
-  end of the warm-up to ``target_by``).  Its gradient is added in :meth:`Variational.after_backward`,
-  after the window sums the pruning condition reads, so it moves theta towards {0, 1} but never
-  enters a removal decision.  In normalised units it shifts "leave 1" to importance per cost
-  < nu (1 - drive s) and "come back from 0" to > nu (1 + drive s): a bound relative to nu.
+- The drive [ours]: the gradient of ``drive * s(t) * nu * c_j * theta_j (1 - theta_j)`` (``s`` ramps
+  0 -> 1 from the end of the warm-up to ``target_by``), by default (``drive_mode: down``) only where
+  theta < 0.5.  It is added in :meth:`Variational.after_backward`, after the window sums the pruning
+  condition reads, so it speeds a leaving structure to 0 but never enters a removal decision.  In
+  normalised units "leave 1" stays at importance per cost < nu, and "come back from below 0.5"
+  needs > nu (1 + drive s (1 - 2 theta)), at most nu (1 + drive): a bound relative to nu.
+  (``drive_mode: both`` also pushes theta > 0.5 up, which moves "leave 1" to < nu (1 - drive s).)
 
 Layer-gate estimators (``estimator``; :mod:`.estimators`): ``paired`` (default: layer gates drawn
 once per batch; ``paired_blocks`` blocks a step, round-robin, get CE(on) - CE(off) of the batch
@@ -348,8 +350,10 @@ class Variational(Method):
             for n, g in live:
                 if kinds[g.kind]:
                     scale = 1.0 if normalized else price[n]
-                    cast(torch.Tensor, g.theta.grad).add_(
-                        c.drive * s * self.nu * grad_scale * scale * (1 - 2 * g.theta.detach()))
+                    push = 1 - 2 * g.theta.detach()
+                    if c.drive_mode == "down":  # only towards 0, below theta 0.5
+                        push = push.clamp_min(0.0)
+                    cast(torch.Tensor, g.theta.grad).add_(c.drive * s * self.nu * grad_scale * scale * push)
 
     def after_step(self, model: GatedResNet) -> None:
         with torch.no_grad():
