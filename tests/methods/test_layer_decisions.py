@@ -157,9 +157,9 @@ def test_planted_vital_block_stays(planted_run):
     assert VITAL not in {b for _, b, _ in gone}
 
 
-@pytest.mark.xfail(reason="open (issue 22): in this 150-step run the rule removes the blocks measured as harmful "
-                          "(positive CE(on) - CE(off)) first; the budget is then met, nu falls, and the zero-importance "
-                          "block moves at a speed proportional to nu, so it is left to the rounding step",
+@pytest.mark.xfail(reason="open (issue 22): in this 150-step run the rule removes the blocks measured as "
+                          "harmful (positive CE(on) - CE(off)) first; the budget is then met, nu falls, and the "
+                          "zero-importance block moves at a speed proportional to nu, so the rounding step takes it",
                    strict=False)
 def test_planted_useless_block_leaves_by_the_rule_before_the_budget_is_due(planted_run):
     trainer, gone = planted_run
