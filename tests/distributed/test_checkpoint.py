@@ -59,7 +59,7 @@ def _assert_same_run(full: dict, parts: list[dict], stops: list[int]) -> None:
 
 @pytest.mark.parametrize("method, stops", [
     (TAYLOR, [6, 12, 13]),  # 6, 12: right after a pruning event (12 is also the epoch's last step)
-    (VARIATIONAL, [5, 18, 19]),  # sampled gates (RNG); 18: right after the hardening prune
+    (VARIATIONAL, [5, 14, 19]),  # sampled gates (RNG); 14: right after a pruning event of the rule
 ], ids=["taylor", "variational"])
 def test_interrupted_run_equals_uninterrupted(tmp_path, monkeypatch, method, stops):
     monkeypatch.delenv(ENV_STOP, raising=False)
