@@ -78,7 +78,8 @@ def main() -> None:
     model = build_model(dense_spec(args.model, num_classes=1000, input_size=args.size)).to(device)
     method = build_method(cfg.method, 10**6)
     method.attach(model)
-    opt = build_optimizer(model, cfg.optim, method.theta_lrs(), args.batch * env.world_size)
+    opt = build_optimizer(model, cfg.optim, method.theta_lrs(), args.batch * env.world_size,
+                          theta_momentum=method.theta_momentum())
     engine = DeepSpeedEngine(model, opt, cfg, env, device)
     del model, opt
     coord = Coordinator(Collectives(env.rank, env.world_size, device))
@@ -125,7 +126,7 @@ def main() -> None:
         t1 = time.perf_counter()
         plan = method.on_step_end(ctx())
         t2 = time.perf_counter()
-        coord.comm.agree(plan)
+        coord.comm.agree(plan, method.decision_state())
         t3 = time.perf_counter()
         old_model, old_opt = engine.model, engine.optimizer
         new_model, _, slices = apply_plan(old_model, plan)
