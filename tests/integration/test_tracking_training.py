@@ -133,8 +133,11 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     # final.* metrics are summary.json's values
     on_disk = json.loads((run_dir / "summary.json").read_text())
     finals = {k: v for k, v in run.data.metrics.items() if k.startswith(T.FINAL_PREFIX)}
-    assert set(finals) == {T.FINAL_PREFIX + k for k in T.FINAL_KEYS}
-    for k in T.FINAL_KEYS:
+    # ... and every latency figure the run measured (the final network against dense, on the CPU)
+    latency = {k for k, v in on_disk.items() if k.startswith("latency_") and isinstance(v, (int, float))}
+    assert {"latency_ratio_b1", "latency_ratio_b64", "latency_ms_b1"} <= latency
+    assert set(finals) == {T.FINAL_PREFIX + k for k in (*T.FINAL_KEYS, *latency)}
+    for k in (*T.FINAL_KEYS, *latency):
         assert finals[T.FINAL_PREFIX + k] == pytest.approx(float(on_disk[k]), rel=1e-6), k
 
     # params: the whole resolved config, flattened
