@@ -285,14 +285,20 @@ def paired_table(pairs: Sequence[Paired]) -> str:
                 else:
                     row.append(f"{100 * p.mean:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}] ({p.n})")
             cells.append(row)
-        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-        lines.append(f"dataset {ds}: top-1 minus {ref}'s, paired by seed, in points: mean [95% t-interval] (seeds)")
-        for n, r in enumerate(cells):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        lines.append("")
+        lines += _aligned(f"dataset {ds}: top-1 minus {ref}'s, paired by seed, in points: mean [95% t-interval] "
+                          f"(seeds)", cells)
     return "\n".join(lines).rstrip()
+
+
+def _aligned(title: str, cells: list[list[str]]) -> list[str]:
+    """``title``, then ``cells`` as left-aligned columns with a rule under the header row, then a blank line."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = [title]
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines + [""]
 
 
 def group_runs(rows: Sequence[RunRow]) -> list[Group]:
@@ -355,14 +361,8 @@ def matched_table(groups: Sequence[Group]) -> str:
             row.append(f"{min(tm):.0f}-{max(tm):.0f}%" if tm else "-")
             row.append(f"x{min(wl):.2f}-{max(wl):.2f}" if wl else "-")
             cells.append(row)
-        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-        lines.append(f"dataset {ds}: top-1 % (mean +- half-range over seeds, (runs) @ real MACs % of dense; "
-                     f"* best at that target)")
-        for n, r in enumerate(cells):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        lines.append("")
+        lines += _aligned(f"dataset {ds}: top-1 % (mean +- half-range over seeds, (runs) @ real MACs % of dense; "
+                          f"* best at that target)", cells)
     return "\n".join(lines).rstrip()
 
 
