@@ -46,29 +46,16 @@ def exact_term(model, layer, names: list[str], forward, x, y, loss_fn, per_examp
     all of ``layer``), every other gate replaying the main draw; BN running statistics untouched."""
     scale = len(layer) / len(names)
     main = per_example_loss.detach()
-    gates = gates_of(model)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
     terms = []
-    try:
-        for m in bns:  # the extra forwards must not move the running statistics
-            m.momentum = 0.0
-        for g in gates.values():
-            g.replay = True
-        with torch.no_grad():
-            for n in names:
-                g = layer[n]
-                xi = g.last_xi
-                g.last_xi = 1.0 - xi  # the complement of the main draw, per example
-                other = loss_fn(forward(x), y)
-                g.last_xi = xi
-                xi = xi.reshape(-1).expand(main.shape[0]) if xi.numel() == 1 else xi.reshape(-1)
-                terms.append((n, torch.where(xi > 0.5, main - other, other - main).mean()))
-    finally:
-        for g in gates.values():
-            g.replay = False
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
+    with replaying(model):
+        for n in names:
+            g = layer[n]
+            xi = g.last_xi
+            g.last_xi = 1.0 - xi  # the complement of the main draw, per example
+            other = loss_fn(forward(x), y)
+            g.last_xi = xi
+            xi = xi.reshape(-1).expand(main.shape[0]) if xi.numel() == 1 else xi.reshape(-1)
+            terms.append((n, torch.where(xi > 0.5, main - other, other - main).mean()))
     return cast(torch.Tensor, sum(scale * diff * layer[n].theta.reshape(()) for n, diff in terms))
 
 
