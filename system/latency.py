@@ -15,7 +15,7 @@ import copy
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +45,6 @@ class LatencyConfig:
 @dataclass
 class _Timer:
     net: nn.Module
-    times: dict[int, list[float]] = field(default_factory=dict)
 
     def once(self, x: torch.Tensor) -> float:
         t0 = time.perf_counter()

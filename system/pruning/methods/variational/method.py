@@ -125,6 +125,8 @@ class Variational(Method):
         self._rounding = False  # the plan in flight comes from the rounding step
         self._price_spec: Any = None  # the spec the cached prices belong to
         self._price: dict[str, torch.Tensor] = {}
+        self._suffix_spec: Any = None  # the spec the cached suffix fractions belong to
+        self._suffix: list[float] = []
         self._step = 0
 
     # -- set-up -------------------------------------------------------------------------
@@ -296,8 +298,8 @@ class Variational(Method):
         self.layer_picks = (self.layer_picks + k) % len(live)
         diffs = paired_differences(model, layer, picks, forward, x, y, loss_fn, per_example_loss)
         model.block_inputs = []
-        suffix, total = suffix_macs(model.spec()), count(model.spec())[0]
-        self.extra_forward_count = sum(suffix[i] for i, _ in picks) / max(1, total)
+        suffix = self._suffix_fractions(model)
+        self.extra_forward_count = sum(suffix[i] for i, _ in picks)
         m = c.paired_memory
         for n, d in diffs.items():
             est = self.layer_est[n]
@@ -308,6 +310,14 @@ class Variational(Method):
             self._seen_blocks.add(n)
         return cast(torch.Tensor, sum(self.layer_est[n].detach().reshape(()) * g.theta.reshape(())
                                       for n, g in layer.items()))
+
+    def _suffix_fractions(self, model: GatedResNet) -> list[float]:
+        """Each block's suffix forward as a fraction of the network's MACs (kept per spec, like the prices)."""
+        spec = model.spec()
+        if self._suffix_spec is not spec:
+            total = max(1, count(spec)[0])
+            self._suffix, self._suffix_spec = [m / total for m in suffix_macs(spec)], spec
+        return self._suffix
 
     def extra_forwards(self) -> float:
         """This step's forwards beyond the main one, in full-network forwards (the paired estimator's
