@@ -93,3 +93,24 @@ def _check_data(cfg) -> list[str]:
     if not (root / "manifest.json").is_file():
         return [f"data.root: {root} holds no manifest.json (not a shard directory from pipelines.shards)"]
     return []
+
+
+def check_tracking(jobs: list[Job]) -> list[str]:
+    """The stores the jobs record into, once each: an embedded SQLite store on a network filesystem is a
+    :class:`ConfigError` naming ``run.root``, its path and type; a server must answer and take the login
+    from MLflow's sources (:class:`system.tracking.login.LoginRefused` names the URI and the user,
+    :class:`system.tracking.TrackingUnavailable` the URI).  Returns notes on what was checked."""
+    from system.tracking import resolve_uri
+    from system.tracking.login import check_login, check_store_filesystem, network_store_error
+    from system.tracking.secrets import redact_text
+
+    notes: list[str] = []
+    for uri, job in {resolve_uri(j.cfg.tracking, j.cfg.run.root): j for j in jobs if j.cfg.tracking.enabled}.items():
+        fstype = check_store_filesystem(uri)
+        if fstype is not None:
+            raise network_store_error(uri, fstype)
+        if uri.startswith(("http://", "https://")):
+            user = check_login(uri, timeout=job.cfg.tracking.connect_timeout)
+            notes.append(f"tracking: {redact_text(uri)} takes the login of {user!r}" if user else
+                         f"tracking: {redact_text(uri)} answers without a login")
+    return notes

@@ -56,7 +56,8 @@ from typing import Any, NoReturn
 
 from launch.cluster_checks import _sbatch_test_only, _slurm, check_cluster  # noqa: F401  (_slurm: tests)
 from launch.config import Job, LaunchConfig, load_jobs
-from launch.preflight import check_job
+from launch.preflight import check_job, check_tracking
+from system.tracking.secrets import redact_text
 from system.runtime import preemption
 from system.runtime.rendezvous import PeerLost
 from system.config import ConfigError, from_dict, to_dict
@@ -438,6 +439,8 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
 
     jobs = [resolve_paths(j) for j in jobs]
     preflight(launch, jobs)
+    for note in check_tracking(jobs):  # the store: not SQLite on a network filesystem; a server takes the login
+        print(note, flush=True)
     folder = Path(launch.folder).resolve()
     name = base_name(dataclasses.replace(jobs[0], sweep_values={}))
     ex = validate(launch, folder, name)
@@ -490,7 +493,7 @@ def report(sub: list[Submitted]) -> None:
         print(f"job {s.job.job_id}: run {s.run_name}{sweep}")
         print(f"  run dir   {s.run_dir}")
         print(f"  logs      {s.job.paths.stdout}  (stderr {s.job.paths.stderr})")
-        print(f"  mlflow    {s.tracking_uri}  run name {s.run_name}")
+        print(f"  mlflow    {redact_text(s.tracking_uri)}  run name {s.run_name}")
 
 
 def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
@@ -557,21 +560,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             jobs = [resolve_paths(j) for j in jobs]
             preflight(launch, jobs)
+            for note in check_tracking(jobs):
+                print(note)
             folder = Path(launch.folder).resolve()
             ex = validate(launch, folder, base_name(dataclasses.replace(jobs[0], sweep_values={})))
             print(f"ok: {len(jobs)} run(s) on {ex.cluster}; nothing submitted")
             for j in jobs:
                 print(f"each task of run {base_name(j)} runs launch.train.run(cfg) with run.resume=auto; "
-                      f"the same run as a command line:\n  {train_command(j)}")
+                      f"the same run as a command line:\n  {redact_text(train_command(j))}")
             if ex.cluster == "slurm":
                 print(batch_script(ex))
             return 0
         sub = submit(launch, jobs)
     except ConfigError as exc:
-        print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
+        print(redact_text(f"error: {exc}\nnothing was submitted"), file=sys.stderr)
         return 2
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
+        print(redact_text(f"error: {exc}\nnothing was submitted"), file=sys.stderr)
         return 2
     report(sub)
     sys.stdout.flush()

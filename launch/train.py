@@ -26,6 +26,7 @@ from system.config import ConfigError, apply_overrides, from_dict, read_yaml, to
 from system.run_config import RunConfig
 from system.runtime.rendezvous import PeerLost, RendezvousError
 from system.tracking import TrackingUnavailable
+from system.tracking.secrets import redact_text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,8 +71,11 @@ def setup_logging() -> None:
 def run(cfg: RunConfig) -> dict:
     """Train one run from a resolved config (also the entry point of submitted jobs)."""
     from system.runtime.distributed import init_distributed, lost_peers, shutdown_distributed
+    from system.tracking.secrets import install_log_redaction
     from system.trainer import Trainer
 
+    install_log_redaction(to_dict(cfg))  # no URL login, password or token of the config in a log line
+    _warn_network_store(cfg)
     env = init_distributed(cfg)
     try:
         return Trainer(cfg, env).run()
@@ -83,6 +87,23 @@ def run(cfg: RunConfig) -> dict:
         raise
     finally:
         shutdown_distributed()
+
+
+def _warn_network_store(cfg: RunConfig) -> None:
+    """One run on its own may use the embedded SQLite store on a network filesystem (one writer), with a
+    warning; launch.submit refuses it (the jobs of an array write at once)."""
+    from system.tracking import resolve_uri
+    from system.tracking.login import check_store_filesystem
+
+    if not cfg.tracking.enabled or int(os.environ.get("RANK", 0)) != 0:
+        return
+    uri = resolve_uri(cfg.tracking, cfg.run.root)
+    fstype = check_store_filesystem(uri)
+    if fstype is not None:
+        logging.getLogger("launch.train").warning(
+            "the embedded SQLite tracking store %s is on a network filesystem (%s): safe for this one run, "
+            "not for several at once; for a team or a sweep use a server (parsimony-tracking serve) and "
+            "tracking.uri", uri[len("sqlite:///"):], fstype)
 
 
 def _on_interrupt() -> None:
@@ -126,19 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     except preemption.Preempted as stop:
         if int(os.environ.get("RANK", 0)) == 0:
             run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else Path(cfg.run.dir or ".")
-            print(f"interrupted: stopped after step {stop.step}, checkpoint {stop.checkpoint}; resume with: "
-                  f"{_resume_command(argv, run_dir)}", file=sys.stderr)
+            print(redact_text(f"interrupted: stopped after step {stop.step}, checkpoint {stop.checkpoint}; "
+                              f"resume with: {_resume_command(argv, run_dir)}"), file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted again: stopped at once, without a checkpoint of this step (the run resumes from "
               "its newest checkpoint with run.resume=auto)", file=sys.stderr)
         return 130
     except (RendezvousError, PeerLost) as exc:  # a host that cannot join, a rank (node) lost mid-run
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact_text(f"error: {exc}"), file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, TrackingUnavailable) as exc:
         logging.getLogger("launch.train").error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact_text(f"error: {exc}"), file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary, indent=1))

@@ -44,6 +44,7 @@ from system.models.spec import ArchSpec, dense_spec
 from system.optim import build_optimizer, set_lrs
 from system.runtime import preemption
 from system import tracking as T
+from system.tracking.secrets import redacted
 from system.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ class Trainer:
     def _start_tracking(self) -> None:
         cfg = self.cfg
         run_id = self.tracking_run["run_id"] or None
-        params = flatten(to_dict(cfg))
+        params = flatten(redacted(to_dict(cfg)))  # no password, token or URL login in the params
         tags = {T.TAG_METHOD: cfg.method.display, T.TAG_MODEL: cfg.model.name,
                 T.TAG_WORLD_SIZE: self.env.world_size, T.TAG_DEVICE: str(self.device),
                 T.TAG_CODE_VERSION: T.code_version(), **T.standard_tags()}
@@ -282,7 +283,7 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.env.rank == 0:
-            atomic_write_json(self.run_dir / "config.json", to_dict(cfg))
+            atomic_write_json(self.run_dir / "config.json", redacted(to_dict(cfg)))  # secrets masked
         self._start_tracking()
         s = self.state
         if not s.width_history:

@@ -22,6 +22,7 @@ from system.tracking.config import (ENV_TRACKING_URI, TrackingConfig, TrackingUn
 from system.tracking.names import (EXPERIMENT_KIND_TAG, RUN_STATUSES, TAG_FALLBACK, TAG_RESUMED_FROM,
                                    UI_WORKFLOW_QUERY, UNSENT_FILE)
 from system.tracking.protocol import NullTracker, Tracker
+from system.tracking.secrets import redact_text, split_login
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ def _chunks(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
 
 
 def http_reachable(uri: str, timeout: float) -> str | None:
-    """None if ``<uri>/health`` answers, else the reason it does not."""
-    url = uri.rstrip("/") + "/health"
+    """None if ``<uri>/health`` answers, else the reason it does not (a URL login is not sent: the
+    health check needs none, and the reason names the URL masked)."""
+    url = split_login(uri)[0].rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             if resp.status == 200:
@@ -137,7 +139,7 @@ class MLflowTracker:
         if run_id:
             run = self._find_run(run_id)
             if run is None and not self.fell_back:
-                raise KeyError(f"run {run_id} not found in tracking store {self.uri}; "
+                raise KeyError(f"run {run_id} not found in tracking store {redact_text(self.uri)}; "
                                "cannot resume it")
             if run is None:
                 log.warning("run %s is not in the fallback store %s; starting a new run there",
@@ -166,13 +168,13 @@ class MLflowTracker:
         """The experiment's page in the MLflow UI, on its runs table (None for a file store)."""
         if self._experiment_id is None or not self.uri.startswith(("http://", "https://")):
             return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs{UI_WORKFLOW_QUERY}"
+        return f"{split_login(self.uri)[0].rstrip('/')}/#/experiments/{self._experiment_id}/runs{UI_WORKFLOW_QUERY}"
 
     def run_url(self) -> str | None:
         """The run's page in the MLflow UI (None for a file store)."""
         if self._experiment_id is None or not self.uri.startswith(("http://", "https://")):
             return None
-        return (f"{self.uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
+        return (f"{split_login(self.uri)[0].rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
                 f"{UI_WORKFLOW_QUERY}")
 
     def _configure_http(self) -> None:

@@ -21,6 +21,10 @@ class VariationalConfig:
     theta_travel: float = 0.1  # normalized: the price alone moves theta across [0, 1] in this fraction of the run
     lr_unit: float = 1.0  # raw: theta learning rates (plain SGD, projected to [0, 1])
     lr_layer: float = 0.01
+    # [ours] normalized: the step of these kinds is divided by nu (>= nu_floor), so a structure whose
+    # importance per cost is well below nu leaves at full speed whatever nu's scale (decisions unchanged)
+    step_per_nu: Literal["none", "layer", "all"] = "layer"
+    nu_floor: float = 0.01
     theta_momentum: float = 0.9  # [ours] theta steps on an average of its recent gradients (SGD momentum = dampening)
     warmup_frac: float = 0.2  # weights only for this fraction of the steps
     # layer-gate estimator [ours]: paired (CRN difference, layer gates drawn once per batch, suffix forward),
@@ -61,6 +65,7 @@ class VariationalConfig:
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.beta >= 0, "beta", "must be >= 0")
         check(0.0 < self.theta_travel <= 1.0, "theta_travel", f"must be in (0, 1], got {self.theta_travel}")
+        check(self.nu_floor > 0, "nu_floor", f"must be > 0, got {self.nu_floor}")
         check(self.lr_unit >= 0, "lr_unit", f"a theta learning rate must be >= 0, got {self.lr_unit}")
         check(self.lr_layer >= 0, "lr_layer", f"a theta learning rate must be >= 0, got {self.lr_layer}")
         check(0.0 <= self.theta_momentum < 1.0, "theta_momentum", f"must be in [0, 1), got {self.theta_momentum}")

@@ -270,15 +270,21 @@ class Variational(Method):
         """Layer estimators other than autograd: a term whose theta_B gradient is the estimate."""
         c = self.cfg
         self.extra_forward_count = 0
-        if c.estimator == "autograd" or not c.layer_gates or not self.theta_active(step):
+        if c.estimator == "autograd" or not c.layer_gates:
             return None
         _, layer = unit_and_layer_gates(model)
-        if not layer:
+        active = self.theta_active(step)
+        # paired: the last steps of the warm-up measure every block once, so that no theta starts
+        # moving on the zero its estimate starts at
+        priming = (c.estimator == "paired" and not active and self._paired_live()
+                   and self.warmup_steps - len(layer) <= step < self.warmup_steps)
+        if not layer or not (active or priming):
             return None
         if c.estimator == "conditional":
             return conditional_term(layer, per_example_loss)
         if c.estimator == "paired":
-            return self._paired_term(model, layer, forward, x, y, loss_fn, per_example_loss)
+            term = self._paired_term(model, layer, forward, x, y, loss_fn, per_example_loss)
+            return term if active else None
         names = sorted(layer)
         k = len(names) if c.exact_blocks == 0 else min(c.exact_blocks, len(names))
         if k < len(names):
@@ -344,10 +350,15 @@ class Variational(Method):
         live = [(n, g) for n, g in gates_of(model).items() if g.theta.grad is not None and n in self.grad_acc]
         if not live:
             return
+        per_nu = {k: self._step_scale(k) if normalized else 1.0 for k in ("unit", "layer")}
         if normalized:  # in place: the optimizer steps on the normalized gradient
             for n, g in live:
                 assert g.theta.grad is not None
-                g.theta.grad.div_(price[n])
+                g.theta.grad.div_(price[n] * per_nu[g.kind])
+        if self._paired_live():  # no step, and no evidence for the rule, before a block's first measurement
+            for n, g in live:
+                if g.kind == "layer" and n not in self._seen_blocks:
+                    cast(torch.Tensor, g.theta.grad).zero_()
         grads = [cast(torch.Tensor, g.theta.grad).detach() for _, g in live]
         finite = all_finite(grads)
         for (n, _), t in zip(live, grads):
@@ -359,11 +370,22 @@ class Variational(Method):
             kinds = {"unit": c.unit_gates, "layer": c.layer_gates}
             for n, g in live:
                 if kinds[g.kind]:
-                    scale = 1.0 if normalized else price[n]
+                    scale = 1.0 / per_nu[g.kind] if normalized else price[n]
                     push = 1 - 2 * g.theta.detach()
                     if c.drive_mode == "down":  # only towards 0, below theta 0.5
                         push = push.clamp_min(0.0)
                     cast(torch.Tensor, g.theta.grad).add_(c.drive * s * self.nu * grad_scale * scale * push)
+
+    def _step_scale(self, kind: str) -> float:
+        """``step_per_nu`` [ours]: the normalised theta gradient of the chosen kinds is divided by nu (at
+        least ``nu_floor``), so that a structure with importance per cost well below nu leaves at the
+        price's full speed whatever nu's scale (under a target nu starts small and falls once the budget
+        is met; with speed proportional to nu a useless block could still be at theta 0.8 when the budget
+        is due).  The sign of every step, and so every decision, is unchanged; only the speed is."""
+        mode = self.cfg.step_per_nu
+        if mode == "all" or (mode == "layer" and kind == "layer"):
+            return max(self.nu, self.cfg.nu_floor)
+        return 1.0
 
     def after_step(self, model: GatedResNet) -> None:
         with torch.no_grad():
