@@ -211,3 +211,77 @@ def test_submission_with_the_embedded_store_on_a_network_filesystem_is_refused(f
     assert "run.root" in r.stderr and str(fuse_mount / "runs") in r.stderr and "(fuse)" in r.stderr
     assert "parsimony-tracking serve" in r.stderr and "nothing was submitted" in r.stderr
     assert not (fuse_mount / "runs").exists() and not (tmp_path / "submitit").exists()
+
+
+# ------------------------------------------------------------------------------------------ on the cluster
+@pytest.fixture(scope="module")
+def cluster_server(tmp_path_factory, slurm_cluster):
+    """The team server on this host's address on the nodes' bridge (where a compute node reaches it)."""
+    from tests.slurm_cluster import multi_partition
+
+    multi_partition()  # skips, saying why, where the machine forbids the namespaced nodes
+    bridge = os.environ.get("PARSIMONY_SLURM_SUBNET", "10.77.0") + ".1"
+    srv = TeamServer(tmp_path_factory.mktemp("team-cluster") / "srv", host=bridge).start()
+    srv.add_user(ALICE, ALICE_PW)
+    yield srv
+    srv.stop()
+
+
+def _cluster_submit(root: Path, server: TeamServer, name: str, nodes: int, *more: str, sweeps=None):
+    from launch import submit as S
+    from launch.config import load_job
+    from tests.integration.test_submit import CONFIG, TINY
+    from tests.slurm_cluster import multi_partition
+
+    launch, jobs = load_job(CONFIG, [*TINY, f"run.root={root / 'runs'}", f"launch.folder={root / 'submitit' / '%j'}",
+                                     f"run.name={name}", f"launch.partition={multi_partition()}",
+                                     f"launch.nodes={nodes}", "launch.tasks_per_node=1", "launch.cpus_per_task=1",
+                                     f"tracking.uri={server.uri}", "tracking.experiment=team-cluster", *more], sweeps)
+    return S.submit(launch, jobs)
+
+
+@pytest.mark.slurm
+def test_cluster_jobs_log_into_the_team_server(cluster_server, tmp_path, monkeypatch):
+    """A 2-node job and a 4-task sweep (all 4 at once) log as alice, with credentials from the environment
+    only; the password is then in no file of the runs or the jobs, and in no param or tag."""
+    monkeypatch.setenv(CREDS[0], ALICE)
+    monkeypatch.setenv(CREDS[1], ALICE_PW)
+    (two,) = _cluster_submit(tmp_path, cluster_server, "team-2n", 2, "engine.kind=deepspeed", "train.max_steps=12",
+                             "checkpoint.every_steps=6")
+    assert len(two.job.results()) == 2  # (the sweep then has the 2 nodes' 4 CPUs to itself)
+    sweep = _cluster_submit(tmp_path, cluster_server, "team-sweep", 1, "engine.kind=local", "train.max_steps=12",
+                            "checkpoint.every_steps=0", "train.threads=1", "launch.array_parallelism=4",
+                            sweeps=["train.seed=0,1,2,3"])
+    assert len(sweep) == 4
+    for s in sweep:
+        s.job.result()
+    client = _client(cluster_server.uri, ALICE, ALICE_PW, monkeypatch)
+    exp = client.get_experiment_by_name("team-cluster")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {two.run_name, *(s.run_name for s in sweep)}
+    for r in runs.values():
+        assert r.info.status == "FINISHED"
+        assert client.get_metric_history(r.info.run_id, "train/loss")
+    assert runs[two.run_name].data.tags["world_size"] == "2"
+    summary = json.loads((two.run_dir / "summary.json").read_text())
+    assert summary["mlflow_model_uri"]  # the final network, logged as an MLflow Model through the server
+    assert client.list_artifacts(runs[two.run_name].info.run_id)
+    # the 4 array tasks ran at once: every one started before any ended
+    swept = [runs[s.run_name].info for s in sweep]
+    assert max(i.start_time for i in swept) < min(i.end_time for i in swept)
+    assert _files_holding(ALICE_PW, tmp_path) == []  # runs, checkpoints, submitit's job files and logs
+    for r in runs.values():
+        assert not [k for k, v in {**r.data.params, **r.data.tags}.items() if ALICE_PW in v]
+
+
+@pytest.mark.slurm
+def test_a_wrong_password_is_refused_before_anything_reaches_slurm(cluster_server, tmp_path, monkeypatch):
+    from launch import submit as S
+    from system.tracking.login import LoginRefused
+
+    monkeypatch.setenv(CREDS[0], ALICE)
+    monkeypatch.setenv(CREDS[1], "wrong-password-123")
+    before = S._slurm("squeue", "-h", "-o", "%i")
+    with pytest.raises(LoginRefused, match=f"{cluster_server.uri} refused the login of user 'alice'"):
+        _cluster_submit(tmp_path, cluster_server, "team-refused", 2, "engine.kind=deepspeed")
+    assert S._slurm("squeue", "-h", "-o", "%i") == before and not (tmp_path / "submitit").exists()
