@@ -41,6 +41,7 @@ test: install
 lint: install
 	$(PY) -m ruff check system launch pipelines tests bench
 	$(PY) -m mypy
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_doc_paths.py
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

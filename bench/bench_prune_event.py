@@ -55,12 +55,9 @@ def main() -> None:
     from system.runtime.collectives import Collectives
     from system.runtime.coordinator import Coordinator
     from system.runtime.distributed import init_distributed, shutdown_distributed
+    from system.build import build_engine, build_network, build_opt, build_pruning_method, dense_spec_for
     from system.runtime.engine import pick_device
-    from system.runtime.engine_ds import DeepSpeedEngine
-    from system.pruning.methods import StepContext, build_method
-    from system.models.resnet import build_model
-    from system.models.spec import dense_spec
-    from system.optim import build_optimizer
+    from system.pruning.methods import StepContext
     from system.run_config import RunConfig
     from system.pruning.surgery import apply_plan
     from system.pruning.transplant import transplant_optimizer
@@ -69,18 +66,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = from_dict(RunConfig, {
         "data": {"batch_size": args.batch}, "engine": {"kind": "deepspeed"},
+        "model": {"name": args.model, "input_size": args.size},
         "train": {"precision": args.precision, "channels_last": args.channels_last},
         "method": {"name": "taylor", "taylor": {"per_step": args.per_step, "check_every": args.check_every,
                                                  "start_frac": 0.0, "stop_frac": 1.0, "keep_ratio": 0.1}}})
     env = init_distributed(cfg)
     device = pick_device("auto", env.local_rank)
     torch.manual_seed(0)
-    model = build_model(dense_spec(args.model, num_classes=1000, input_size=args.size)).to(device)
-    method = build_method(cfg.method, 10**6)
+    model = build_network(cfg, dense_spec_for(cfg, num_classes=1000), device)  # as a run builds them
+    method = build_pruning_method(cfg, 10**6, model)
     method.attach(model)
-    opt = build_optimizer(model, cfg.optim, method.theta_lrs(), args.batch * env.world_size,
-                          theta_momentum=method.theta_momentum())
-    engine = DeepSpeedEngine(model, opt, cfg, env, device)
+    opt = build_opt(cfg, model, method, args.batch * env.world_size)
+    engine = build_engine(cfg, model, opt, env, device)
     del model, opt
     coord = Coordinator(Collectives(env.rank, env.world_size, device))
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)

@@ -20,6 +20,8 @@ for t in 0.3 0.5; do
   $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
       --config configs/study_taylor.yaml --sweep method.target_macs=$t "${FM[@]}" "${COMMON[@]}"
 done
+# 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
+$PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
 $PY -m launch.submit --config configs/study_dense.yaml "${FM[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import tempfile
 
 from launch.config import LaunchConfig
+from launch.slurm_cmd import SlurmError, run_slurm
 from system.config import ConfigError
-
-
-def _slurm(*cmd: str) -> str:
-    out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {(out.stderr or out.stdout).strip()}")
-    return out.stdout
 
 
 def _minutes(limit: str) -> float | None:
@@ -35,14 +28,14 @@ def _minutes(limit: str) -> float | None:
 
 
 def _partition_info(name: str) -> dict[str, str]:
-    text = _slurm("scontrol", "show", "partition", name, "-o")
+    text = run_slurm("scontrol", "show", "partition", name, "-o")
     return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
 
 def _gpus_per_node(partition: str) -> int:
     """The most GPUs any node of ``partition`` has (from its gres, e.g. ``gpu:a100:4(S:0-1)``)."""
     best = 0
-    for gres in _slurm("sinfo", "-h", "-p", partition, "-o", "%G").split():
+    for gres in run_slurm("sinfo", "-h", "-p", partition, "-o", "%G").split():
         for item in gres.split(","):
             m = re.match(r"gpu(?::[^:(]+)?:(\d+)", item)
             if m:
@@ -55,8 +48,9 @@ def check_cluster(launch: LaunchConfig) -> str:
 
     Raises:
         ConfigError: naming the ``launch.*`` key the cluster cannot satisfy.
+        SlurmError: ``sinfo`` or ``scontrol`` failed.
     """
-    lines = _slurm("sinfo", "-h", "-o", "%P").split()
+    lines = run_slurm("sinfo", "-h", "-o", "%P").split()
     partitions = [p.rstrip("*") for p in lines]
     default = next((p.rstrip("*") for p in lines if p.endswith("*")), partitions[0] if partitions else "")
     partition = launch.partition or default
@@ -76,7 +70,7 @@ def check_cluster(launch: LaunchConfig) -> str:
     if total_nodes and launch.nodes > total_nodes:
         raise ConfigError("launch.nodes", f"{launch.nodes} nodes requested, partition {partition!r} has "
                                           f"{total_nodes}")
-    cpus = max((int(c.rstrip("+")) for c in _slurm("sinfo", "-h", "-p", partition, "-o", "%c").split()),
+    cpus = max((int(c.rstrip("+")) for c in run_slurm("sinfo", "-h", "-p", partition, "-o", "%c").split()),
                default=0)
     need = launch.tasks_per_node * launch.cpus_per_task
     if cpus and need > cpus:
@@ -91,13 +85,21 @@ def check_cluster(launch: LaunchConfig) -> str:
     return partition
 
 
-def _sbatch_test_only(script: str) -> str | None:
-    """None if ``sbatch --test-only`` accepts ``script``, else sbatch's reason."""
+def sbatch_test_only(script: str) -> str | None:
+    """None if ``sbatch --test-only`` accepts the batch script ``script``, else sbatch's reason.
+
+    Raises:
+        SlurmError: sbatch could not run (not found, timed out).
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
         fh.write(script)
         path = fh.name
     try:
-        out = subprocess.run(["sbatch", "--test-only", path], capture_output=True, text=True, timeout=60)
+        run_slurm("sbatch", "--test-only", path)
+    except SlurmError as exc:
+        if exc.status is None:
+            raise
+        return exc.reason
     finally:
         os.unlink(path)
-    return None if out.returncode == 0 else (out.stderr or out.stdout).strip()
+    return None

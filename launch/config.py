@@ -28,7 +28,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from system.config import ConfigError, apply_overrides, check, from_dict, parse_override, read_yaml, to_dict
 from system.run_config import RunConfig
@@ -128,6 +128,29 @@ class LaunchConfig:
     def elastic(self) -> bool:
         """Whether a job may continue on fewer nodes after losing some (``min_nodes`` below ``nodes``)."""
         return 0 < self.min_nodes < self.nodes
+
+    @property
+    def elastic_worlds(self) -> tuple[int, ...]:
+        """The rank counts an elastic job may continue on after losing nodes: ``min_nodes`` to
+        ``nodes - 1`` nodes x ``tasks_per_node``, fewest nodes first; empty when not :attr:`elastic`."""
+        if not self.elastic:
+            return ()
+        return tuple(n * self.tasks_per_node for n in range(self.min_nodes, self.nodes))
+
+
+def indivisible_world(batch_size: int, planned: int, worlds: Iterable[int]) -> int | None:
+    """The first of ``worlds`` (rank counts) that the global batch does not split over evenly, or None.
+
+    The global batch is ``batch_size`` x ``planned`` ranks, as submitted.  A job that continues on
+    fewer ranks keeps it (a larger per-rank batch), so every world it may run on must divide it.
+
+    Example::
+
+        indivisible_world(16, 4, [2, 1])  # None: 64 splits over 2 ranks and over 1
+        indivisible_world(3, 3, LaunchConfig(nodes=3, min_nodes=2).elastic_worlds)  # 2: 9 does not split over 2
+    """
+    total = batch_size * planned
+    return next((world for world in worlds if total % world), None)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from system.config import from_dict
-from system.export import (CLASSES, PREPROCESS, SPEC, WEIGHTS, deploy_model, load_bundle, save_deployed)
-from system.models.resnet import GatedResNet, build_model
+from system.build import load_checkpoint_network
+from system.report import deploy
+from system.export import (CLASSES, PREPROCESS, SPEC, WEIGHTS, load_bundle, save_deployed)
+from system.models.resnet import GatedResNet
 from system.models.spec import SpecError
-from system.pruning.methods import build_method
-from system.run_config import RunConfig
-from system.runtime.checkpoint import CheckpointError, verify
+from system.runtime.checkpoint import CheckpointError
 
 log = logging.getLogger("launch.export")
 
@@ -42,22 +41,8 @@ ONNX_ATOL = 1e-3
 def deploy_checkpoint(path: Path) -> tuple[GatedResNet, dict, list[str]]:
     """The gate-free network of checkpoint ``path`` (verified first), with the run's preprocessing
     and class names taken from the run's ``final/`` when it has one."""
-    info = verify(path)
-    cfg = from_dict(RunConfig, info.manifest["config"])
-    model = build_model(info.spec)
-    engine = info.path / "engine_state.pt"
-    if engine.is_file():
-        state = torch.load(engine, map_location="cpu", weights_only=True)["model"]
-    else:  # DeepSpeed's layout
-        state = torch.load(info.path / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=True)["module"]
-    model.load_state_dict(state)
-    method = build_method(cfg.method, int(info.manifest["total_steps"]), weight_decay=cfg.optim.weight_decay)
-    method.load_state_dict(torch.load(info.path / "method_rank0.pt", map_location="cpu", weights_only=True))
-    method.attach(model)
-    gates = cfg.run.export_gates if cfg.run.export_gates != "auto" else method.export_gates()
-    with method.eval_gates(model):
-        deployed = deploy_model(model.eval(), gate_eval=gates)
+    model, method, cfg, info = load_checkpoint_network(path)
+    deployed = deploy(model.eval(), method, cfg.run.export_gates)  # as the run deploys its final network
     final = info.path.parent.parent / "final"
     pre = json.loads((final / PREPROCESS).read_text()) if (final / PREPROCESS).is_file() else \
         {"input_size": info.spec.input_size}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from launch.config import Job, LaunchConfig
+from launch.config import Job, LaunchConfig, indivisible_world
 from system.config import ConfigError
 
 
@@ -46,31 +46,19 @@ def _check_elastic(launch: LaunchConfig, cfg) -> None:
     if cfg.engine.kind == "local":
         raise ConfigError("engine.kind", f"an elastic job (launch.min_nodes={launch.min_nodes}) runs on several "
                                          f"ranks, which the local engine cannot; use engine.kind=deepspeed (or auto)")
-    total = cfg.data.batch_size * launch.num_tasks
-    for nodes in range(launch.min_nodes, launch.nodes):
-        if total % (nodes * launch.tasks_per_node):
-            raise ConfigError("data.batch_size", f"the global batch {total} (data.batch_size x {launch.num_tasks} "
-                                                 f"ranks) is not divisible by {nodes * launch.tasks_per_node} "
-                                                 f"ranks, which an elastic job on {nodes} node(s) would have")
+    world = indivisible_world(cfg.data.batch_size, launch.num_tasks, launch.elastic_worlds)
+    if world is not None:
+        raise ConfigError("data.batch_size", f"the global batch {cfg.data.batch_size * launch.num_tasks} "
+                                             f"(data.batch_size x {launch.num_tasks} ranks) is not divisible by "
+                                             f"{world} ranks, which an elastic job on "
+                                             f"{world // launch.tasks_per_node} node(s) would have")
 
 
 def _check_method(cfg) -> None:
-    from system.models.resnet import build_model, zero_init_residual
-    from system.models.spec import dense_spec
-    from system.pruning.methods import build_method
+    """The method against the dense model, as the run builds them (:mod:`system.build`)."""
+    from system.build import build_network, build_pruning_method, dense_spec_for
 
-    spec = dense_spec(cfg.model.name, input_size=cfg.model.input_size or cfg.data.train_size,
-                      shortcut=cfg.model.shortcut or None)
-    model = build_model(spec)
-    if cfg.model.zero_init_residual:
-        zero_init_residual(model)
-    method = build_method(cfg.method, 1000, weight_decay=cfg.optim.weight_decay)
-    try:
-        method.check_model(model)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError("method.name", str(exc)) from None
+    build_pruning_method(cfg, 1000, build_network(cfg, dense_spec_for(cfg, num_classes=1000)))
 
 
 def _check_data(cfg) -> list[str]:

@@ -39,7 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from system.runtime.mounts import mount_of
+from system.mounts import mount_of
 
 log = logging.getLogger("launch.tracking")
 ADMIN = "admin"

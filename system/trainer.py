@@ -24,33 +24,32 @@ import torch.nn.functional as F
 
 from pipelines.loaders import build_loader, class_names
 from system.pruning.complexity import count
-from system.config import ConfigError, flatten, to_dict
+from system.config import flatten, to_dict
 from system.runtime.checkpoint import Checkpointer, ModelBuffers, RngState, Value
 from system.runtime.collectives import Collectives
 from system.runtime.coordinator import Coordinator
-from system.runtime.engine import DistEnv, Engine, LocalEngine, pick_device
+from system.runtime.engine import DistEnv, Engine, pick_device
 from system.runtime.faults import ENV_STOP, Faults, InjectedStop
 from system.runtime.rundir import RunLock, claim, remove_empty
 from system.progress import progress
 from system.skips import SkipLimitExceeded, SkipWatch
 from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stream, widths_of
 from system.evaluation import accuracy, plain_forward
-from system.export import deploy_model, save_deployed
+from system.export import save_deployed
 from system.io import atomic_write_json
 from system.latency import measure_latency
-from system.pruning.methods import Batch, Event, StepContext, build_method
-from system.models.resnet import GatedResNet, build_model, zero_init_residual
-from system.models.spec import ArchSpec, dense_spec
-from system.optim import build_optimizer, set_lrs
+from system.pruning.methods import Batch, Event, StepContext
+from system.models.resnet import GatedResNet, build_model
+from system.models.spec import ArchSpec
+from system.optim import set_lrs
 from system.runtime import preemption
+from system import report
 from system import tracking as T
+from system.build import build_engine, build_network, build_opt, build_pruning_method, dense_spec_for
 from system.tracking.secrets import redacted
 from system.run_config import RunConfig
 
 log = logging.getLogger(__name__)
-
-#: a run with ``method.target_macs`` reached it when its final MACs fraction is this close
-TARGET_TOLERANCE = 0.05
 
 
 class Trainer:
@@ -93,9 +92,7 @@ class Trainer:
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         self.global_batch = cfg.data.batch_size * self.env.world_size
 
-        size = cfg.model.input_size or cfg.data.train_size
-        self.dense = dense_spec(cfg.model.name, num_classes=self.num_classes, input_size=size,
-                                shortcut=cfg.model.shortcut or None)
+        self.dense = dense_spec_for(cfg, self.num_classes)
         self.dense_macs, self.dense_params = count(self.dense)
 
         # resuming: the checkpoint's architecture and method state first, so the run is built once
@@ -105,22 +102,13 @@ class Trainer:
         if resume is not None:
             self.checkpointer.check_fits(resume, config=to_dict(cfg), global_batch=self.global_batch,
                                          per_rank_batch=cfg.data.batch_size, total_steps=self.total_steps)
-        model = build_model(resume.spec if resume else self.dense).to(self.device)  # method state: same device
-        if cfg.model.zero_init_residual:
-            zero_init_residual(model)
-        self.method = build_method(cfg.method, self.total_steps, weight_decay=cfg.optim.weight_decay)
-        try:
-            self.method.check_model(model)
-        except ConfigError:
-            raise
-        except ValueError as exc:
-            raise ValueError(f"config key 'method.name': {exc}") from None
+        model = build_network(cfg, resume.spec if resume else self.dense, self.device)  # method state: same device
+        self.method = build_pruning_method(cfg, self.total_steps, model)
         if resume is not None:
             self.method.load_state_dict(self.checkpointer.rank_state(resume, "method"))
         self.method.attach(model)
         seed_rank_stream(cfg.train.seed, self.env.rank)  # gate samples: per rank (docs/method.md section 1)
-        opt = build_optimizer(model, cfg.optim, self.method.theta_lrs(), self.global_batch,
-                              self.method.decay_exempt(model), self.method.theta_momentum())
+        opt = build_opt(cfg, model, self.method, self.global_batch)
         self.engine: Engine = (engine_factory or self._default_engine)(model, opt)
         self.state = LoopState()
         self.tracking_run = Value(run_id="")
@@ -168,13 +156,8 @@ class Trainer:
             self.lock.release()
         remove_empty(self._made_dirs)
 
-    def _default_engine(self, model, opt):
-        kind = self.cfg.engine.kind
-        if kind == "deepspeed" or (kind == "auto" and self.env.world_size > 1):
-            from system.runtime.engine_ds import DeepSpeedEngine, EngineSettings  # imported only when used
-
-            return DeepSpeedEngine(model, opt, EngineSettings.of(self.cfg), self.env, self.device)
-        return LocalEngine(model, opt, self.device, self.cfg.train.precision, self.cfg.train.channels_last)
+    def _default_engine(self, model, opt) -> Engine:
+        return build_engine(self.cfg, model, opt, self.env, self.device)
 
     @property
     def model(self) -> GatedResNet:
@@ -227,6 +210,10 @@ class Trainer:
         return float(loss.detach())
 
     def maybe_prune(self, event: Event) -> None:
+        """The decision of ``event`` (sync -> decide -> agree -> apply), for the events the method
+        declares: for any other, no collective runs."""
+        if event not in self.method.events:
+            return
         ctx = StepContext(step=self.state.step, epoch=self.state.epoch, total_steps=self.total_steps, model=self.model)
         plan = self.coord.decide(self.method, self.model, lambda: self.method.decide(event, ctx))
         if plan is None:
@@ -396,92 +383,32 @@ class Trainer:
         raise preemption.Preempted(s.step, path, preemption.reason())
 
     def finish(self) -> dict[str, Any]:
-        """Final plan, evaluation, export, summary.json and the tracker's final metrics."""
+        """The final event (through decide -> agree -> apply like every other), the deployed network's
+        evaluation, export, latency, summary.json and the tracker's final records (:mod:`system.report`)."""
         cfg, s = self.cfg, self.state
-        final = self.method.final_plan(self.model)
-        if final is not None:
-            final = self.coord.decide(self.method, self.model, lambda: final)
-            if final is not None:
-                ev = self.coord.apply(final, self.engine, self.method, s.step)
-                s.channels_removed += ev.channels
-                s.blocks_removed += ev.blocks
-                s.prune_events += 1
-                self.tracker.log_metrics({T.PRUNE_EVENTS: s.prune_events,
-                                          T.PRUNE_CHANNELS_REMOVED: s.channels_removed,
-                                          T.PRUNE_BLOCKS_REMOVED: s.blocks_removed, T.PRUNE_REBUILD_S: ev.rebuild_s},
-                                         step=s.step)
-                self.tracker.log_dict(self.spec().to_dict(), f"specs/step{s.step:08d}-final.json")
-        gates: str = cfg.run.export_gates
-        if gates == "auto":
-            gates = self.method.export_gates()
+        self.maybe_prune(Event.FINAL)
         # the summary's top-1 is measured on exactly the network that is exported and counted
-        with self.method.eval_gates(self.model):
-            deployed = deploy_model(self.model, gate_eval=gates)
+        deployed = report.deploy(self.model, self.method, cfg.run.export_gates)
         res = self.evaluate(net=deployed)
         s.wall_s = time.perf_counter() - self._t_start
         final_spec = deployed.spec()
-        if self.env.rank == 0:
-            d = cfg.data
-            size = d.synthetic_size if d.loader == "synthetic" and d.synthetic_size else d.val_crop
-            save_deployed(deployed, self.run_dir / "final", classes=class_names(d),
-                          preprocess={"input_size": size, "resize": d.val_resize if d.loader != "synthetic" else size,
-                                      "mean": list(d.mean), "std": list(d.std), "layout": "NCHW RGB, 0-1 scale"})
-        macs, params = count(final_spec)
         latency: dict[str, Any] = {}
-        if self.env.rank == 0:  # on the CPU, the deployed network against the dense one, in this process
+        if self.env.rank == 0:
+            save_deployed(deployed, self.run_dir / "final", classes=class_names(cfg.data),
+                          preprocess=report.preprocess_of(cfg.data))
+            # on the CPU, the deployed network against the dense one, in this process
             latency = measure_latency(deployed, build_model(self.dense, gates=False),
                                       (final_spec.in_channels, final_spec.input_size, final_spec.input_size),
                                       cfg.latency)
-        target = cfg.method.target_macs
-        reached = None
-        if target is not None:
-            reached = abs(macs / self.dense_macs - target) <= TARGET_TOLERANCE
-            if not reached:
-                log.warning("target not reached: method.target_macs=%.3f but the final network has %.3f of the "
-                            "dense MACs (tolerance %.2f)", target, macs / self.dense_macs, TARGET_TOLERANCE)
         s.width_history.append((s.step, widths_of(final_spec)))
-        summary = {
-            "method": cfg.method.display, "model": cfg.model.name, "top1": res["top1"], "top5": res["top5"],
-            "val_loss": res["loss"], "val_images": res["n"], "best_top1": s.best_top1,
-            "macs": macs, "params": params, "macs_dense": self.dense_macs, "params_dense": self.dense_params,
-            "macs_pct": 100.0 * macs / self.dense_macs, "params_pct": 100.0 * params / self.dense_params,
-            "blocks_total": final_spec.blocks_total, "blocks_removed": final_spec.blocks_total - final_spec.blocks_kept,
-            "channels_removed": s.channels_removed, "prune_events": s.prune_events,
-            "train_macs": s.train_macs, "train_macs_dense": s.train_macs_dense,
-            "train_macs_pct": 100.0 * s.train_macs / max(1.0, s.train_macs_dense),
-            "wall_s": s.wall_s, "steps": s.step, "epochs": round(s.step / max(1, self.steps_per_epoch), 3),
-            "epochs_configured": cfg.train.epochs, "world_size": self.env.world_size,
-            "device": str(self.device), "run_dir": str(self.run_dir), "run_id": getattr(self, "run_id", None),
-            "method_details": self.method.summary(),
-            "target_macs": target, "target_reached": reached, "eval_split": cfg.data.eval_split,
-            "mlflow_run_url": self.tracker.run_url(), "samples_skipped": s.samples_skipped,
-            **latency,
-        }
+        summary = report.summary_of(
+            cfg, s, final_spec, count(final_spec), (self.dense_macs, self.dense_params), res,
+            epochs=round(s.step / max(1, self.steps_per_epoch), 3), world_size=self.env.world_size,
+            device=str(self.device), run_dir=str(self.run_dir), run_id=getattr(self, "run_id", None),
+            method_details=self.method.summary(), mlflow_run_url=self.tracker.run_url(), **latency)
         if self.env.rank == 0:
             atomic_write_json(self.run_dir / "summary.json", summary)
-            self._log_final(summary, deployed)
+            report.log_final(self.tracker, summary, deployed, self.run_dir, s.step, s.width_history,
+                             cfg.tracking.register_as)
         self.engine.close()
         return summary
-
-    def _log_final(self, summary: dict[str, Any], deployed: GatedResNet) -> None:
-        tr = self.tracker
-        tr.log_metrics(T.final_metrics(summary), step=self.state.step)
-        tr.log_metrics({T.MODEL_MACS: summary["macs"], T.MODEL_PARAMS: summary["params"]}, step=self.state.step)
-        spec = deployed.spec()
-        example = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
-        uri = tr.log_model(deployed.cpu().eval(), example, {"spec": spec.to_dict()}, self.cfg.tracking.register_as)
-        if uri is not None:
-            summary["mlflow_model_uri"] = uri
-            atomic_write_json(self.run_dir / "summary.json", summary)
-        tr.log_artifact(self.run_dir / "summary.json")
-        for f in sorted((self.run_dir / "final").iterdir()):
-            tr.log_artifact(f, subdir="final")
-        try:
-            png = T.plot_layer_widths(self.state.width_history, self.run_dir / T.LAYER_WIDTHS_ARTIFACT)
-            tr.log_artifact(png)
-        except Exception as exc:  # a plot must never fail a finished run
-            log.warning("layer-width plot failed: %s", exc)
-        tr.end("FINISHED")
-        if tr.dropped:
-            summary["tracking_unsent"] = tr.dropped
-            atomic_write_json(self.run_dir / "summary.json", summary)  # the file on disk says so too

@@ -1,4 +1,4 @@
-"""Functions submitted to the local Slurm cluster by tests/test_slurm_cluster.py.
+"""Functions submitted to the local Slurm cluster by tests/integration/test_slurm_cluster.py.
 
 submitit pickles a function by reference, so it must be importable inside the job
 (the fixture puts the repo root on PYTHONPATH, which sbatch passes to the job).

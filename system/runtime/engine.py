@@ -156,3 +156,10 @@ class LocalEngine:
 
     def close(self) -> None:
         pass
+
+
+
+def saved_model_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights :meth:`LocalEngine.save_state` wrote into ``directory``, on the CPU, without
+    building the engine."""
+    return torch.load(Path(directory) / "engine_state.pt", map_location="cpu", weights_only=True)["model"]

@@ -236,3 +236,10 @@ class DeepSpeedEngine:
                                            load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed engine checkpoint '{CHECKPOINT_TAG}' in {directory}")
+
+
+def saved_model_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The model weights :meth:`DeepSpeedEngine.save_state` wrote under ``directory`` (DeepSpeed's
+    model-states file of tag ``engine``), on the CPU, without DeepSpeed."""
+    return torch.load(Path(directory) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=True)["module"]

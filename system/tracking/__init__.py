@@ -22,14 +22,16 @@ Failure policy:
   ``tracker.dropped`` gives the count for the training summary.
 """
 
+from system.tracking.backlog import sync_backlog
 from system.tracking.config import (ENV_EXPERIMENT_NAME, ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable,
                                     experiment_name, local_store_uri, resolve_uri)
-from system.tracking.mlflow_backend import MLflowTracker, code_version, http_reachable, make_tracker, sync_backlog
+from system.tracking.connection import http_reachable
+from system.tracking.mlflow_tracker import MLflowTracker, make_tracker
 from system.tracking.names import *  # noqa: F401,F403  (the metric and tag vocabulary)
 from system.tracking.names import final_metrics
 from system.tracking.plots import plot_layer_widths
 from system.tracking.protocol import NullTracker, Tracker
-from system.tracking.run_tags import standard_tags
+from system.tracking.run_tags import code_version, standard_tags
 
 __all__ = ["ENV_EXPERIMENT_NAME", "ENV_TRACKING_URI", "experiment_name", "TrackingConfig", "TrackingUnavailable",
            "local_store_uri", "resolve_uri", "MLflowTracker",

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from system.config import ConfigError
-from system.runtime.mounts import mount_of
+from system.mounts import mount_of
 from system.tracking.config import TrackingUnavailable
 from system.tracking.secrets import credentials, redact_text, split_login
 
@@ -62,7 +62,7 @@ def check_login(uri: str, timeout: float = 10.0) -> str | None:
 
 def check_store_filesystem(uri: str, mountinfo: str | None = None) -> str | None:
     """For a ``sqlite:///`` store: the filesystem type of its folder when that is a network filesystem
-    (else None).  ``mountinfo`` as in :func:`system.runtime.mounts.mount_of`."""
+    (else None).  ``mountinfo`` as in :func:`system.mounts.mount_of`."""
     if not uri.startswith("sqlite:///"):
         return None
     folder = Path(uri[len("sqlite:///"):]).parent

@@ -1,5 +1,6 @@
 """The standard tags of a run: who started it, from what code, where (MLflow's ``mlflow.*``
-conventions, plus the Slurm job and its log files when the run is a Slurm job)."""
+conventions, plus the Slurm job and its log files when the run is a Slurm job), and the code's
+version for the ``code_version`` tag."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def _git(*args: str) -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def code_version(repo: str | Path | None = None) -> str:
+    """``git describe --always --dirty --tags`` of the code, or ``"unknown"`` outside a checkout."""
+    cwd = Path(repo) if repo else _REPO
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=cwd,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def _source() -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from system.runtime.checkpoint import (ENV_STOP, ENV_WRITE_DELAY, MANIFEST, CheckpointError, _manifest_digest, _sha256,
+from system.runtime.checkpoint import (ENV_STOP, ENV_WRITE_DELAY, MANIFEST, CheckpointError, manifest_digest, sha256_of,
                                find_resumable, list_checkpoints, verify)
 from system.pruning.complexity import count
 from tests.ckpt_scripts.harness import TAYLOR, VARIATIONAL, WDS, record
@@ -194,8 +194,8 @@ def test_loading_never_unpickles_objects(stopped_run, tmp_path, monkeypatch, fil
     bad = stopped_run / "checkpoints" / "step-00000008"
     torch.save({"model": _Payload()}, bad / file)
     m = json.loads((bad / MANIFEST).read_text())
-    m["files"][file] = {"sha256": _sha256(bad / file), "bytes": (bad / file).stat().st_size}
-    m["manifest_sha256"] = _manifest_digest(m)
+    m["files"][file] = {"sha256": sha256_of(bad / file), "bytes": (bad / file).stat().st_size}
+    m["manifest_sha256"] = manifest_digest(m)
     (bad / MANIFEST).write_text(json.dumps(m))
     assert verify(bad).step == 8
     monkeypatch.chdir(tmp_path)

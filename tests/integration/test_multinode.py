@@ -23,6 +23,8 @@ import pytest
 
 from launch import submit as S
 from launch.config import load_job
+from launch.slurm_cmd import run_slurm
+from launch.waiting import continued_on_fewer
 from system.config import ConfigError
 from tests.integration.test_submit import CONFIG, TINY, _final, _mlflow_runs, _resumed_steps, _wait_for
 from tests.integration.test_slurm_cluster import _sacct_state
@@ -194,7 +196,7 @@ def test_node_lost_for_good_elastic_job_continues_on_one_node(root):
     assert "data.batch_size 16 -> 32 keeps the global batch 32" in text
     assert re.search(r"resumed from \S+step-000000[1-9]0: .* 2 ranks -> 1", text), text[-3000:]
     assert summary["world_size"] == 1 and summary["steps"] == 40 and summary["prune_events"] > 0
-    assert S.continued_on_fewer(sub.job) == summary  # what launch.submit --wait reports
+    assert continued_on_fewer(sub.job) == summary  # what launch.submit --wait reports
     (run,) = _mlflow_runs(sub.tracking_uri, sub.run_name)
     assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
 
@@ -238,4 +240,4 @@ def test_bad_multi_node_allocation_is_refused_naming_the_key(root, override: lis
         S.submit(launch, jobs)
     assert err.value.key == key, str(err.value)
     # nothing submitted: Slurm never saw a job of that name (the queue itself changes with other tests' jobs)
-    assert S._slurm("sacct", "-X", "-n", "-P", "--name", "bad", "-S", "now-1hour", "-o", "JobID").strip() == ""
+    assert run_slurm("sacct", "-X", "-n", "-P", "--name", "bad", "-S", "now-1hour", "-o", "JobID").strip() == ""

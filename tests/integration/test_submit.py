@@ -19,6 +19,8 @@ import pytest
 
 from launch import submit as S
 from launch.config import LaunchConfig, load_job
+from launch.slurm_cmd import run_slurm
+from launch.slurm_job import same_global_batch
 from system.config import ConfigError
 
 # generous: on a loaded 2-core machine a 2-task job took 3x longer than alone (see docs/slurm.md)
@@ -179,7 +181,7 @@ def test_job_array_two_runs_listed_by_compare(root):
 
 
 def _jobs_in_queue() -> int:
-    return int(S._slurm("sacct", "-X", "-n", "-a", "-o", "JobID", "-S", "now-1hour").count("\n"))
+    return int(run_slurm("sacct", "-X", "-n", "-a", "-o", "JobID", "-S", "now-1hour").count("\n"))
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -255,13 +257,13 @@ def test_elastic_continuation_keeps_the_global_batch():
     launch, (job,) = load_job(CONFIG, ["launch.nodes=2", "launch.tasks_per_node=2", "launch.min_nodes=1",
                                        "data.batch_size=16"])
     assert launch.elastic and launch.num_tasks == 4 and not LaunchConfig(nodes=2, min_nodes=2).elastic
-    on_two = S.same_global_batch(job.cfg, 4, 2)
+    on_two = same_global_batch(job.cfg, 4, 2)
     assert on_two.data.batch_size == 32 and on_two.engine.global_batch == 0
     fixed = dataclasses.replace(job.cfg, engine=dataclasses.replace(job.cfg.engine, global_batch=64))
-    assert S.same_global_batch(fixed, 4, 1).engine.global_batch == 64  # an explicit global batch stays explicit
-    assert S.same_global_batch(fixed, 4, 1).data.batch_size == 64
+    assert same_global_batch(fixed, 4, 1).engine.global_batch == 64  # an explicit global batch stays explicit
+    assert same_global_batch(fixed, 4, 1).data.batch_size == 64
     with pytest.raises(ConfigError, match="data.batch_size.*64 is not divisible by 3"):
-        S.same_global_batch(job.cfg, 4, 3)
+        same_global_batch(job.cfg, 4, 3)
 
 
 def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):

@@ -276,12 +276,12 @@ def test_cluster_jobs_log_into_the_team_server(cluster_server, tmp_path, monkeyp
 
 @pytest.mark.slurm
 def test_a_wrong_password_is_refused_before_anything_reaches_slurm(cluster_server, tmp_path, monkeypatch):
-    from launch import submit as S
+    from launch.slurm_cmd import run_slurm
     from system.tracking.login import LoginRefused
 
     monkeypatch.setenv(CREDS[0], ALICE)
     monkeypatch.setenv(CREDS[1], "wrong-password-123")
-    before = S._slurm("squeue", "-h", "-o", "%i")
+    before = run_slurm("squeue", "-h", "-o", "%i")
     with pytest.raises(LoginRefused, match=f"{cluster_server.uri} refused the login of user 'alice'"):
         _cluster_submit(tmp_path, cluster_server, "team-refused", 2, "engine.kind=deepspeed")
-    assert S._slurm("squeue", "-h", "-o", "%i") == before and not (tmp_path / "submitit").exists()
+    assert run_slurm("squeue", "-h", "-o", "%i") == before and not (tmp_path / "submitit").exists()

@@ -120,8 +120,10 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     assert at_event and at_event[-1] < summary["macs_dense"]
     assert [v for _, v in macs] == sorted((v for _, v in macs), reverse=True)
     assert macs[-1] == (STEPS, summary["macs"])
-    assert hist[T.MODEL_PARAMS][0] == (0, summary["params_dense"])
-    assert hist[T.MODEL_PARAMS][-1] == (STEPS, summary["params"])
+    params = [(m.step, m.value) for m in sorted(client.get_metric_history(rid, T.MODEL_PARAMS),
+                                                key=lambda m: (m.step, m.timestamp))]
+    assert params[0] == (0, summary["params_dense"])
+    assert params[-1] == (STEPS, summary["params"])  # the deployed network's, logged last
     # the model's size at every log interval (a step function in the chart, the events visible)
     assert set(loss_steps) <= {s for s, _ in macs}
     assert len({v for _, v in macs}) >= 2

@@ -16,14 +16,10 @@ import pytest
 from launch.compare import RunRow, group_runs, matched_table
 from system.config import ConfigError
 from system.trainer import Trainer
-from tests.methods_util import tiny_config
+from tests.methods_util import TARGETED, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TARGETED = {
-    "variational": ["method.name=variational", "method.variational.check_every=2"],
-    "taylor": ["method.name=taylor", "method.taylor.check_every=3"],
-}
 
 
 @pytest.mark.parametrize("method", sorted(TARGETED))
@@ -55,11 +51,12 @@ def test_variational_budget_is_met_during_training(tmp_path):
     assert abs(summary["macs"] / summary["macs_dense"] - 0.4) <= 0.05
 
 
-def test_a_target_the_schedule_cannot_reach_is_reported(tmp_path, caplog):
-    # Taylor's pruning window ends before its first pruning step: nothing can be removed
-    cfg = tiny_config(tmp_path, "train.max_steps=20", "method.target_macs=0.5", "method.name=taylor",
-                      "method.taylor.check_every=10", "method.taylor.start_frac=0.0",
-                      "method.taylor.stop_frac=0.05")
+@pytest.mark.parametrize("method", ["taylor", "l1"])
+def test_a_target_the_schedule_cannot_reach_is_reported(tmp_path, caplog, method):
+    # the ranking's pruning window ends before its first pruning step: nothing can be removed
+    cfg = tiny_config(tmp_path, "train.max_steps=20", "method.target_macs=0.5", f"method.name={method}",
+                      f"method.{method}.check_every=10", f"method.{method}.start_frac=0.0",
+                      f"method.{method}.stop_frac=0.05")
     with caplog.at_level(logging.WARNING):
         summary = Trainer(cfg).run()
     assert summary["target_reached"] is False and summary["macs"] == summary["macs_dense"]
@@ -69,6 +66,7 @@ def test_a_target_the_schedule_cannot_reach_is_reported(tmp_path, caplog):
 @pytest.mark.parametrize("over, needle", [
     (["method.name=variational", "method.target_macs=0"], "(0, 1]"),
     (["method.name=taylor", "method.target_macs=1.5"], "(0, 1]"),
+    (["method.name=l1", "method.target_macs=0"], "(0, 1]"),
     (["method.name=egp", "method.target_macs=0.5"], "egp"),
     (["method.name=none", "method.target_macs=0.5"], "prunes nothing"),
 ])

@@ -6,7 +6,8 @@
 - at zero strength it prunes nothing;
 - a ``method.target_macs`` is reached (methods declaring ``supports_target``) or refused naming the key.
 
-Adding a method to the registry without an entry here fails :func:`test_every_registered_method_is_covered`.
+Adding a method to the registry without a row in ``tests.methods_util.SETTINGS`` (the one table of
+per-method test settings) fails :func:`test_every_registered_method_is_covered`.
 """
 
 from __future__ import annotations
@@ -17,19 +18,7 @@ import torch
 from system.config import ConfigError
 from system.pruning.methods import METHODS, Event, StepContext, build_method
 from system.trainer import Trainer
-from tests.methods_util import STRONG, tiny_config
-
-# per method: a short run that prunes, and the overrides that make it prune nothing
-CONFORMANCE = {
-    "none": {"run": ["method.name=none"], "zero": ["method.name=none"]},
-    "variational": {"run": STRONG["variational"],
-                    "zero": [o for o in STRONG["variational"] if "nu=" not in o] + ["method.variational.nu=0"]},
-    "taylor": {"run": STRONG["taylor"], "zero": STRONG["taylor"] + ["method.taylor.keep_ratio=1.0"]},
-    "egp": {"run": STRONG["egp"], "zero": STRONG["egp"] + ["method.egp.prune_frac=0.000001",
-                                                          "method.egp.remove_dead_units=false"]},
-}
-TARGETS = {"variational": ["method.variational.check_every=2"], "taylor": ["method.taylor.check_every=3"]}
-
+from tests.methods_util import SETTINGS, TARGETED, tiny_config
 
 def _run(tmp_path, *over: str, steps: int = 24):
     trainer = Trainer(tiny_config(tmp_path, f"train.max_steps={steps}", *over))
@@ -53,13 +42,13 @@ def _same(a, b, path="state") -> None:
 
 
 def test_every_registered_method_is_covered():
-    assert set(CONFORMANCE) == set(METHODS)
-    assert {n for n, m in METHODS.items() if m.supports_target} == set(TARGETS)
+    assert set(SETTINGS) == set(METHODS)
+    assert {n for n, m in METHODS.items() if m.supports_target} == set(TARGETED)
 
 
-@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+@pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_state_round_trip(tmp_path, name):
-    trainer, summary = _run(tmp_path, *CONFORMANCE[name]["run"])
+    trainer, summary = _run(tmp_path, *SETTINGS[name].run)
     old = trainer.method
     if name != "none":
         assert summary["prune_events"] >= 1  # the state carries a pruned run's history
@@ -75,28 +64,28 @@ def test_state_round_trip(tmp_path, name):
         [None if p is None else p.digest() for p in plans][1]
 
 
-@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+@pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_plans_are_deterministic_for_a_fixed_seed(tmp_path, name):
-    runs = [_run(tmp_path / str(i), *CONFORMANCE[name]["run"], "train.seed=3", steps=16) for i in range(2)]
+    runs = [_run(tmp_path / str(i), *SETTINGS[name].run, "train.seed=3", steps=16) for i in range(2)]
     digests = [[e.digest for e in tr.coord.events] for tr, _ in runs]
     assert digests[0] == digests[1] and runs[0][1]["macs"] == runs[1][1]["macs"]
     assert bool(digests[0]) == (name != "none")
 
 
-@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+@pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_zero_strength_prunes_nothing(tmp_path, name):
-    trainer, summary = _run(tmp_path, *CONFORMANCE[name]["zero"])
+    trainer, summary = _run(tmp_path, *SETTINGS[name].zero)
     assert summary["prune_events"] == 0 and summary["macs"] == summary["macs_dense"]
     assert not trainer.coord.events
 
 
-@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+@pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_target_is_reached_or_refused(tmp_path, name):
     if not METHODS[name].supports_target:
         with pytest.raises(ConfigError) as err:
             tiny_config(tmp_path, f"method.name={name}", "method.target_macs=0.5")
         assert err.value.key == "method.target_macs" and f"method '{name}'" in str(err.value)
         return
-    _, summary = _run(tmp_path, f"method.name={name}", "method.target_macs=0.5", *TARGETS[name], steps=40)
+    _, summary = _run(tmp_path, f"method.name={name}", "method.target_macs=0.5", *TARGETED[name], steps=40)
     assert summary["target_reached"] is True
     assert abs(summary["macs"] / summary["macs_dense"] - 0.5) <= 0.05

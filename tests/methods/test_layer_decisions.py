@@ -279,9 +279,10 @@ def test_a_block_without_importance_leaves_at_a_speed_independent_of_nu(mode, mo
     for nu in (1.0, 0.05):
         torch.manual_seed(0)
         model = build_model(dense_spec("resnet20", num_classes=4, input_size=16))
-        m = Variational(VariationalConfig(warmup_frac=0.0, harden="none", nu=nu, step_per_nu=mode,
-                                          nu_floor=0.01), total_steps=1000)
+        m = Variational(VariationalConfig(warmup_frac=0.0, harden="none", step_per_nu=mode, nu_floor=0.01),
+                        total_steps=1000, target_macs=0.5)
         m.attach(model)
+        m.nu = nu  # where the budget's dual variable stands
         m._seen_blocks = set(m.layer_est)  # every block measured once (its estimate: no importance)
         for g in gates_of(model).values():
             g.theta.grad = None

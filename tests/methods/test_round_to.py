@@ -11,24 +11,20 @@ import pytest
 
 from system.config import ConfigError
 from system.trainer import Trainer
-from tests.methods_util import tiny_config
+from tests.methods_util import TARGETED, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ROUNDED = {
-    "variational": ["method.name=variational", "method.variational.check_every=2"],
-    "taylor": ["method.name=taylor", "method.taylor.check_every=3"],
-}
 
 
 def _inner_widths(record: dict) -> list[int]:
     return [w for stage in record["stages"] for block in stage["inner_widths"] if block for w in block]
 
 
-@pytest.mark.parametrize("method", sorted(ROUNDED))
+@pytest.mark.parametrize("method", sorted(TARGETED))
 def test_kept_widths_are_multiples_and_the_target_holds(tmp_path, method):
     cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.5", "method.round_to=8",
-                      *ROUNDED[method])
+                      *TARGETED[method])
     summary = Trainer(cfg).run()
     assert summary["macs"] < summary["macs_dense"]  # something was pruned
     assert summary["target_reached"] is True
@@ -44,7 +40,7 @@ def test_kept_widths_are_multiples_and_the_target_holds(tmp_path, method):
 
 def test_without_rounding_widths_are_free(tmp_path):
     """The counter-test: the same Taylor run at round_to=1 keeps widths that are not multiples of 8."""
-    cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.5", *ROUNDED["taylor"])
+    cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.5", *TARGETED["taylor"])
     trainer = Trainer(cfg)
     trainer.run()
     from launch.inspect import describe
@@ -59,9 +55,11 @@ def test_round_to_below_one_is_refused(tmp_path, value, needle):
     assert err.value.key == "method.round_to" and needle in str(err.value)
 
 
-def test_round_to_wider_than_a_layer_is_refused(tmp_path):
+@pytest.mark.parametrize("method, value, needle", [("variational", 32, "16 channels"), ("l1", 32, "16 channels"),
+                                                   ("l1", 3, "does not divide")])
+def test_round_to_that_does_not_divide_a_layer_is_refused(tmp_path, method, value, needle):
     # resnet20's narrowest inner layers have 16 channels
-    cfg = tiny_config(tmp_path, "method.name=variational", "method.round_to=32")
+    cfg = tiny_config(tmp_path, f"method.name={method}", f"method.round_to={value}")
     with pytest.raises(ConfigError) as err:
         Trainer(cfg)
-    assert err.value.key == "method.round_to" and "16 channels" in str(err.value)
+    assert err.value.key == "method.round_to" and needle in str(err.value)

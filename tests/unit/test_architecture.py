@@ -2,7 +2,7 @@
 
 Layers, lowest first (a package may import itself and what its row allows)::
 
-    system.config, system.io                      the config machinery, atomic files
+    system.config, system.io, system.mounts       the config machinery, atomic files, the mount table
     system.models                                 specs, the gated ResNet, block anatomy
     system.pruning                                complexity, surgery, transplant, methods
     system.tracking                               names, protocol, MLflow backend, plots
@@ -11,6 +11,7 @@ Layers, lowest first (a package may import itself and what its row allows)::
     system.optim, system.export, system.state,    what the loop uses around the model
     system.progress, system.latency
     system.run_config                             the root config tree (composes every section)
+    system.build, system.report                   the one way to build a run's parts; the end of a run
     system.trainer                                the loop
     launch                                        entry points
 
@@ -25,10 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("system", "pipelines", "launch")
 
-BASE = {"system.config", "system.io"}
+BASE = {"system.config", "system.io", "system.mounts"}
 ALLOWED: dict[str, set[str]] = {
     "system.config": set(),
     "system.io": set(),
+    "system.mounts": set(),
     "system.models": BASE,
     "system.pruning": BASE | {"system.models"},
     "system.tracking": BASE,
@@ -43,9 +45,13 @@ ALLOWED: dict[str, set[str]] = {
     "pipelines": BASE,
     "system.run_config": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
                                  "system.optim", "system.latency", "pipelines"},
+    "system.build": BASE | {"system.models", "system.pruning", "system.runtime", "system.optim",
+                            "system.run_config"},
+    "system.report": BASE | {"system.models", "system.pruning", "system.tracking", "system.export"},
     "system.trainer": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
                               "system.optim", "system.export", "system.state", "system.progress", "system.skips",
-                              "system.evaluation", "system.latency", "system.run_config",
+                              "system.evaluation", "system.latency", "system.run_config", "system.build",
+                              "system.report",
                               "pipelines"},
 }
 

@@ -8,10 +8,12 @@ from typing import Literal
 from system.config import check
 from system.pruning.methods.base import Batch, Event, Method, StepContext
 from system.pruning.methods.egp import EGP, EGPConfig
+from system.pruning.methods.l1 import L1, L1Config
 from system.pruning.methods.taylor import Taylor, TaylorConfig
 from system.pruning.methods.variational import Variational, VariationalConfig
 
-METHODS: dict[str, type[Method]] = {"none": Method, "variational": Variational, "taylor": Taylor, "egp": EGP}
+METHODS: dict[str, type[Method]] = {"none": Method, "variational": Variational, "taylor": Taylor, "egp": EGP,
+                                    "l1": L1}
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class MethodConfig:
     (and ``alpha: 0``) or ``variational.unit_gates=false``; ``label`` names the row in tables.
     """
 
-    name: Literal["none", "variational", "taylor", "egp"] = "none"
+    name: Literal["none", "variational", "taylor", "egp", "l1"] = "none"
     label: str = ""  # e.g. "unit_only"; defaults to name
     #: budget mode: the final network's inference MACs as a fraction of the dense network's
     #: (None = off; each structured method steers its own pressure to land there)
@@ -33,6 +35,7 @@ class MethodConfig:
     variational: VariationalConfig = field(default_factory=VariationalConfig)
     taylor: TaylorConfig = field(default_factory=TaylorConfig)
     egp: EGPConfig = field(default_factory=EGPConfig)
+    l1: L1Config = field(default_factory=L1Config)
 
     def __post_init__(self) -> None:
         check(self.round_to >= 1, "round_to", f"must be an integer >= 1, got {self.round_to}")
@@ -57,4 +60,4 @@ def build_method(cfg: MethodConfig, total_steps: int, weight_decay: float = 0.0)
 
 
 __all__ = ["Batch", "Event", "Method", "MethodConfig", "StepContext", "build_method", "METHODS",
-           "VariationalConfig", "TaylorConfig", "EGPConfig"]
+           "VariationalConfig", "TaylorConfig", "EGPConfig", "L1Config"]

@@ -11,8 +11,9 @@ What the loop asks of a method, in order:
 - ``loss_terms(model, step, batch)``  extra loss terms (prices, estimator surrogates, own decay)
 - ``after_backward(model, grad_scale)``  gradients of this micro-batch are there
 - ``after_step(model)``  the optimizer stepped (variational projects theta to [0, 1])
-- ``decide(event, ctx)``  at :attr:`Event.STEP_END` (only when :meth:`check_due`) and
-  :attr:`Event.EPOCH_END`, after the sync -> plan or None
+- ``decide(event, ctx)``  at :attr:`Event.STEP_END` (only when :meth:`check_due`),
+  :attr:`Event.EPOCH_END` and :attr:`Event.FINAL` (the end of training), for the events the
+  method declares in :attr:`Method.events`, after the sync -> plan or None
 - ``after_prune(plan, slices, model)``  the plan was applied; remap per-gate state
 - ``state_dict()`` / ``load_state_dict()``  the method's own state, for checkpoints
 
@@ -52,7 +53,8 @@ class Event(enum.Enum):
     """The loop's decision events."""
 
     STEP_END = "step_end"  # after an optimizer step, when :meth:`Method.check_due` says so
-    EPOCH_END = "epoch_end"
+    EPOCH_END = "epoch_end"  # after the last batch of an epoch
+    FINAL = "final"  # after the last step, before the network is deployed
 
 
 @dataclass
@@ -86,6 +88,9 @@ class Method:
     supports_target = False
     #: why a target is refused (the ``method.target_macs`` error names it)
     no_target_reason = "it prunes nothing"
+    #: the events the method decides at: the loop runs the decision (its collectives included) only
+    #: for these
+    events: frozenset[Event] = frozenset()
 
     def __init__(self, cfg: Any, total_steps: int, target_macs: float | None = None, round_to: int = 1,
                  weight_decay: float = 0.0):
@@ -166,7 +171,11 @@ class Method:
 
     def decide(self, event: Event, ctx: StepContext) -> PrunePlan | None:
         """The plan for ``event`` (called on every rank after the coordinator's sync)."""
-        return self.on_step_end(ctx) if event is Event.STEP_END else self.on_epoch_end(ctx)
+        if event is Event.STEP_END:
+            return self.on_step_end(ctx)
+        if event is Event.EPOCH_END:
+            return self.on_epoch_end(ctx)
+        return self.final_plan(ctx.model)
 
     def on_step_end(self, ctx: StepContext) -> PrunePlan | None:
         return None
@@ -184,7 +193,8 @@ class Method:
         yield
 
     def final_plan(self, model: GatedResNet) -> PrunePlan | None:
-        """A last plan before export (e.g. cut every gate that is off deterministically)."""
+        """The plan at :attr:`Event.FINAL`, before export (e.g. cut every gate that is off
+        deterministically); declare ``Event.FINAL`` in :attr:`events` to be asked."""
         return None
 
     # -- state (before_save / after_load) ---------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from system.config import check
-from system.pruning.methods.base import Method, StepContext, remap_stores, round_removal
+from system.pruning.methods.base import Event, Method, StepContext, remap_stores, round_removal
 from system.models.anatomy import anatomy, block_of
 from system.models.resnet import GatedResNet, RemovedBlock, set_gate_mode
 from system.pruning.surgery import PrunePlan, Slices, select
@@ -53,6 +53,7 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 
 class EGP(Method):
     name = "egp"
+    events = frozenset({Event.STEP_END})
     no_target_reason = ("it prunes weights unstructured and removes only layers whose entropy reaches 0, so its "
                         "MACs cannot be steered to a target; sweep method.egp.iterations instead")
 

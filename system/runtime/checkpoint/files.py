@@ -56,9 +56,9 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 SPEC = "spec.json"
 TMP_PREFIX = ".tmp-"
-_NAME = re.compile(r"^step-(\d{8,})$")
+STEP_DIR_NAME = re.compile(r"^step-(\d{8,})$")
 # config keys that may differ on resume without a warning
-_BENIGN = ("run.resume", "run.dir", "run.root", "train.progress", "train.threads", "data.batch_size",
+BENIGN_KEYS = ("run.resume", "run.dir", "run.root", "train.progress", "train.threads", "data.batch_size",
            "data.workers", "data.prefetch", "tracking.", "engine.kind", "engine.backend", "train.device")
 
 
@@ -89,7 +89,7 @@ class CheckpointInfo:
 
 
 # ---------------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -97,17 +97,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _manifest_digest(manifest: dict) -> str:
+def manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -120,24 +120,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _files_under(root: Path) -> list[Path]:
+def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def _step_of(d: Path) -> int:
+def step_of(d: Path) -> int:
     """The step of a ``step-NNNNNNNN`` checkpoint directory."""
-    m = _NAME.match(d.name)
+    m = STEP_DIR_NAME.match(d.name)
     if m is None:
         raise CheckpointError(f"{d}: not a checkpoint directory name (step-NNNNNNNN)")
     return int(m.group(1))
 
 
-def _ckpt_root(run_dir: str | Path) -> Path:
+def ckpt_root(run_dir: str | Path) -> Path:
     p = Path(run_dir)
     return p if p.name == CKPT_SUBDIR else p / CKPT_SUBDIR
 
 
-def _load_pt(path: Path) -> Any:
+def load_pt(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers (never arbitrary objects)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -157,7 +157,7 @@ def read_manifest(path: str | Path) -> dict:
         raise CheckpointError(f"{mpath}: not valid JSON, truncated or altered ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, _FORMAT_V1):
         raise CheckpointError(f"{mpath}: not a {FORMAT} manifest")
-    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise CheckpointError(f"{mpath}: its digest does not match its content (altered after writing)")
     if manifest["format"] == _FORMAT_V1:
         manifest["parts"] = {"loop": manifest.get("loop_state") or {},
@@ -166,7 +166,7 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def _info(path: Path, manifest: dict) -> CheckpointInfo:
+def info_of(path: Path, manifest: dict) -> CheckpointInfo:
     try:
         spec = ArchSpec.from_json((path / SPEC).read_text())
     except (OSError, json.JSONDecodeError, SpecError, TypeError) as exc:
@@ -196,9 +196,15 @@ def verify(path: str | Path) -> CheckpointInfo:
         size = f.stat().st_size
         if size != meta["bytes"]:
             raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['bytes']} (truncated or altered)")
-        if _sha256(f) != meta["sha256"]:
+        if sha256_of(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: sha256 does not match the manifest (altered or corrupt)")
-    return _info(path, manifest)
+    return info_of(path, manifest)
+
+
+def read_rank_state(info: CheckpointInfo, name: str, rank: int = 0) -> dict[str, Any]:
+    """Part ``name``'s state as rank ``rank`` saved it in checkpoint ``info`` (tensors and plain
+    containers only)."""
+    return load_pt(info.path / f"{name}_rank{rank}.pt")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
@@ -206,15 +212,15 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
 
     Only manifests are read; use :func:`verify` to check the files.
     """
-    root = _ckpt_root(run_dir)
+    root = ckpt_root(run_dir)
     if not root.is_dir():
         return []
     out = []
     for d in root.iterdir():
-        if not (d.is_dir() and _NAME.match(d.name)):
+        if not (d.is_dir() and STEP_DIR_NAME.match(d.name)):
             continue
         try:
-            out.append(_info(d, read_manifest(d)))
+            out.append(info_of(d, read_manifest(d)))
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s", d, exc)
     return sorted(out, key=lambda c: c.step)
@@ -228,11 +234,11 @@ def find_resumable(target: str | Path) -> CheckpointInfo | None:
     does not is skipped with a warning naming what was wrong; None when the run has none at all.
     """
     target = Path(target)
-    if (target / MANIFEST).exists() or _NAME.match(target.name):
+    if (target / MANIFEST).exists() or STEP_DIR_NAME.match(target.name):
         return verify(target)
-    root = _ckpt_root(target)
-    cands = sorted((d for d in root.iterdir() if d.is_dir() and _NAME.match(d.name)),
-                   key=_step_of, reverse=True) if root.is_dir() else []
+    root = ckpt_root(target)
+    cands = sorted((d for d in root.iterdir() if d.is_dir() and STEP_DIR_NAME.match(d.name)),
+                   key=step_of, reverse=True) if root.is_dir() else []
     latest = root / LATEST
     if latest.is_file():
         name = latest.read_text().strip()

@@ -34,11 +34,11 @@ from system.config import flatten
 from system.io import atomic_write_text, replace_dir
 from system.models.spec import ArchSpec
 from system.config import check
-from system.runtime.checkpoint.files import (_BENIGN, _NAME, CKPT_SUBDIR, FORMAT, LATEST, MANIFEST, SPEC,
-                                             TMP_PREFIX, CheckpointError, CheckpointInfo, _ckpt_root,
-                                             _files_under, _fsync_dir, _fsync_file, _info, _load_pt,
-                                             _manifest_digest, _sha256, _step_of, find_resumable,
-                                             read_manifest)
+from system.runtime.checkpoint.files import (BENIGN_KEYS, STEP_DIR_NAME, CKPT_SUBDIR, FORMAT, LATEST, MANIFEST, SPEC,
+                                             TMP_PREFIX, CheckpointError, CheckpointInfo, ckpt_root,
+                                             files_under, fsync_dir, fsync_file, info_of, load_pt,
+                                             manifest_digest, sha256_of, step_of, find_resumable,
+                                             read_manifest, read_rank_state)
 from system.runtime.checkpoint.parts import Stateful, derived_rng
 from system.runtime.faults import Faults
 
@@ -110,25 +110,25 @@ class Checkpointer:
         for pname, part in rank_parts.items():
             fname = tmp / f"{pname}_rank{self.rank}.pt"
             torch.save(part.state_dict(), fname)
-            _fsync_file(fname)
+            fsync_file(fname)
         self._barrier()
         if self.rank == 0:
             (tmp / SPEC).write_text(spec.to_json())
             files = {}
-            for f in _files_under(tmp):
-                _fsync_file(f)
-                files[f.relative_to(tmp).as_posix()] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            for f in files_under(tmp):
+                fsync_file(f)
+                files[f.relative_to(tmp).as_posix()] = {"sha256": sha256_of(f), "bytes": f.stat().st_size}
             manifest = {"format": FORMAT, **meta, "reason": reason, "world_size": self.world_size,
                         "time": time.time(), "parts": {k: p.state_dict() for k, p in run_parts.items()},
                         "files": files}
-            manifest["manifest_sha256"] = _manifest_digest(manifest)
+            manifest["manifest_sha256"] = manifest_digest(manifest)
             self._pause()
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            _fsync_file(tmp / MANIFEST)
-            _fsync_dir(tmp)
+            fsync_file(tmp / MANIFEST)
+            fsync_dir(tmp)
             # the epoch-end checkpoint supersedes a step one at the same step
             replace_dir(tmp, final, self.root / f"{TMP_PREFIX}old-{name}")
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             atomic_write_text(self.root / LATEST, name + "\n")
             self._prune()
             log.info("checkpoint %s (%s) written in %.2fs", final, reason, time.perf_counter() - t0)
@@ -137,8 +137,8 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        done = sorted((d for d in self.root.iterdir() if d.is_dir() and _NAME.match(d.name)),
-                      key=_step_of)
+        done = sorted((d for d in self.root.iterdir() if d.is_dir() and STEP_DIR_NAME.match(d.name)),
+                      key=step_of)
         for d in done[:-self.cfg.keep_last]:
             shutil.rmtree(d, ignore_errors=True)
         self._remove_leftovers()
@@ -178,9 +178,9 @@ class Checkpointer:
             log.info("run.resume=auto: no checkpoint under %s, starting from scratch", self.root)
             return None
         if info is None:  # ranks > 0: same directory, already verified by rank 0
-            path = target if (target / MANIFEST).exists() or _NAME.match(target.name) else \
-                _ckpt_root(target) / f"step-{code:08d}"
-            info = _info(path, read_manifest(path))
+            path = target if (target / MANIFEST).exists() or STEP_DIR_NAME.match(target.name) else \
+                ckpt_root(target) / f"step-{code:08d}"
+            info = info_of(path, read_manifest(path))
         return info
 
     def check_fits(self, info: CheckpointInfo, *, config: dict, global_batch: int, per_rank_batch: int,
@@ -198,7 +198,7 @@ class Checkpointer:
                         m["total_steps"], total_steps)
         old, new = flatten(m["config"]), flatten(json.loads(json.dumps(config)))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                         and not any(k == b or (b.endswith(".") and k.startswith(b)) for b in _BENIGN))
+                         and not any(k == b or (b.endswith(".") and k.startswith(b)) for b in BENIGN_KEYS))
         if changed:
             log.warning("resuming %s with changed config keys: %s", path,
                         ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
@@ -206,7 +206,7 @@ class Checkpointer:
         # torch file of the checkpoint holds only tensors and plain containers.
         for rel in sorted(m["files"]):
             if rel.endswith((".pt", ".pth", ".bin")):
-                _load_pt(path / rel)
+                load_pt(path / rel)
 
     def _saved_by(self, info: CheckpointInfo) -> int | None:
         """The rank whose files this rank restores (None: a rank the checkpoint did not have)."""
@@ -215,7 +215,7 @@ class Checkpointer:
     def rank_state(self, info: CheckpointInfo, name: str) -> dict[str, Any]:
         """Part ``name``'s state as this rank saved it (rank 0's on a rank the checkpoint did not have)."""
         saved = self._saved_by(info)
-        return _load_pt(info.path / f"{name}_rank{0 if saved is None else saved}.pt")
+        return read_rank_state(info, name, 0 if saved is None else saved)
 
     def restore(self, info: CheckpointInfo, engine, rank_parts: Mapping[str, Stateful],
                 run_parts: Mapping[str, Stateful], seed: int) -> None:
@@ -239,7 +239,7 @@ class Checkpointer:
                 continue
             fname = f"{name}_rank{saved}.pt"
             try:
-                part.load_state_dict(_load_pt(path / fname))
+                part.load_state_dict(load_pt(path / fname))
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: {fname} {exc}") from None
         for name, part in run_parts.items():
@@ -248,7 +248,7 @@ class Checkpointer:
         self.last_step = info.step
         if RNG in rank_parts:  # last, so that nothing above draws from the restored generators
             if saved is not None:
-                rank_parts[RNG].load_state_dict(_load_pt(path / f"{RNG}_rank{saved}.pt"))
+                rank_parts[RNG].load_state_dict(load_pt(path / f"{RNG}_rank{saved}.pt"))
             else:
                 derived_rng(seed, info.step, self.rank)
                 log.warning("rank %d: %s was written by %d ranks; RNG derived from (seed, step, rank)", self.rank,

@@ -21,8 +21,8 @@ class VariationalConfig:
     theta_travel: float = 0.1  # normalized: the price alone moves theta across [0, 1] in this fraction of the run
     lr_unit: float = 1.0  # raw: theta learning rates (plain SGD, projected to [0, 1])
     lr_layer: float = 0.01
-    # [ours] normalized: the step of these kinds is divided by nu (>= nu_floor), so a structure whose
-    # importance per cost is well below nu leaves at full speed whatever nu's scale (decisions unchanged)
+    # [ours] normalized, under a target: the step of these kinds is divided by nu (>= nu_floor), so a structure
+    # whose importance per cost is well below nu leaves at full speed whatever nu's scale (decisions unchanged)
     step_per_nu: Literal["none", "layer", "all"] = "layer"
     nu_floor: float = 0.01
     theta_momentum: float = 0.9  # [ours] theta steps on an average of its recent gradients (SGD momentum = dampening)

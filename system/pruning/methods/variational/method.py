@@ -74,7 +74,7 @@ from system.pruning.methods.variational.config import VariationalConfig
 from system.pruning.methods.variational.estimators import conditional_term, exact_term, paired_differences
 from system.pruning.methods.variational.rounding import round_thetas
 from system.pruning.methods.variational.terms import gated_decay_term
-from system.pruning.methods.base import (Batch, Method, StepContext, all_finite, remap_stores, round_removal,
+from system.pruning.methods.base import (Batch, Event, Method, StepContext, all_finite, remap_stores, round_removal,
                                          unit_and_layer_gates)
 from system.models.anatomy import LAYER_GATE, anatomy, last_bn, split_gate_name
 from system.models.resnet import GatedResNet, RemovedBlock, gates_of, set_gate_mode
@@ -92,6 +92,7 @@ def _scale_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 class Variational(Method):
     name = "variational"
+    events = frozenset({Event.STEP_END, Event.FINAL})
     supports_target = True
 
     def __init__(self, cfg: VariationalConfig, total_steps: int, target_macs: float | None = None,
@@ -377,12 +378,14 @@ class Variational(Method):
                     cast(torch.Tensor, g.theta.grad).add_(c.drive * s * self.nu * grad_scale * scale * push)
 
     def _step_scale(self, kind: str) -> float:
-        """``step_per_nu`` [ours]: the normalised theta gradient of the chosen kinds is divided by nu (at
-        least ``nu_floor``), so that a structure with importance per cost well below nu leaves at the
+        """``step_per_nu`` [ours], under a target: the normalised theta gradient of the chosen kinds is
+        divided by nu (at least ``nu_floor``), so that a structure with importance per cost well below nu leaves at the
         price's full speed whatever nu's scale (under a target nu starts small and falls once the budget
         is met; with speed proportional to nu a useless block could still be at theta 0.8 when the budget
         is due).  The sign of every step, and so every decision, is unchanged; only the speed is."""
         mode = self.cfg.step_per_nu
+        if self.target is None:  # a fixed nu is the user's own scale of the price: its speed stays as set
+            return 1.0
         if mode == "all" or (mode == "layer" and kind == "layer"):
             return max(self.nu, self.cfg.nu_floor)
         return 1.0

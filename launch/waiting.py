@@ -1,0 +1,88 @@
+"""After submitting: what was submitted (:class:`Submitted`), printing it, waiting for the jobs.
+
+:func:`report` prints each job's id, run name, run directory, logs and MLflow store; :func:`wait`
+follows the jobs' states to the end and prints each result or error (``launch.submit --wait``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from system.tracking.secrets import redact_text
+
+
+@dataclasses.dataclass
+class Submitted:
+    """One submitted run: its submitit job handle, run name and directory, MLflow store and sweep values."""
+
+    job: Any
+    run_name: str
+    run_dir: Path
+    tracking_uri: str
+    sweep_values: dict[str, Any]
+
+
+def continued_on_fewer(job) -> dict | None:
+    """Rank 0's summary of an elastic job that finished on fewer ranks than submitted (the other tasks
+    of the submission wrote no result), else None."""
+    try:
+        summary = job.task(0).result()
+    except Exception:  # noqa: BLE001 -- no result: the job did fail
+        return None
+    if isinstance(summary, dict) and 0 < int(summary.get("world_size", 0)) < job.num_tasks:
+        return summary
+    return None
+
+
+def report(sub: list[Submitted]) -> None:
+    """Print each job's id and run name (and sweep values), run directory, log files and MLflow store."""
+    for s in sub:
+        sweep = f"  sweep {json.dumps(s.sweep_values)}" if s.sweep_values else ""
+        print(f"job {s.job.job_id}: run {s.run_name}{sweep}")
+        print(f"  run dir   {s.run_dir}")
+        print(f"  logs      {s.job.paths.stdout}  (stderr {s.job.paths.stderr})")
+        print(f"  mlflow    {redact_text(s.tracking_uri)}  run name {s.run_name}")
+
+
+def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
+    """Wait for every job, printing each state change (PENDING, RUNNING, ...); then its summary or
+    its error and log path; 1 if any failed."""
+    last: dict[str, str] = {}
+    while True:
+        for s in sub:
+            try:
+                state = s.job.state
+            except Exception:  # noqa: BLE001 -- sacct may lag behind a fresh submission
+                state = "UNKNOWN"
+            if last.get(str(s.job.job_id)) != state:
+                last[str(s.job.job_id)] = state
+                print(f"job {s.job.job_id} ({s.run_name}): {state}", flush=True)
+        if all(s.job.done() for s in sub):
+            break
+        time.sleep(poll_s)
+    failed = 0
+    for s in sub:
+        try:
+            results = s.job.results()
+        except Exception as exc:  # submitit raises the job's traceback (or why there is no result)
+            shrunk = continued_on_fewer(s.job)
+            if shrunk is not None:
+                print(f"job {s.job.job_id} ({s.run_name}): continued on {shrunk.get('world_size')} of "
+                      f"{s.job.num_tasks} ranks after losing nodes (launch.min_nodes)")
+                results = [shrunk]
+            else:
+                failed += 1
+                print(f"job {s.job.job_id} ({s.run_name}) FAILED: {str(exc).strip()[-3000:]}", file=sys.stderr)
+                print(f"  stderr: {s.job.paths.stderr}\n  stdout: {s.job.paths.stdout}", file=sys.stderr)
+                continue
+        summary = results[0] if results else {}
+        keys = ("top1", "macs_pct", "prune_events", "steps", "world_size", "run_id")
+        print(f"job {s.job.job_id} ({s.run_name}) done: " +
+              ", ".join(f"{k}={summary.get(k)}" for k in keys if isinstance(summary, dict)))
+    return 1 if failed else 0
+

@@ -1,0 +1,106 @@
+"""The end of a run: the deployed network, its summary, and what is written and logged of it.
+
+Shared by the trainer (:meth:`system.trainer.Trainer.finish`) and ``launch/export`` (a checkpoint's
+network is deployed the same way as a finished run's):
+
+- :func:`deploy`: the gate-free network, the method's gates folded as the run declares
+  (``run.export_gates``, ``auto``: the method's own choice);
+- :func:`preprocess_of`: what an input of the deployed network must look like (from ``data.*``);
+- :func:`summary_of`: the ``summary.json`` record;
+- :func:`log_final`: the final metrics, the MLflow Model, the artifacts and the layer-width plot.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from system import tracking as T
+from system.export import deploy_model
+from system.io import atomic_write_json
+from system.models.resnet import GatedResNet
+from system.models.spec import ArchSpec
+from system.pruning.methods import Method
+
+log = logging.getLogger(__name__)
+#: a run with ``method.target_macs`` reached it when its final MACs fraction is this close
+TARGET_TOLERANCE = 0.05
+
+
+def deploy(model: GatedResNet, method: Method, export_gates: str) -> GatedResNet:
+    """The gate-free network of ``model``: its gates folded under the method's evaluation gates,
+    ``export_gates`` (``auto``: :meth:`Method.export_gates`) deciding mean or deterministic gates."""
+    gates = method.export_gates() if export_gates == "auto" else export_gates
+    with method.eval_gates(model):
+        return deploy_model(model, gate_eval=gates)
+
+
+def preprocess_of(data) -> dict[str, Any]:
+    """What an input must look like for a network trained on ``data`` (section ``data``)."""
+    size = data.synthetic_size if data.loader == "synthetic" and data.synthetic_size else data.val_crop
+    return {"input_size": size, "resize": data.val_resize if data.loader != "synthetic" else size,
+            "mean": list(data.mean), "std": list(data.std), "layout": "NCHW RGB, 0-1 scale"}
+
+
+def target_reached(target: float | None, macs: int, dense_macs: int) -> bool | None:
+    """Whether the final MACs are within :data:`TARGET_TOLERANCE` of ``method.target_macs`` (None: no target);
+    a miss is logged, naming the key."""
+    if target is None:
+        return None
+    reached = abs(macs / dense_macs - target) <= TARGET_TOLERANCE
+    if not reached:
+        log.warning("target not reached: method.target_macs=%.3f but the final network has %.3f of the "
+                    "dense MACs (tolerance %.2f)", target, macs / dense_macs, TARGET_TOLERANCE)
+    return reached
+
+
+def summary_of(cfg, state, final: ArchSpec, counts: tuple[int, int], dense: tuple[int, int], res: dict[str, Any],
+               **extra: Any) -> dict[str, Any]:
+    """The ``summary.json`` record of a finished run: ``cfg`` its config, ``state`` its loop state,
+    ``final`` the deployed spec with its ``counts`` (MACs, params) against ``dense``'s, ``res`` the
+    evaluation of the deployed network; ``extra`` adds the run's own fields (device, run dir, latency...)."""
+    (macs, params), (dense_macs, dense_params), s = counts, dense, state
+    target = cfg.method.target_macs
+    return {
+        "method": cfg.method.display, "model": cfg.model.name, "top1": res["top1"], "top5": res["top5"],
+        "val_loss": res["loss"], "val_images": res["n"], "best_top1": s.best_top1,
+        "macs": macs, "params": params, "macs_dense": dense_macs, "params_dense": dense_params,
+        "macs_pct": 100.0 * macs / dense_macs, "params_pct": 100.0 * params / dense_params,
+        "blocks_total": final.blocks_total, "blocks_removed": final.blocks_total - final.blocks_kept,
+        "channels_removed": s.channels_removed, "prune_events": s.prune_events,
+        "train_macs": s.train_macs, "train_macs_dense": s.train_macs_dense,
+        "train_macs_pct": 100.0 * s.train_macs / max(1.0, s.train_macs_dense),
+        "wall_s": s.wall_s, "steps": s.step, "epochs_configured": cfg.train.epochs,
+        "target_macs": target, "target_reached": target_reached(target, macs, dense_macs),
+        "eval_split": cfg.data.eval_split, "samples_skipped": s.samples_skipped, **extra,
+    }
+
+
+def log_final(tracker, summary: dict[str, Any], deployed: GatedResNet, run_dir: Path, step: int,
+              width_history: list, register_as: str = "") -> None:
+    """Rank 0: the final metrics, the deployed network as an MLflow Model (``summary.json`` gets its
+    URI), ``summary.json`` and ``final/`` as artifacts, the layer-width plot; then the run ends
+    FINISHED.  Items the server did not take are counted in ``summary.json`` (``tracking_unsent``)."""
+    tracker.log_metrics(T.final_metrics(summary), step=step)
+    tracker.log_metrics({T.MODEL_MACS: summary["macs"], T.MODEL_PARAMS: summary["params"]}, step=step)
+    spec = deployed.spec()
+    example = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
+    uri = tracker.log_model(deployed.cpu().eval(), example, {"spec": spec.to_dict()}, register_as)
+    if uri is not None:
+        summary["mlflow_model_uri"] = uri
+        atomic_write_json(run_dir / "summary.json", summary)
+    tracker.log_artifact(run_dir / "summary.json")
+    for f in sorted((run_dir / "final").iterdir()):
+        tracker.log_artifact(f, subdir="final")
+    try:
+        png = T.plot_layer_widths(width_history, run_dir / T.LAYER_WIDTHS_ARTIFACT)
+        tracker.log_artifact(png)
+    except Exception as exc:  # a plot must never fail a finished run
+        log.warning("layer-width plot failed: %s", exc)
+    tracker.end("FINISHED")
+    if tracker.dropped:
+        summary["tracking_unsent"] = tracker.dropped
+        atomic_write_json(run_dir / "summary.json", summary)  # the file on disk says so too
