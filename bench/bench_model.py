@@ -26,32 +26,8 @@ import torchvision
 from system.pruning.complexity import count
 from system.models.resnet import build_model, gates_of, set_gate_mode
 from system.models.spec import dense_spec
-from system.pruning.surgery import PrunePlan, apply_plan
-
-
-def uniform_plan(model, keep: float) -> PrunePlan:
-    units = {}
-    for name, g in gates_of(model).items():
-        if g.kind == "unit":
-            n = g.theta.numel()
-            k = max(1, int(round(keep * n)))
-            units[name] = tuple(range(k, n))
-    return PrunePlan(units={k: v for k, v in units.items() if v})
-
-
-def plan_for_macs(model, target: float) -> tuple[PrunePlan, float]:
-    dense = count(model.spec())[0]
-    lo, hi = 0.05, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        _, spec, _ = apply_plan(model, uniform_plan(model, mid))
-        if count(spec)[0] / dense > target:
-            hi = mid
-        else:
-            lo = mid
-    plan = uniform_plan(model, hi)
-    _, spec, _ = apply_plan(model, plan)
-    return plan, count(spec)[0] / dense
+from plans import plan_for_macs  # the uniform cut the benches share (bench/plans.py)
+from system.pruning.surgery import apply_plan
 
 
 class Stepper:
@@ -117,7 +93,7 @@ def main() -> None:
         torch.manual_seed(0)
         gated = build_model(spec)
         set_gate_mode(gated, unit="sampled", layer="sampled")  # theta = 1: every gate on
-        plan, ratio = plan_for_macs(gated, args.target)
+        plan, ratio, _ = plan_for_macs(gated.spec(), args.target)
         pruned, pspec, _ = apply_plan(gated, plan)
         row = {"model": name, "input": size, "batch": batch, "device": str(device), "precision": args.precision,
                "channels_last": args.channels_last, "macs_dense": count(spec)[0], "macs_pruned": count(pspec)[0]}

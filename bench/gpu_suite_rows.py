@@ -31,10 +31,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from system.pruning.complexity import count, unit_gate_name
+from plans import plan_for_macs, uniform_plan  # noqa: F401  (the shared uniform cut; re-exported)
+from system.pruning.complexity import count
 from system.models.resnet import build_model
 from system.models.spec import ArchSpec, dense_spec
-from system.pruning.surgery import PrunePlan, apply_plan, plan_spec
+from system.pruning.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_suite")
@@ -116,37 +117,6 @@ def median_times(steppers: dict, s: Settings) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------- pruned specs
-def uniform_plan(spec: ArchSpec, keep: float, round_to: int = 1) -> PrunePlan:
-    """Cut every inner width ``n`` of every kept block to ``round(keep * n)`` rounded to a multiple of
-    ``round_to`` (at least ``round_to``, at most ``n``), dropping the trailing channels."""
-    units = {}
-    for name, _, _, blk in spec.iter_blocks():
-        if blk.removed:
-            continue
-        for i, n in enumerate(blk.inner):
-            k = min(n, max(round_to, round_to * round(keep * n / round_to)))
-            if k < n:
-                units[unit_gate_name(name, i)] = tuple(range(k, n))
-    return PrunePlan(units=units)
-
-
-def plan_for_macs(spec: ArchSpec, target: float, round_to: int = 1) -> tuple[PrunePlan, float, float]:
-    """``(plan, MACs ratio, keep)``: the uniform cut whose MACs are closest to ``target`` x dense
-    (bisection on the keep fraction, as ``bench_model.plan_for_macs`` does on a gated model)."""
-    dense = count(spec)[0]
-
-    def ratio(keep: float) -> float:
-        return count(plan_spec(spec, uniform_plan(spec, keep, round_to))[0])[0] / dense
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if ratio(mid) > target:
-            hi = mid
-        else:
-            lo = mid
-    keep = min((lo, hi), key=lambda k: abs(ratio(k) - target))
-    return uniform_plan(spec, keep, round_to), ratio(keep), keep
 
 
 def inner_widths(spec: ArchSpec) -> list[list[int]]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from system.config import ConfigError, apply_overrides, check, from_dict, parse_override, read_yaml, to_dict
+from system.config import ConfigError, apply_overrides, check, from_dict, parse_override, read_yaml
 from system.run_config import RunConfig
 
 SECTION = "launch"
@@ -244,7 +244,3 @@ def load_jobs(paths: list[str | Path | None] | None, overrides: list[str] | None
             owner[key] = path
         jobs += more
     return launch, jobs
-
-
-def launch_dict(launch: LaunchConfig) -> dict[str, Any]:
-    return to_dict(launch)

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.mlflow_server import TEST_CLIENT_ENV, free_port
+from tests.mlflow_server import TEST_CLIENT_ENV
+from tests.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_PASSWORD = "admin-Pa55word-for-tests"

@@ -39,8 +39,6 @@ class Engine(Protocol):
 
     def step(self) -> None: ...
 
-    def zero_grad(self) -> None: ...
-
     def save_state(self, directory: Path) -> None: ...
 
     def load_state(self, directory: Path) -> None: ...
@@ -135,9 +133,6 @@ class LocalEngine:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- checkpoint contract (DeepSpeedEngine implements the same two calls) ------------

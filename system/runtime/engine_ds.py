@@ -221,9 +221,6 @@ class DeepSpeedEngine:
         self._ds.step()  # optimizer step (lrs as set_lrs left them) + zero_grad
         self.optimizer.zero_grad(set_to_none=True)
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     # -- checkpoint contract ---------------------------------------------------------------
     def save_state(self, directory: Path) -> None:
         """DeepSpeed checkpoint of model + optimizer under ``directory/engine`` (all ranks call)."""

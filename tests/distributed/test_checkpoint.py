@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.net import free_port
 import torch
 
 from system.runtime.checkpoint import (ENV_STOP, ENV_WRITE_DELAY, MANIFEST, CheckpointError, manifest_digest, sha256_of,
@@ -279,15 +280,10 @@ def test_sigkill_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(v, resumed["weights"][k]), k
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(out: Path, world: int, overrides: list[str], stop: int = 0) -> list[dict]:
     """Run the harness on ``world`` processes (gloo, DeepSpeed on CPU); return each rank's record."""
-    port = str(_free_port())
+    port = str(free_port())
     extra = {ENV_STOP: str(stop)} if stop else {}
     procs = []
     for r in range(world):

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.net import free_port
 import torch
 
 from system.config import ConfigError, from_dict, load_config
@@ -223,19 +225,12 @@ def test_torchrun_launch_train_prunes_and_records_world_size(ds_ops, tmp_path):
     assert (run_dir / "final").is_dir()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_deepspeed_launcher_runs_launch_train(ds_ops, tmp_path):
     run_dir = tmp_path / "ds"
     ds = str(Path(PY).with_name("deepspeed"))
-    r = _run([ds, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "launch.train",
+    r = _run([ds, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launch.train",
               *SMALL, "data.batch_size=16", "train.max_steps=6", "method.name=taylor", "method.taylor.check_every=3",
               "method.taylor.start_frac=0", "method.taylor.per_step=20", "method.taylor.keep_ratio=0.5",
               f"run.dir={run_dir}"])

@@ -17,17 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.net import free_port
+
 from system.runtime.rendezvous import (RendezvousError, choose_socket_ifname, is_comm_failure, resolve_host,
                                       route_interface)
 from tests.distributed.test_distributed import ROOT, SMALL, _env, ds_ops  # noqa: F401  (fixture)
 
 PY = sys.executable
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(tmp: Path, port: int, *over: str) -> list[tuple[subprocess.Popen, Path]]:
@@ -60,7 +57,7 @@ def _wait_checkpoint(tmp: Path, err: Path, timeout: float = 240) -> Path:
 @pytest.mark.parametrize("how", ["killed", "silent", "rank0-killed"])
 def test_lost_rank_is_named_and_the_survivor_stops(ds_ops, tmp_path: Path, how: str):  # noqa: F811
     timeout_s = 8
-    procs = _start(tmp_path, _free_port(), f"engine.collective_timeout_s={timeout_s}", "checkpoint.every_steps=3")
+    procs = _start(tmp_path, free_port(), f"engine.collective_timeout_s={timeout_s}", "checkpoint.every_steps=3")
     (p0, err0), (p1, err1) = procs
     # rank0-killed: the lost rank hosts the rendezvous store; rank 1 survives and must name it
     (victim, _), (survivor, err) = (procs[0], procs[1]) if how == "rank0-killed" else (procs[1], procs[0])
@@ -96,7 +93,7 @@ def test_lost_rank_is_named_and_the_survivor_stops(ds_ops, tmp_path: Path, how: 
 
 def test_unresolvable_master_addr_fails_fast_naming_the_host(tmp_path: Path):
     env = {**_env(), "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-node.invalid",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     t0 = time.monotonic()
     r = subprocess.run([PY, "-m", "launch.train", *SMALL, f"run.root={tmp_path}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
