@@ -24,7 +24,7 @@ from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
 
 
 def describe(spec: ArchSpec) -> dict:
-    """The inspect record of one spec (also used for ``summary.json`` and checkpoints)."""
+    """The inspect record of one spec (a run's final network or a checkpoint's)."""
     macs, params = count(spec)
     dense = dense_spec(spec.name, num_classes=spec.num_classes, input_size=spec.input_size,
                        shortcut=spec.shortcut, in_channels=spec.in_channels)

@@ -1,7 +1,8 @@
 """Block anatomy as data: which conv, BatchNorm, ReLU and gate belong together in each block kind.
 
-Written once here; the model classes, surgery, the methods, the optimizer groups and export read
-it instead of re-deriving the coupling from attribute names.
+Written once here; the model classes, surgery, the methods and export read it instead of
+re-deriving the coupling from attribute names (the optimizer groups select the gates by their
+parameter names, ``*.theta`` and ``*.layer_gate.theta``).
 
 A *unit layer* is one prunable inner layer of a residual branch: its ``conv`` produces the units
 (output channels), its ``bn`` and ``relu`` follow, its ``gate`` multiplies them, and ``consumer``

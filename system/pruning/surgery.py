@@ -6,7 +6,7 @@ plan first (so nothing is half-applied), builds the smaller model from the new s
 copies the surviving slices of every parameter and buffer.  The same slice map drives the
 optimizer-state transplant (:mod:`system.pruning.transplant`).
 
-The coupled tensors of one unit gate are handled here in one place:
+The coupled tensors of one unit gate (which ones: :mod:`system.models.anatomy`) are cut here:
 
     BasicBlock  gate1: conv1.weight[out], bn1.*[c], gate1.theta[c], conv2.weight[:, in]
     Bottleneck  gate1: conv1.weight[out], bn1.*[c], gate1.theta[c], conv2.weight[:, in]

@@ -4,11 +4,11 @@ The training loop calls ``make_tracker`` once and talks only to the returned obj
 
     tracker = make_tracker(cfg.tracking, rank, runs_root="runs", run_dir=run_dir)
     run_id = tracker.start("r50-gate", params=flatten(to_dict(cfg)), tags={TAG_METHOD: "gate"},
-                           run_id=ckpt_state.get("mlflow_run_id"))   # a requeued job resumes its run
+                           run_id=tracking_run["run_id"] or None)   # a resumed run continues its MLflow run
     tracker.log_metrics({TRAIN_LOSS: 2.3, TRAIN_LR: 0.1}, step=100)
     ...
     tracker.end("FINISHED")
-    summary["tracking_dropped"] = tracker.dropped
+    summary["tracking_unsent"] = tracker.dropped
 
 Failure policy:
 

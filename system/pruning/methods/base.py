@@ -197,7 +197,7 @@ class Method:
         deterministically); declare ``Event.FINAL`` in :attr:`events` to be asked."""
         return None
 
-    # -- state (before_save / after_load) ---------------------------------------------------
+    # -- state (saved in every checkpoint, loaded before attach on resume) -------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -8,7 +8,7 @@ A checkpoint is one directory ``<run_dir>/checkpoints/step-00000120/``::
     spec.json            the architecture spec at that step (the model is rebuilt from it)
     engine_state.pt | …  whatever ``engine.save_state(dir)`` writes (LocalEngine: one torch file;
                          DeepSpeedEngine: DeepSpeed's save_checkpoint layout, written by all ranks)
-    method_rank{r}.pt    the method's ``state_dict()`` (before_save) of rank r
+    method_rank{r}.pt    the method's ``state_dict()`` of rank r
     buffers_rank{r}.pt   rank r's module buffers (BatchNorm statistics are per rank between syncs)
     rng_rank{r}.pt       rank r's torch / CUDA / numpy / python RNG states, as tensors and ints
 
