@@ -1,0 +1,104 @@
+"""Ops and host syncs per steady-state training step, per method and model (issue 24's step budget).
+
+Counts every aten op (``func.overloadpacket``) that runs inside the real ``Trainer.train_step``, forward and
+backward, with a ``TorchDispatchMode``; ``aten._local_scalar_dense`` is a host-device sync on a GPU
+(``.item()``, ``float(t)``, ``int(t)``, ``bool(t)``).  Every method is measured in its active phase (the
+variational thetas trained, Taylor/L1 accumulating scores), after warm-up steps; the projected host
+overhead is ops x 5 us per launch against a 50 ms step (ResNet-50 at 5,000 img/s, batch 256).
+
+    python bench/step_budget.py                     # resnet20 @32 and resnet50 @64, batch 16, 3 steps
+    python bench/step_budget.py --models resnet20:32 --steps 5 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from system.config import apply_overrides, from_dict  # noqa: E402
+from system.run_config import RunConfig  # noqa: E402
+
+LAUNCH_US, STEP_MS = 5.0, 50.0
+METHODS = {
+    "none": ["method.name=none"],
+    "taylor": ["method.name=taylor", "method.taylor.start_frac=0.0", "method.taylor.check_every=1000"],
+    "l1": ["method.name=l1", "method.l1.start_frac=0.0", "method.l1.check_every=1000"],
+    "egp": ["method.name=egp", "method.egp.start_frac=0.0"],
+    "variational": ["method.name=variational", "method.variational.warmup_frac=0.0",
+                    "method.variational.check_every=1000"],
+}
+
+
+class Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(model: str, size: int, method: str, batch: int, steps: int, warm: int) -> dict:
+    from system.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        over = ["data.loader=synthetic", "data.synthetic_classes=10", "data.synthetic_samples=4096",
+                f"data.batch_size={batch}", f"data.train_size={size}", f"data.val_resize={size}",
+                f"data.val_crop={size}", "data.workers=0", f"model.name={model}", "train.epochs=1",
+                "train.progress=false", "tracking.enabled=false", "latency.enabled=false", "train.threads=1",
+                f"run.root={tmp}", f"run.dir={tmp}/run", *METHODS[method]]
+        trainer = Trainer(from_dict(RunConfig, apply_overrides({}, over)))
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 10, (batch,))
+        for _ in range(warm):
+            trainer.train_step(x, y)
+        counter = Counter()
+        with counter:
+            for _ in range(steps):
+                trainer.train_step(x, y)
+        trainer.engine.close()
+    total = sum(counter.ops.values()) / steps
+    syncs = counter.ops.get("aten._local_scalar_dense", 0) / steps
+    return {"model": f"{model}@{size}", "method": method, "ops_per_step": total, "syncs_per_step": syncs,
+            "host_ms": total * LAUNCH_US / 1000.0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet20:32", "resnet50:64"])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    for spec in args.models:
+        name, size = spec.split(":")
+        dense = None
+        for method in args.methods.split(","):
+            r = measure(name, int(size), method, args.batch, args.steps, args.warm)
+            dense = r["ops_per_step"] if method == "none" else dense
+            r["vs_dense"] = r["ops_per_step"] / dense if dense else None
+            rows.append(r)
+            ratio = f"{r['vs_dense']:.2f}" if r["vs_dense"] else "-"
+            print(f"{r['model']:14s} {method:12s} ops/step {r['ops_per_step']:7.0f}  x{ratio:>5s} dense  "
+                  f"syncs/step {r['syncs_per_step']:5.1f}  host {r['host_ms']:5.1f} ms of a {STEP_MS:.0f} ms step "
+                  f"({100 * r['host_ms'] / STEP_MS:.0f}%)", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
