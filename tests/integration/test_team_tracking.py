@@ -35,11 +35,11 @@ CREDS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 @pytest.fixture(autouse=True)
-def _no_ambient_login(monkeypatch, tmp_path):
-    """No login from the machine: no MLflow credential variables, an empty ~/.mlflow."""
+def _no_ambient_login(monkeypatch):
+    """No login from the environment: the MLflow credential variables unset (the tests set the ones
+    they mean; a ~/.mlflow/credentials on the machine would still be read, and none exists on CI)."""
     for k in CREDS:
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_CREDENTIALS_PATH", str(tmp_path / "no-credentials"))
     for k, v in TEST_CLIENT_ENV.items():
         monkeypatch.setenv(k, v)
 
