@@ -1,62 +1,29 @@
 """Complexity-aware variational unit + layer gates (docs/method.md section 1), and its
-unit-only and layer-only special cases.
+unit-only and layer-only special cases.  Every [ours] mechanism below, and what it does to the
+decisions, is described in docs/method.md section 7; the keys are those of
+:class:`~system.pruning.methods.variational.config.VariationalConfig`.
 
-theta in [0, 1] is trained by projected SGD in its own parameter groups.  The loss adds
+theta in [0, 1] is trained by projected SGD in its own parameter groups (momentum ``theta_momentum``).
+The loss adds ``nu * [alpha * E[MACs]/MACs_full + (1 - alpha) * E[Params]/Params_full]`` (layer part
+x beta; the exact multilinear polynomials of :mod:`system.pruning.complexity`, so autograd gives each
+structure its marginal cost) and, optionally, the theta-weighted decay of the gated weights.
 
-    nu * [alpha * E[MACs]/MACs_full + (1 - alpha) * E[Params]/Params_full]   (layer part x beta)
-    + sum_j theta_j * (lambda/2) * ||w_j||^2                                    (optional gated decay)
-
-E[MACs] and E[Params] are the exact multilinear polynomials of :mod:`system.pruning.complexity`,
-so autograd gives each structure its marginal cost (the automatic coefficients).
-
-The theta step [ours, configurable]:
-
-- ``theta_step: normalized`` (default) divides each theta's gradient by its structure's price
-  coefficient ``c_j`` (its marginal cost in the current network with every gate on).  Every
-  theta then moves at ``nu * beta_kind`` minus its data importance per unit of cost, with one
-  learning rate for both kinds (``1 / (theta_travel * total_steps)``: the price alone moves a
-  theta across [0, 1] in ``theta_travel`` of the run).
-- ``theta_step: raw`` is the plain gradient with per-kind rates ``lr_unit`` / ``lr_layer``.
-- The drive [ours]: the gradient of ``drive * s(t) * nu * c_j * theta_j (1 - theta_j)`` (``s`` ramps
-  0 -> 1 from the end of the warm-up to ``target_by``), by default (``drive_mode: down``) only where
-  theta < 0.5.  It is added in :meth:`Variational.after_backward`, after the window sums the pruning
-  condition reads, so it speeds a leaving structure to 0 but never enters a removal decision.  In
-  normalised units "leave 1" stays at importance per cost < nu, and "come back from below 0.5"
-  needs > nu (1 + drive s (1 - 2 theta)), at most nu (1 + drive): a bound relative to nu.
-  (``drive_mode: both`` also pushes theta > 0.5 up, which moves "leave 1" to < nu (1 - drive s).)
-
-Layer-gate estimators (``estimator``; :mod:`.estimators`): ``paired`` (default: layer gates drawn
-once per batch; ``paired_blocks`` blocks a step, round-robin, get CE(on) - CE(off) of the batch
-from a suffix forward with every other gate replaying its draw; each block keeps a running
-estimate, ``paired_memory``; the suffix forwards are counted in the training MACs through
-:meth:`extra_forwards`), ``conditional`` (examples on vs off in one batch; biased towards 0 by
-1 - theta^B - (1 - theta)^B), ``exact`` (a full extra forward per block), ``autograd`` (the
-derivative w.r.t. the sampled gate value; biased).
-
-Unit gates use the autograd estimator; they sit after the ReLU, so a unit sampled off still
-sees the first-order benefit of switching on.
-
-Budget mode: with ``method.target_macs = T``, nu becomes a dual variable.  A scheduled budget
-m*(t) falls from 1 at the end of the warm-up to T at ``target_by`` of the run, and nu follows
-the relative gap ``(E[MACs]/MACs_full - m*(t)) / (1 - T)`` through a PI controller in log space
-(:meth:`Variational._dual_step`; dual ascent on the budget constraint).  nu starts small
-(``nu_start``), so structures leave in order of importance per cost.  The safety-net rounding at
-``harden_at`` picks the cut that lands the deterministic network at or just under T (with
-``method.round_to``, counting the rounded widths; layer-only: the best cut over the blocks).
-
-Pruning rule: at every check (every ``check_every`` steps after the warm-up; 0 = 2% of the run) a
-structure whose theta <= ``tau_theta`` has its zero-counter raised, else reset (a reset after a
-hit counts as a revival).  It is removed once the counter reaches ``patience`` and the weight
-condition holds, or once it has revived ``max_revivals`` times and sits at zero again.  Conditions:
-
-- ``importance`` (default): the window mean of the normalised theta gradient *without the drive*
-  (data + price) is >= 0, i.e. the structure's measured importance per cost is at most nu;
-- ``signal``: the channel's pre-gate output (|gamma| + |beta| of its BN, which set the
-  output size after normalisation) is below ``tau_w`` times the layer's mean;
-- ``none``: theta alone decides.
-
-A unit decision that would empty a branch becomes a block removal if the block's layer
-condition holds (or layer gates are off); otherwise the unit with the largest theta is kept.
+- The theta step (``theta_step: normalized``): each theta's gradient divided by its price ``c_j``, so
+  it moves at nu minus its importance per cost; under a target the layer thetas' step is also divided
+  by nu (``step_per_nu``), so a block with no importance leaves at full speed whatever nu's scale.
+- The drive (``drive``, ``drive_mode``): added in :meth:`Variational.after_backward`, after the window
+  sums the pruning condition reads; it never enters a removal decision.
+- Layer-gate estimators (``estimator``; :mod:`.estimators`): ``paired`` (default: CE(on) - CE(off) of
+  the batch from a suffix forward, one block a step round-robin, each block's running estimate; every
+  block measured once at the end of the warm-up before its theta moves; the suffix forwards counted in
+  the training MACs), ``conditional``, ``exact``, ``autograd``.  Unit gates use the autograd estimator.
+- Budget mode (``method.target_macs``): nu is a dual variable, a PI controller on the gap between
+  E[MACs] and a schedule falling to the target at ``target_by`` (:meth:`Variational._dual_step`); the
+  rounding at ``harden_at`` lands the deterministic network at or under the target.
+- The pruning rule: at every check, a structure at theta <= ``tau_theta`` for ``patience`` checks is
+  removed if its condition holds (``importance``: the window mean of data + price >= 0, i.e. importance
+  per cost <= nu; ``signal``; ``none``), or after ``max_revivals`` revivals; a unit decision that would
+  empty a branch becomes a block removal if the block's own condition holds.
 """
 
 from __future__ import annotations
