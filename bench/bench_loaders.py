@@ -28,12 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch
+from PIL import Image
 
-from pipelines import shards  # noqa: E402
-from pipelines.config import DataConfig  # noqa: E402
-from pipelines.loaders import build_loader  # noqa: E402
+from pipelines import shards
+from pipelines.config import DataConfig
+from pipelines.loaders import build_loader
 
 log = logging.getLogger("bench_loaders")
 
@@ -51,12 +51,12 @@ def find_photos(folder: str | None = None) -> list[Path]:
                      ("skimage", "data/chelsea.png")]:
         spec = importlib.util.find_spec(pkg)
         if spec and spec.submodule_search_locations:
-            p = Path(list(spec.submodule_search_locations)[0]) / rel
+            p = Path(next(iter(spec.submodule_search_locations))) / rel
             if p.is_file():
                 found.append(p)
     foolbox = importlib.util.find_spec("foolbox")
     if foolbox and foolbox.submodule_search_locations:
-        found += sorted(Path(list(foolbox.submodule_search_locations)[0]).glob("data/*.jpg"))
+        found += sorted(Path(next(iter(foolbox.submodule_search_locations))).glob("data/*.jpg"))
     if not found:
         raise SystemExit("no real photographs found (install matplotlib, scikit-learn or foolbox)")
     return found

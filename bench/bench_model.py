@@ -22,11 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision
+from plans import plan_for_macs  # the uniform cut the benches share (bench/plans.py)
 
-from system.pruning.complexity import count
 from system.models.resnet import build_model, gates_of, set_gate_mode
 from system.models.spec import dense_spec
-from plans import plan_for_macs  # the uniform cut the benches share (bench/plans.py)
+from system.pruning.complexity import count
 from system.pruning.surgery import apply_plan
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 
 def sync(device: torch.device) -> None:
@@ -51,16 +51,16 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
 
+    from system.build import build_engine, build_network, build_opt, build_pruning_method, dense_spec_for
     from system.config import from_dict
+    from system.pruning.methods import StepContext
+    from system.pruning.surgery import apply_plan
+    from system.pruning.transplant import transplant_optimizer
+    from system.run_config import RunConfig
     from system.runtime.collectives import Collectives
     from system.runtime.coordinator import Coordinator
     from system.runtime.distributed import init_distributed, shutdown_distributed
-    from system.build import build_engine, build_network, build_opt, build_pruning_method, dense_spec_for
     from system.runtime.engine import pick_device
-    from system.pruning.methods import StepContext
-    from system.run_config import RunConfig
-    from system.pruning.surgery import apply_plan
-    from system.pruning.transplant import transplant_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,7 +113,7 @@ def main() -> None:
 
     parts: dict[str, list[float]] = {k: [] for k in ("reduce", "decide", "agree", "surgery", "transplant",
                                                     "rebuild", "event", "first_step_after")}
-    for i in range(args.events):
+    for _i in range(args.events):
         train_step()
         sync(device)
         t0 = time.perf_counter()

@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_loaders import make_tree  # noqa: E402
+from bench_loaders import make_tree
 
-from pipelines import shards  # noqa: E402
+from pipelines import shards
 
 
 def make_big_tree(root: Path, n: int, distinct: int) -> None:

@@ -53,7 +53,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this file is loaded
 
 import torch  # noqa: E402
-
 from gpu_suite_report import table  # noqa: E402
 from gpu_suite_rows import ROWS, Settings, make_jpeg_shards, plan_for_macs, run_rows  # noqa: E402
 

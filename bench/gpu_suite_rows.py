@@ -24,17 +24,17 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
 from plans import plan_for_macs, uniform_plan  # noqa: F401  (the shared uniform cut; re-exported)
-from system.pruning.complexity import count
+
 from system.models.resnet import build_model
 from system.models.spec import ArchSpec, dense_spec
+from system.pruning.complexity import count
 from system.pruning.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,10 +206,10 @@ def row_deepspeed(s: Settings, wanted: tuple[str, ...], shared: dict) -> dict:
     if importlib.util.find_spec("deepspeed") is None:
         raise Skip("DeepSpeed is not installed")
     from system.config import from_dict
+    from system.run_config import RunConfig
     from system.runtime.distributed import shutdown_distributed
     from system.runtime.engine import DistEnv
     from system.runtime.engine_ds import DeepSpeedEngine
-    from system.run_config import RunConfig
 
     cfg = from_dict(RunConfig, {"data": {"batch_size": s.batch}, "engine": {"kind": "deepspeed"},
                                 "train": {"precision": s.precision, "channels_last": s.channels_last}})

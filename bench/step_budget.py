@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from system.config import apply_overrides, from_dict  # noqa: E402
-from system.run_config import RunConfig  # noqa: E402
+from system.config import apply_overrides, from_dict
+from system.run_config import RunConfig
 
 LAUNCH_US, STEP_MS = 5.0, 50.0
 METHODS = {

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from system.config import apply_overrides, from_dict  # noqa: E402
-from system.run_config import RunConfig  # noqa: E402
+from system.config import apply_overrides, from_dict
+from system.run_config import RunConfig
 
 BASE = ["model.name=resnet20", "data.loader=synthetic", "data.synthetic_classes=4", "data.synthetic_samples=512",
         "data.batch_size=16", "data.train_size=16", "data.val_resize=16", "data.val_crop=16", "data.workers=0",

@@ -25,17 +25,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from launch.compare_plot import PLOT_X, pareto_figure, pareto_front, plot_fronts, plot_pareto
 from launch.compare_runs import RunRow, load_rows, row_from_run
-from launch.compare_tables import (COLUMNS, Group, Paired, format_table, group_runs, matched_table,
-                                   paired_differences, paired_table, t975)
+from launch.compare_tables import (
+    COLUMNS,
+    Group,
+    Paired,
+    format_table,
+    group_runs,
+    matched_table,
+    paired_differences,
+    paired_table,
+    t975,
+)
 from system import tracking as T
 
 __all__ = ["COLUMNS", "PLOT_X", "Group", "Paired", "RunRow", "format_table", "group_runs", "load_rows", "main",

@@ -10,8 +10,8 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from launch.compare_runs import RunRow
 from launch.compare_tables import Group
@@ -61,7 +61,7 @@ def plot_fronts(groups: Sequence[Group], path: str | Path, x: str = "macs") -> P
         gs = [g for g in groups if g.dataset == ds]
         label, attr, scale = PLOT_X[x]
 
-        def xv(g: Group) -> float:
+        def xv(g: Group, attr: str = attr, scale: float = scale) -> float:
             v = getattr(g, attr)
             return math.nan if v is None else scale * v
 

@@ -11,8 +11,9 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from launch.compare_runs import RunRow
 
@@ -31,7 +32,7 @@ def _fmt(v: Any, kind: str) -> str:
     if kind == "int":
         return f"{v:.0f}"
     if kind == "time":
-        h, rem = divmod(int(round(v)), 3600)
+        h, rem = divmod(round(v), 3600)
         return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
     return str(v)
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from system.config import ConfigError, apply_overrides, check, from_dict, parse_override, read_yaml
 from system.run_config import RunConfig

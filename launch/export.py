@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from system.build import load_checkpoint_network
-from system.report import deploy
-from system.export import (CLASSES, PREPROCESS, SPEC, WEIGHTS, load_bundle, save_deployed)
+from system.export import CLASSES, PREPROCESS, SPEC, WEIGHTS, load_bundle, save_deployed
 from system.models.resnet import GatedResNet
 from system.models.spec import SpecError
+from system.report import deploy
 from system.runtime.checkpoint import CheckpointError
 
 log = logging.getLogger("launch.export")

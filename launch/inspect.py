@@ -16,11 +16,11 @@ import socket
 import sys
 from pathlib import Path
 
-from system.pruning.complexity import count, width_table
 from system.export import load_spec
+from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
+from system.pruning.complexity import count, width_table
 from system.runtime.checkpoint import list_checkpoints
 from system.runtime.rundir import LOCK, _pid_alive, holds_run
-from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
 
 
 def describe(spec: ArchSpec) -> dict:

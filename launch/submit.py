@@ -59,8 +59,8 @@ from launch.config import Job, LaunchConfig, load_jobs
 from launch.preflight import check_job, check_tracking
 from launch.slurm_job import TrainJob, base_name, batch_script, make_executor, run_name, train_command
 from launch.waiting import Submitted, report, wait
-from system.tracking.secrets import redact_text
 from system.config import ConfigError, to_dict
+from system.tracking.secrets import redact_text
 
 try:  # a project dependency; only needed to submit and inside jobs
     import submitit
@@ -140,7 +140,7 @@ def finished(job: Job, name: str) -> bool:
     return len(runs) > 0
 
 
-def _run_local_pool(ex, calls: list["TrainJob"], parallel: int) -> list[Any]:
+def _run_local_pool(ex, calls: list[TrainJob], parallel: int) -> list[Any]:
     """submitit's local executor starts every job at once; keep at most ``parallel`` running
     (each with its own thread budget: oversubscribed cores made training 5-10x slower here)."""
     handles: list[Any] = []

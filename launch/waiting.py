@@ -32,7 +32,7 @@ def continued_on_fewer(job) -> dict | None:
     of the submission wrote no result), else None."""
     try:
         summary = job.task(0).result()
-    except Exception:  # noqa: BLE001 -- no result: the job did fail
+    except Exception:
         return None
     if isinstance(summary, dict) and 0 < int(summary.get("world_size", 0)) < job.num_tasks:
         return summary
@@ -57,7 +57,7 @@ def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
         for s in sub:
             try:
                 state = s.job.state
-            except Exception:  # noqa: BLE001 -- sacct may lag behind a fresh submission
+            except Exception:
                 state = "UNKNOWN"
             if last.get(str(s.job.job_id)) != state:
                 last[str(s.job.job_id)] = state

@@ -23,7 +23,6 @@ import numpy as np
 
 from pipelines import tree
 
-
 SRC = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle_boot"]

@@ -197,7 +197,7 @@ class _BatchReader(torch.utils.data.Dataset):
                     labels.append(PAD)
                     continue
                 try:
-                    jpg, label, key = self._read(int(s), int(r))
+                    jpg, label, _key = self._read(int(s), int(r))
                     img = self.decode(jpg, int(p))
                 except Exception as exc:  # corrupt sample: skip, never crash the job
                     log.warning("corrupt sample (shard %s, row %d): %s", self.paths[s], int(r), exc)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from system.io import atomic_write_text  # noqa: F401  (re-exported for pipelines.shards)
+from system.io import atomic_write_text
 
 FORMAT = "parsimony-wds/1"
 MANIFEST = "manifest.json"
@@ -217,7 +217,7 @@ def fetch_text(url: str, tries: int = REMOTE_TRIES) -> str:
             if data:
                 return data.decode()
             last = "empty answer"
-        except Exception as exc:  # noqa: BLE001 -- curl / pipe failures come in many types
+        except Exception as exc:
             last = f"{type(exc).__name__}: {exc}"
         if attempt + 1 < tries:
             time.sleep(2 ** attempt)
@@ -284,7 +284,7 @@ class ShardSet:
         return is_remote(str(self.root))
 
     @classmethod
-    def open_remote(cls, root: str) -> "ShardSet":
+    def open_remote(cls, root: str) -> ShardSet:
         """The shard set behind a URL: its manifest fetched (bounded retry), the shards as URLs.
         For ``http(s)`` roots every shard's size is checked against the manifest with a HEAD
         request (once per process and root), so a manifest that does not match its shards is refused
@@ -312,7 +312,7 @@ class ShardSet:
         return cls(root, classes, splits, manifest)
 
     @classmethod
-    def open(cls, root: str | Path, verify_checksums: bool = False) -> "ShardSet":
+    def open(cls, root: str | Path, verify_checksums: bool = False) -> ShardSet:
         """Read and check ``root/manifest.json`` against the files beside it.
 
         Raises:

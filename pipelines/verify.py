@@ -10,21 +10,29 @@ is checked shard by shard, each downloaded to a temporary file through webdatase
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import random
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
-import contextlib
-import shutil
-import tempfile
-from collections.abc import Iterator
-
-from pipelines.shardset import (FORMAT, MANIFEST, ShardSetError, _join, fetch_text, is_remote, parse_label,
-                                read_index, sha256_file)
+from pipelines.shardset import (
+    FORMAT,
+    MANIFEST,
+    ShardSetError,
+    _join,
+    fetch_text,
+    is_remote,
+    parse_label,
+    read_index,
+    sha256_file,
+)
 
 
 @contextlib.contextmanager
@@ -40,7 +48,7 @@ def _local(root: str, name: str) -> Iterator[Path]:
         try:
             with gopen(_join(root, name), "rb") as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out)
-        except Exception:  # noqa: BLE001 -- reported as missing below
+        except Exception:
             dest.unlink(missing_ok=True)
         yield dest
 
@@ -69,7 +77,7 @@ def verify(root: str | Path, decode_fraction: float = 1.0, seed: int = 0) -> tup
     rng = random.Random(seed)
     damaged: dict[str, list[str]] = {}
     decoded = 0
-    for split, meta in sorted(manifest.get("splits", {}).items()):
+    for _split, meta in sorted(manifest.get("splits", {}).items()):
         for entry in meta.get("shards", []):
             with _local(root, entry["file"]) as path, _local(root, entry["index"]) as ipath:
                 decoded += _check_shard(entry, path, ipath, num_classes, decode_fraction, rng,
@@ -107,7 +115,7 @@ def _check_shard(entry: dict, path: Path, ipath: Path, num_classes: int, decode_
                 parse_label(cls_bytes, num_classes)
                 with Image.open(io.BytesIO(jpg)) as im:
                     im.load()
-            except Exception as exc:  # noqa: BLE001 -- any unreadable sample is a finding
+            except Exception as exc:
                 problems.append(f"sample {index.keys[i]}: {type(exc).__name__}: {exc}")
             decoded += 1
     return decoded

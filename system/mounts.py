@@ -61,7 +61,7 @@ def mount_of(path: str | os.PathLike, mountinfo: str | None = None) -> Mount:
     target = str(p)
     best: Mount | None = None
     for m in mounts:
-        if target == m.point or target.startswith(m.point.rstrip("/") + "/"):
-            if best is None or len(m.point) >= len(best.point):
-                best = m
+        inside = target == m.point or target.startswith(m.point.rstrip("/") + "/")
+        if inside and (best is None or len(m.point) >= len(best.point)):
+            best = m
     return best or Mount(point="/", fstype="unknown", source="")

@@ -13,13 +13,14 @@ resumed run continues at exactly the same learning rate.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Collection, Literal
+from typing import Literal
 
 import torch
 
-from system.models.resnet import GatedResNet
 from system.config import ConfigError, check
+from system.models.resnet import GatedResNet
 
 
 @dataclass(frozen=True)

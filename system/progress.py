@@ -22,7 +22,7 @@ class LogProgress:
         self._n0 = initial
         self._postfix: dict[str, Any] = {}
 
-    def __enter__(self) -> "LogProgress":
+    def __enter__(self) -> LogProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,8 +21,19 @@ from system.runtime.engine import EngineConfig
 from system.tracking import TrackingConfig
 
 # each section lives next to its owner; the root tree composes them (and re-exports them here)
-__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "EngineConfig", "CheckpointConfig", "RunSection", "RunConfig",
-           "DataConfig", "MethodConfig", "TrackingConfig", "LatencyConfig"]
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "EngineConfig",
+    "LatencyConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "RunSection",
+    "TrackingConfig",
+    "TrainConfig",
+]
 
 
 @dataclass(frozen=True)

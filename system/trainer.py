@@ -23,31 +23,31 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.loaders import build_loader, class_names
-from system.pruning.complexity import count
+from system import report
+from system import tracking as T
+from system.build import build_engine, build_network, build_opt, build_pruning_method, dense_spec_for
 from system.config import flatten, to_dict
+from system.evaluation import accuracy, plain_forward
+from system.export import save_deployed
+from system.io import atomic_write_json
+from system.latency import measure_latency
+from system.models.resnet import GatedResNet, build_model
+from system.models.spec import ArchSpec
+from system.optim import set_lrs
+from system.progress import progress
+from system.pruning.complexity import count
+from system.pruning.methods import Batch, Event, StepContext
+from system.run_config import RunConfig
+from system.runtime import preemption
 from system.runtime.checkpoint import Checkpointer, ModelBuffers, RngState, Value
 from system.runtime.collectives import Collectives
 from system.runtime.coordinator import Coordinator
 from system.runtime.engine import DistEnv, Engine, pick_device
 from system.runtime.faults import ENV_STOP, Faults, InjectedStop
 from system.runtime.rundir import RunLock, claim, remove_empty
-from system.progress import progress
 from system.skips import SkipLimitExceeded, SkipWatch
 from system.state import LoopState, rng_neutral, seed_everything, seed_rank_stream, widths_of
-from system.evaluation import accuracy, plain_forward
-from system.export import save_deployed
-from system.io import atomic_write_json
-from system.latency import measure_latency
-from system.pruning.methods import Batch, Event, StepContext
-from system.models.resnet import GatedResNet, build_model
-from system.models.spec import ArchSpec
-from system.optim import set_lrs
-from system.runtime import preemption
-from system import report
-from system import tracking as T
-from system.build import build_engine, build_network, build_opt, build_pruning_method, dense_spec_for
 from system.tracking.secrets import redacted
-from system.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "MlflowServer":
+    def start(self, timeout: float = 60.0) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                    MLFLOW_DISABLE_TELEMETRY="true")

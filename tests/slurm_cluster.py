@@ -28,9 +28,9 @@ bring the cluster up is an error, with the daemon logs' path in the message.
 from __future__ import annotations
 
 import os
-import sys
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,7 @@ names follow torchvision, so a dense model loads a torchvision state_dict.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

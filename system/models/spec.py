@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 
 class SpecError(ValueError):
@@ -101,7 +102,7 @@ class ArchSpec:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -121,7 +122,7 @@ class ArchSpec:
         return spec
 
     @classmethod
-    def from_json(cls, text: str) -> "ArchSpec":
+    def from_json(cls, text: str) -> ArchSpec:
         return cls.from_dict(json.loads(text))
 
     # ---------------------------------------------------------------- validate
@@ -215,4 +216,4 @@ def replace_block(spec: ArchSpec, name: str, new: BlockSpec) -> ArchSpec:
     return dataclasses.replace(spec, blocks=tuple(blocks))
 
 
-__all__ = ["ArchSpec", "BlockSpec", "SpecError", "dense_spec", "MODEL_NAMES", "parse_block_name", "replace_block"]
+__all__ = ["MODEL_NAMES", "ArchSpec", "BlockSpec", "SpecError", "dense_spec", "parse_block_name", "replace_block"]

@@ -18,15 +18,15 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 import torch
 
 from system.models.anatomy import LAYER_GATE, unit_gate
 from system.models.spec import ArchSpec
 
-Number = Union[int, float, torch.Tensor]
+Number = int | float | torch.Tensor
 
 
 def _out(h: int, k: int, s: int, p: int) -> int:

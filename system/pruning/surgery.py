@@ -57,7 +57,7 @@ class PrunePlan:
                 "blocks": sorted(self.blocks)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrunePlan":
+    def from_dict(cls, d: dict) -> PrunePlan:
         return cls(units={k: tuple(v) for k, v in d.get("units", {}).items()}, blocks=tuple(d.get("blocks", ())))
 
     def digest(self) -> str:
@@ -243,5 +243,15 @@ def fold_gates(model: GatedResNet) -> GatedResNet:
     return out.eval()
 
 
-__all__ = ["PrunePlan", "apply_plan", "plan_spec", "slice_map", "select", "plan_from_gates", "plan_from_removals",
-           "zero_gates_for", "fold_gates", "Slices"]
+__all__ = [
+    "PrunePlan",
+    "Slices",
+    "apply_plan",
+    "fold_gates",
+    "plan_from_gates",
+    "plan_from_removals",
+    "plan_spec",
+    "select",
+    "slice_map",
+    "zero_gates_for",
+]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,8 +30,7 @@ from system.pruning.transplant import transplant_optimizer
 from system.runtime.collectives import Collectives, PlanMismatch
 from system.runtime.rendezvous import node_log
 
-
-__all__ = ["Coordinator", "PruneEvent", "PlanMismatch"]
+__all__ = ["Coordinator", "PlanMismatch", "PruneEvent"]
 
 
 @dataclass

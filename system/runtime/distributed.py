@@ -20,8 +20,15 @@ import torch
 import torch.distributed as dist
 
 from system.runtime.engine import DistEnv, pick_device
-from system.runtime.rendezvous import (Peer, PeerLost, RendezvousError, choose_socket_ifname, diagnose, node_log,
-                                      resolve_host)
+from system.runtime.rendezvous import (
+    Peer,
+    PeerLost,
+    RendezvousError,
+    choose_socket_ifname,
+    diagnose,
+    node_log,
+    resolve_host,
+)
 
 log = logging.getLogger(__name__)
 

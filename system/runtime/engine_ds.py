@@ -52,7 +52,7 @@ class EngineSettings:
     channels_last: bool = False
 
     @classmethod
-    def of(cls, cfg: Any) -> "EngineSettings":
+    def of(cls, cfg: Any) -> EngineSettings:
         """From a run config (or settings already): ``engine``, ``data.batch_size``, ``train.precision``
         and ``train.channels_last``."""
         if isinstance(cfg, EngineSettings):

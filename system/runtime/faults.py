@@ -13,8 +13,8 @@ explicit one); nothing else in the package reads these variables.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 ENV_STOP = "PARSIMONY_STOP_AFTER_STEP"
 ENV_WRITE_DELAY = "PARSIMONY_CKPT_WRITE_DELAY"
@@ -36,7 +36,7 @@ class Faults:
     write_delay_s: float = 0.0
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "Faults":
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Faults:
         try:
             return cls(stop_after_step=int(environ.get(ENV_STOP, "0") or 0),
                        write_delay_s=float(environ.get(ENV_WRITE_DELAY, "0") or 0))

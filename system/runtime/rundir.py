@@ -25,9 +25,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Holder:
     started: float
 
     @classmethod
-    def me(cls) -> "Holder":
+    def me(cls) -> Holder:
         env = os.environ
         return cls(host=socket.gethostname(), pid=os.getpid(), slurm_job_id=env.get("SLURM_JOB_ID", ""),
                    restart=int(env.get("SLURM_RESTART_COUNT", "0") or 0), started=time.time())

@@ -23,17 +23,39 @@ Failure policy:
 """
 
 from system.tracking.backlog import sync_backlog
-from system.tracking.config import (ENV_EXPERIMENT_NAME, ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable,
-                                    experiment_name, local_store_uri, resolve_uri)
+from system.tracking.config import (
+                                    ENV_EXPERIMENT_NAME,
+                                    ENV_TRACKING_URI,
+                                    TrackingConfig,
+                                    TrackingUnavailable,
+                                    experiment_name,
+                                    local_store_uri,
+                                    resolve_uri,
+)
 from system.tracking.connection import http_reachable
 from system.tracking.mlflow_tracker import MLflowTracker, make_tracker
-from system.tracking.names import *  # noqa: F401,F403  (the metric and tag vocabulary)
+from system.tracking.names import *  # noqa: F403  (the metric and tag vocabulary)
 from system.tracking.names import final_metrics
 from system.tracking.plots import plot_layer_widths
 from system.tracking.protocol import NullTracker, Tracker
 from system.tracking.run_tags import code_version, standard_tags
 
-__all__ = ["ENV_EXPERIMENT_NAME", "ENV_TRACKING_URI", "experiment_name", "TrackingConfig", "TrackingUnavailable",
-           "local_store_uri", "resolve_uri", "MLflowTracker",
-           "code_version", "http_reachable", "make_tracker", "final_metrics", "plot_layer_widths",
-           "NullTracker", "Tracker", "standard_tags", "sync_backlog"]
+__all__ = [
+                                    "ENV_EXPERIMENT_NAME",
+                                    "ENV_TRACKING_URI",
+                                    "MLflowTracker",
+                                    "NullTracker",
+                                    "Tracker",
+                                    "TrackingConfig",
+                                    "TrackingUnavailable",
+                                    "code_version",
+                                    "experiment_name",
+                                    "final_metrics",
+                                    "http_reachable",
+                                    "local_store_uri",
+                                    "make_tracker",
+                                    "plot_layer_widths",
+                                    "resolve_uri",
+                                    "standard_tags",
+                                    "sync_backlog",
+]

@@ -13,8 +13,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from system.tracking.config import TrackingConfig, TrackingUnavailable, experiment_name
 from system.tracking.connection import connect, error_line
@@ -121,7 +122,7 @@ class Backlog:
             return
         try:
             send(self.client, self.run_id, rec)
-        except Exception as exc:  # noqa: BLE001 -- logging must never stop training
+        except Exception as exc:
             self._mark_down(exc)
             self.keep(rec)
 
@@ -169,7 +170,7 @@ class Backlog:
             rec = self._pending[0]
             try:
                 send(self.client, self.run_id, rec)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self._mark_down(exc)
                 break
             self._pending.pop(0)

@@ -10,8 +10,9 @@ import math
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from system.tracking.config import ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable
 from system.tracking.names import EXPERIMENT_KIND_TAG
@@ -53,7 +54,7 @@ def configure_http(cfg: TrackingConfig) -> None:
     REST client reads them per request) and, unless the environment says otherwise, keep MLflow
     from printing run links to stdout."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.request_retries)
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(math.ceil(cfg.request_timeout))))
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(cfg.request_timeout)))
     # MLflow prints its own run link to stdout (without the workflow the UI needs, and into the
     # JSON summary launch.train prints there); ours goes to the log
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -97,7 +98,7 @@ def connect(uri: str, experiment: str, connect_timeout: float) -> tuple[Any, str
         return client, exp.experiment_id
     except TrackingUnavailable:
         raise
-    except Exception as exc:  # noqa: BLE001 -- any failure here means "store unusable"
+    except Exception as exc:
         raise TrackingUnavailable(uri, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                                   ) from exc
 
@@ -137,7 +138,7 @@ def start_system_metrics(run_id: str, uri: str, interval_s: float) -> Any:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
         monitor.start()
         return monitor
-    except Exception as exc:  # noqa: BLE001 -- optional
+    except Exception as exc:
         log.warning("system metrics are off: %s", exc)
         return None
 
@@ -146,5 +147,5 @@ def stop_system_metrics(monitor: Any) -> None:
     """Stop a thread from :func:`start_system_metrics`; never raises."""
     try:
         monitor.finish()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass

@@ -13,14 +13,22 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from system.tracking import registry
 from system.tracking.backlog import Backlog
 from system.tracking.config import TrackingConfig, TrackingUnavailable, experiment_name, local_store_uri, resolve_uri
-from system.tracking.connection import (configure_http, connect, error_line, find_run, start_system_metrics,
-                                        stop_system_metrics, ui_base)
+from system.tracking.connection import (
+    configure_http,
+    connect,
+    error_line,
+    find_run,
+    start_system_metrics,
+    stop_system_metrics,
+    ui_base,
+)
 from system.tracking.names import RUN_STATUSES, TAG_FALLBACK, TAG_RESUMED_FROM, UI_WORKFLOW_QUERY, UNSENT_FILE
 from system.tracking.protocol import NullTracker, Tracker
 from system.tracking.secrets import redact_text
@@ -216,7 +224,7 @@ class MLflowTracker:
             from io import BytesIO
             buf = BytesIO()
             figure.savefig(buf, format="png", dpi=100)
-        except Exception as exc:  # noqa: BLE001 -- never raise into the loop
+        except Exception as exc:
             log.warning("log_figure(%s): could not render (%s); skipped", name, exc)
             return
         self._log_bytes(buf.getvalue(), name)
@@ -256,7 +264,7 @@ class MLflowTracker:
             if backlog.pending:
                 raise RuntimeError("backlog not delivered")
             self._client.set_terminated(self._run_id, status=status)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.warning("could not mark run %s as %s in %s: %s", self._run_id, status, self.uri, error_line(exc))
             backlog.keep({"kind": "end", "status": status}, count=0)
         if backlog.dropped:
@@ -279,7 +287,7 @@ class MLflowTracker:
             return {}
         try:
             return dict(self._client.get_run(self._run_id).data.params)
-        except Exception:  # noqa: BLE001 -- the send below will find out and spool
+        except Exception:
             return {}
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # --- metric names: "<section>/<name>", so the MLflow UI groups the charts in sections --------
 TRAIN_LOSS = "train/loss"

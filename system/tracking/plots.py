@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
+
 
 def plot_layer_widths(history: Sequence[tuple[int, Mapping[str, int]]], path: str | Path,
                       title: str = "Layer widths during training") -> Path:

@@ -4,7 +4,8 @@ registered in the model registry."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from system.tracking.connection import error_line, fluent_store
 
@@ -39,6 +40,6 @@ def log_model(uri: str, run_id: str, model: Any, example: Any, metadata: Mapping
         log.info("logged the final network as MLflow Model %s%s", info.model_uri,
                  f", registered as {register_as!r}" if register_as else "")
         return str(info.model_uri)
-    except Exception as exc:  # noqa: BLE001 -- never fail a finished run over its model entry
+    except Exception as exc:
         log.warning("could not log the final network as an MLflow Model in %s: %s", uri, error_line(exc))
         return None

@@ -82,6 +82,6 @@ def standard_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
 
                 paths = submitit.JobEnvironment().paths
                 tags[LOG_STDOUT], tags[LOG_STDERR] = str(paths.stdout), str(paths.stderr)
-            except Exception:  # noqa: BLE001 -- tags must never fail a run
+            except Exception:
                 pass
     return tags

@@ -79,7 +79,7 @@ def secret_values(tree: Any, key: str = "") -> list[str]:
         out.append(str(tree))
     elif isinstance(tree, str):
         for m in URL_USERINFO.finditer(tree):
-            user, _, password = m["info"].partition(":")
+            _user, _, password = m["info"].partition(":")
             out += [password] if password else []
     return out
 

@@ -36,10 +36,10 @@ VARIATIONAL = ["method.name=variational", "method.variational.check_every=2", "m
 
 
 def record(overrides: list[str], weights_out: Path | None = None) -> dict:
-    from system.runtime.faults import InjectedStop
     from system.config import load_config
-    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.run_config import RunConfig
+    from system.runtime.distributed import init_distributed, shutdown_distributed
+    from system.runtime.faults import InjectedStop
     from system.trainer import Trainer
 
     cfg = load_config(RunConfig, None, BASE + list(overrides))

@@ -28,8 +28,8 @@ class GhostBatchEngine(DeepSpeedEngine):
 
 def main(argv: list[str]) -> None:
     from system.config import load_config
-    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.run_config import RunConfig
+    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.trainer import Trainer
 
     out, micro, rest = argv[0], int(argv[1]), argv[2:]

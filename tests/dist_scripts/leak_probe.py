@@ -19,20 +19,20 @@ import sys
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from system.config import from_dict  # noqa: E402
-from system.runtime.collectives import Collectives  # noqa: E402
-from system.runtime.coordinator import Coordinator  # noqa: E402
-from system.runtime.distributed import init_distributed  # noqa: E402
-from system.runtime.engine_ds import DeepSpeedEngine  # noqa: E402
-from system.pruning.methods import build_method  # noqa: E402
-from system.models.resnet import build_model, gates_of  # noqa: E402
-from system.models.spec import dense_spec  # noqa: E402
-from system.optim import build_optimizer  # noqa: E402
-from system.run_config import RunConfig  # noqa: E402
-from system.pruning.surgery import PrunePlan  # noqa: E402
+from system.config import from_dict
+from system.models.resnet import build_model, gates_of
+from system.models.spec import dense_spec
+from system.optim import build_optimizer
+from system.pruning.methods import build_method
+from system.pruning.surgery import PrunePlan
+from system.run_config import RunConfig
+from system.runtime.collectives import Collectives
+from system.runtime.coordinator import Coordinator
+from system.runtime.distributed import init_distributed
+from system.runtime.engine_ds import DeepSpeedEngine
 
 
 def rss_mib() -> float:
@@ -92,7 +92,7 @@ def main() -> None:
             del loss  # DeepSpeed's output hooks on it reference the engine
         gates = sorted((n, g) for n, g in gates_of(engine.model).items() if g.kind == "unit" and g.theta.numel() > 1)
         name, _ = gates[i % len(gates)]
-        plan = coord.decide(method, engine.model, lambda: PrunePlan(units={name: (0,)}))
+        plan = coord.decide(method, engine.model, lambda name=name: PrunePlan(units={name: (0,)}))
         coord.apply(plan, engine, method, step=i)
         gc.collect()
         rows.append({"event": i + 1, "rss_mib": round(rss_mib(), 2), "fds": n_fds(), **live_objects()})

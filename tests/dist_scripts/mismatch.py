@@ -24,10 +24,10 @@ GATE = "layer1.0.gate1"
 
 def main(argv: list[str]) -> int:
     from system.config import load_config
-    from system.runtime.coordinator import PlanMismatch
-    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.models.resnet import gates_of
     from system.run_config import RunConfig
+    from system.runtime.coordinator import PlanMismatch
+    from system.runtime.distributed import init_distributed, shutdown_distributed
     from system.trainer import Trainer
 
     prefix, overrides = argv[0], argv[1:]

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 def main(directory: str) -> None:
     from system.config import from_dict
-    from system.runtime.engine import DistEnv
-    from system.runtime.engine_ds import CHECKPOINT_TAG, DeepSpeedEngine
     from system.models.resnet import build_model
     from system.models.spec import dense_spec
     from system.optim import build_optimizer
     from system.run_config import RunConfig
+    from system.runtime.engine import DistEnv
+    from system.runtime.engine_ds import CHECKPOINT_TAG, DeepSpeedEngine
 
     torch.manual_seed(0)
     cfg = from_dict(RunConfig, {"data": {"batch_size": 4}, "engine": {"kind": "deepspeed"}})

@@ -18,14 +18,22 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.net import free_port
 import torch
 
-from system.runtime.checkpoint import (ENV_STOP, ENV_WRITE_DELAY, MANIFEST, CheckpointError, manifest_digest, sha256_of,
-                               find_resumable, list_checkpoints, verify)
 from system.pruning.complexity import count
+from system.runtime.checkpoint import (
+    ENV_STOP,
+    ENV_WRITE_DELAY,
+    MANIFEST,
+    CheckpointError,
+    find_resumable,
+    list_checkpoints,
+    manifest_digest,
+    sha256_of,
+    verify,
+)
 from tests.ckpt_scripts.harness import TAYLOR, VARIATIONAL, WDS, record
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24  # 2 epochs x 12 steps

@@ -14,15 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.net import free_port
 import torch
 
 from system.config import ConfigError, from_dict, load_config
+from system.run_config import RunConfig
 from system.runtime.coordinator import PlanMismatch
 from system.runtime.engine import DistEnv
 from system.runtime.engine_ds import DeepSpeedEngine, check_engine_config, deepspeed_config
-from system.run_config import RunConfig
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable

@@ -17,11 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.net import free_port
-
-from system.runtime.rendezvous import (RendezvousError, choose_socket_ifname, is_comm_failure, resolve_host,
-                                      route_interface)
+from system.runtime.rendezvous import (
+    RendezvousError,
+    choose_socket_ifname,
+    is_comm_failure,
+    resolve_host,
+    route_interface,
+)
 from tests.distributed.test_distributed import ROOT, SMALL, _env, ds_ops  # noqa: F401  (fixture)
+from tests.net import free_port
 
 PY = sys.executable
 
@@ -58,7 +62,7 @@ def _wait_checkpoint(tmp: Path, err: Path, timeout: float = 240) -> Path:
 def test_lost_rank_is_named_and_the_survivor_stops(ds_ops, tmp_path: Path, how: str):  # noqa: F811
     timeout_s = 8
     procs = _start(tmp_path, free_port(), f"engine.collective_timeout_s={timeout_s}", "checkpoint.every_steps=3")
-    (p0, err0), (p1, err1) = procs
+    (_p0, err0), (_p1, _err1) = procs
     # rank0-killed: the lost rank hosts the rendezvous store; rank 1 survives and must name it
     (victim, _), (survivor, err) = (procs[0], procs[1]) if how == "rank0-killed" else (procs[1], procs[0])
     try:

@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from launch.compare import RunRow, format_table, main, pareto_front
-from system.tracking import (TAG_CODE_VERSION, TAG_DEVICE, TAG_METHOD, TAG_MODEL, TAG_WORLD_SIZE,
-                             TRAIN_LOSS, TrackingConfig, final_metrics, make_tracker)
+from system.tracking import (
+    TAG_CODE_VERSION,
+    TAG_DEVICE,
+    TAG_METHOD,
+    TAG_MODEL,
+    TAG_WORLD_SIZE,
+    TRAIN_LOSS,
+    TrackingConfig,
+    final_metrics,
+    make_tracker,
+)
 from tests.mlflow_server import TEST_CLIENT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]

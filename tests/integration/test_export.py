@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.export import FORMATS, main as export_main
+from launch.export import FORMATS
+from launch.export import main as export_main
 from system.export import load_bundle
 from system.trainer import Trainer
 from tests.methods_util import STRONG, tiny_config

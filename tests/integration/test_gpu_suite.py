@@ -18,8 +18,8 @@ import torch
 from pipelines.config import DataConfig
 from pipelines.loaders import build_loader
 from pipelines.shardset import ShardSet
-from system.pruning.complexity import count
 from system.models.spec import dense_spec
+from system.pruning.complexity import count
 from system.pruning.surgery import plan_spec
 
 ROOT = Path(__file__).resolve().parents[2]

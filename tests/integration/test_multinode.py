@@ -26,8 +26,8 @@ from launch.config import load_job
 from launch.slurm_cmd import run_slurm
 from launch.waiting import continued_on_fewer
 from system.config import ConfigError
-from tests.integration.test_submit import CONFIG, TINY, _final, _mlflow_runs, _resumed_steps, _wait_for
 from tests.integration.test_slurm_cluster import _sacct_state
+from tests.integration.test_submit import CONFIG, TINY, _final, _mlflow_runs, _resumed_steps, _wait_for
 from tests.slurm_cluster import SCRIPT, multi_partition
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600)]

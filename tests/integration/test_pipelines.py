@@ -192,7 +192,7 @@ def test_dali_cpu_and_wds_deliver_same_labels(shard_dir, split):
                 runs = {}
                 for kind in ("dali", "wds"):
                     cfg = DataConfig(loader=kind, root=str(shard_dir), **SMALL)
-                    loader, batches = _epoch(cfg, split, rank, world, seed=5, epoch=epoch)
+                    _loader, batches = _epoch(cfg, split, rank, world, seed=5, epoch=epoch)
                     for x, y in batches:
                         assert x.dtype == torch.float32 and x.shape == (4, 3, 24, 24) and y.dtype == torch.int64
                     runs[kind] = _labels(batches)
@@ -284,7 +284,7 @@ def test_corrupt_sample_at_read_time_is_skipped_and_counted(shard_dir, tmp_path,
 def test_a_bad_label_is_skipped_and_named_with_its_shard(shard_dir, tmp_path, kind, payload, caplog):
     """A class id out of range or a label that is not a number: the sample is skipped (padding in
     val), counted against its shard and logged with it; the epoch goes on."""
-    tar, key = _corrupt_copy(shard_dir, tmp_path / "cls", "val", "cls", lambda b: payload)
+    tar, _key = _corrupt_copy(shard_dir, tmp_path / "cls", "val", "cls", lambda b: payload)
     cfg = DataConfig(loader=kind, root=str(tmp_path / "cls"), **SMALL)
     with caplog.at_level(logging.WARNING):
         loader, batches = _epoch(cfg, "val", 0, 1)
@@ -305,7 +305,7 @@ def _train_on(root: Path, tmp_path: Path, *over: str) -> dict:
 
 @pytest.mark.parametrize("kind", ["wds", "dali"])
 def test_a_run_over_a_damaged_sample_finishes_and_reports_it(shard_dir, tmp_path, kind):
-    tar, _ = _corrupt_copy(shard_dir, tmp_path / "bad", "train", "cls", lambda b: b"x1")
+    _tar, _ = _corrupt_copy(shard_dir, tmp_path / "bad", "train", "cls", lambda b: b"x1")
     summary = _train_on(tmp_path / "bad", tmp_path, kind, "data.max_skip_frac=0.1", "tracking.enabled=true")
     assert summary["samples_skipped"] == 1 and summary["steps"] == 10
     from mlflow.tracking import MlflowClient

@@ -102,8 +102,7 @@ def test_a_remote_manifest_that_does_not_match_its_shards_is_refused_before_trai
     shutil.copytree(DEMO_ROOT, data)
     victim = data / "train-000001.tar"
     victim.write_bytes(victim.read_bytes()[:-1024])  # truncated on the server
-    with serve(data) as url:
-        with pytest.raises(ShardSetError) as err:
-            Trainer(_cfg(tmp_path, url))
+    with serve(data) as url, pytest.raises(ShardSetError) as err:
+        Trainer(_cfg(tmp_path, url))
     assert f"{url}/train-000001.tar" in str(err.value) and "bytes" in str(err.value)
     assert not (tmp_path / "run").exists()

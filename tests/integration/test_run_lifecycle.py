@@ -89,7 +89,7 @@ def test_an_explicit_resume_path_without_a_checkpoint_is_an_error(tmp_path, what
     if what == "no_checkpoint":
         target.mkdir()
     proc = _cli(tmp_path, "train.max_steps=3", f"run.dir={tmp_path / 'ux-a'}", f"run.resume={target}")
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     assert "run.resume" in err and str(target) in err
     assert ("does not exist" if what == "missing" else "no complete checkpoint") in err
@@ -105,7 +105,7 @@ def test_a_second_launch_into_a_live_run_is_refused_and_a_dead_holder_taken_over
     try:
         _wait_for(live, "step-00000002")
         second = _cli(tmp_path, *common)
-        out, err = second.communicate(timeout=300)
+        _, err = second.communicate(timeout=300)
         assert second.returncode == 2
         assert "in use by a live run" in err and f"pid {live.pid}" in err
         holder = json.loads((run_dir / LOCK).read_text())
@@ -115,7 +115,7 @@ def test_a_second_launch_into_a_live_run_is_refused_and_a_dead_holder_taken_over
         live.wait()
     assert (run_dir / LOCK).exists()
     third = _cli(tmp_path, *common[:1], "train.max_steps=6", "checkpoint.every_steps=2", "run.resume=auto")
-    out, err = third.communicate(timeout=300)
+    _out, err = third.communicate(timeout=300)
     assert third.returncode == 0, err[-3000:]
     assert "taking over the stale lock" in err and f"pid {live.pid} is no longer running" in err
     assert "resumed from" in err
@@ -143,7 +143,7 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path):
     proc = _cli(tmp_path, f"run.dir={run_dir}", "train.epochs=50", "checkpoint.every_steps=4")
     _wait_for(proc, "step-00000004")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     line = [ln for ln in err.splitlines() if ln.startswith("interrupted: stopped after step")]
@@ -173,6 +173,6 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     time.sleep(1.0)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and time.monotonic() - t0 < 30
     assert "interrupted again: stopped at once" in err and "Traceback" not in err

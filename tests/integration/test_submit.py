@@ -269,9 +269,9 @@ def test_elastic_continuation_keeps_the_global_batch():
 def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):
     """Without Slurm: a stop request mid-run saves at the next step, raises Preempted; resuming equals
     the uninterrupted run."""
-    from system.runtime import preemption
     from system.config import load_config
     from system.run_config import RunConfig
+    from system.runtime import preemption
     from system.trainer import Trainer
     from tests.ckpt_scripts.harness import BASE, TAYLOR
 

@@ -12,9 +12,23 @@ import pytest
 
 from system.config import ConfigError, from_dict
 from system.tracking import (
-    FINAL_PREFIX, MODEL_MACS, SUMMARY_ARTIFACT, TAG_FALLBACK, TAG_METHOD, TRAIN_LOSS, VAL_TOP1,
-    MLflowTracker, NullTracker, Tracker, TrackingConfig, TrackingUnavailable, final_metrics,
-    local_store_uri, make_tracker, plot_layer_widths)
+    FINAL_PREFIX,
+    MODEL_MACS,
+    SUMMARY_ARTIFACT,
+    TAG_FALLBACK,
+    TAG_METHOD,
+    TRAIN_LOSS,
+    VAL_TOP1,
+    MLflowTracker,
+    NullTracker,
+    Tracker,
+    TrackingConfig,
+    TrackingUnavailable,
+    final_metrics,
+    local_store_uri,
+    make_tracker,
+    plot_layer_widths,
+)
 from tests.mlflow_server import TEST_CLIENT_ENV, MlflowServer, free_port
 
 pytestmark = pytest.mark.slow

@@ -14,19 +14,18 @@
 from __future__ import annotations
 
 import json
-import re
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 import uuid
-
-import torch
 from pathlib import Path
 
 import pytest
+import torch
 
 from system import tracking as T
 from system.trainer import Trainer
@@ -315,7 +314,7 @@ def test_server_killed_mid_run_training_finishes(tmp_path, caplog):
             try:
                 if rid and client.get_metric_history(rid, T.TRAIN_LOSS):
                     break
-            except Exception:  # noqa: BLE001 -- not created yet
+            except Exception:
                 pass
             time.sleep(0.05)
         killed_at.append(trainer.state.step)

@@ -4,8 +4,8 @@ compare's matched-budget table."""
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import subprocess
 import sys

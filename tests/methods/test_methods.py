@@ -41,7 +41,7 @@ def test_strong_method_removes_structures_and_summary_matches_inspect(tmp_path, 
 
 
 def test_training_macs_per_step_drop_after_a_removal(tmp_path):
-    trainer, summary = _train(tmp_path, *STRONG["variational"], steps=12)
+    _trainer, summary = _train(tmp_path, *STRONG["variational"], steps=12)
     # recompute: if every step had run on the final (smaller) network, train MACs would be lower still
     per_step_dense = summary["train_macs_dense"] / summary["steps"]
     per_step_final = 3.0 * summary["macs"] * 16
@@ -67,7 +67,7 @@ def test_theta_stays_in_unit_interval(tmp_path, method):
 
 
 def test_egp_reports_sparsity(tmp_path):
-    trainer, summary = _train(tmp_path, *STRONG["egp"])
+    _trainer, summary = _train(tmp_path, *STRONG["egp"])
     det = summary["method_details"]
     assert 0.5 < det["sparsity"] < 1.0 and det["iterations"] == 3
 

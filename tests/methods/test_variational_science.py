@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from system.export import load_exported
-from system.pruning.methods.variational.estimators import exact_term
 from system.models.resnet import build_model, gates_of, set_gate_mode
 from system.models.spec import dense_spec
+from system.pruning.methods.variational.estimators import exact_term
 from system.trainer import Trainer, seed_everything, seed_rank_stream
 from tests.methods_util import STRONG, tiny_config
 

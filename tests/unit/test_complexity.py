@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 
-from system.pruning.complexity import count, expected
 from system.models.resnet import build_model, gates_of
 from system.models.spec import ArchSpec, BlockSpec, dense_spec
+from system.pruning.complexity import count, expected
 
 # docs/method.md section 4, with the precision they are quoted at.
 REFERENCE = {
@@ -70,7 +70,7 @@ def test_expected_gradients_match_finite_differences(name):
     unit, layer = _thetas(build_model(spec))
     leaves = list(unit.values()) + list(layer.values())
     for which in (0, 1):
-        def f(*ts):
+        def f(*ts, which=which):
             return expected(spec, dict(zip(unit, ts[:len(unit)])), dict(zip(layer, ts[len(unit):])))[which]
         grads = torch.autograd.grad(f(*leaves), leaves)
         eps = 1e-4
@@ -88,7 +88,7 @@ def _tiny_spec(block="basic"):
     inner = (2,) if block == "basic" else (2, 1)
     return ArchSpec(name="tiny", family="cifar" if block == "basic" else "imagenet", block=block,
                     num_classes=3, input_size=8 if block == "basic" else 32, stem_width=4,
-                    stage_widths=(4, 8) if block == "basic" else (4, 8),
+                    stage_widths=(4, 8),
                     blocks=((BlockSpec(inner),), (BlockSpec(inner),)), shortcut="B")
 
 

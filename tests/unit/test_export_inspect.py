@@ -2,17 +2,17 @@
 
 import json
 import subprocess
-import warnings
 import sys
+import warnings
 
 import pytest
 import torch
 
 from launch.inspect import main as inspect_main
-from system.pruning.complexity import count
 from system.export import deploy_model, export_model, load_exported
 from system.models.resnet import build_model, gates_of, set_gate_mode
 from system.models.spec import SpecError, dense_spec
+from system.pruning.complexity import count
 from system.pruning.surgery import apply_plan, plan_from_gates
 
 
@@ -45,7 +45,7 @@ def test_export_folds_gates_and_loads_back(tmp_path, mode):
     ref.load_state_dict(model.state_dict())
     set_gate_mode(ref, unit=mode, layer=mode)
     with torch.no_grad():
-        for n, g in gates_of(ref).items():
+        for _n, g in gates_of(ref).items():
             g.theta[g.theta <= 0.5] = 0.0
         expect = ref.eval()(x)
         torch.testing.assert_close(plain(x), expect, rtol=1e-5, atol=1e-5)
@@ -84,7 +84,7 @@ def test_inspect_name_json(capsys):
 
 def test_inspect_spec_and_run_dir(tmp_path, capsys):
     model = _trained_like()
-    small, spec, _ = apply_plan(model, plan_from_gates(model))
+    _small, spec, _ = apply_plan(model, plan_from_gates(model))
     (tmp_path / "s.json").write_text(spec.to_json())
     assert inspect_main([str(tmp_path / "s.json"), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)

@@ -4,14 +4,14 @@ import math
 
 import pytest
 
-from system.pruning.methods import MethodConfig, build_method
-from system.pruning.methods.variational import VariationalConfig
 from system.models.resnet import build_model
 from system.models.spec import dense_spec
 from system.optim import build_optimizer, lr_factor, set_lrs
-from system.run_config import OptimConfig
+from system.pruning.methods import MethodConfig, build_method
+from system.pruning.methods.variational import VariationalConfig
 from system.pruning.surgery import PrunePlan, apply_plan
 from system.pruning.transplant import transplant_optimizer
+from system.run_config import OptimConfig
 
 THETA = {"unit": 0.5, "layer": 0.1}
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from system.pruning.methods.variational import Variational, VariationalConfig
 from system.models.resnet import build_model, gates_of
 from system.models.spec import dense_spec
+from system.pruning.methods.variational import Variational, VariationalConfig
 
 
 def _setup(**kw):

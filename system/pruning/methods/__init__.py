@@ -59,5 +59,16 @@ def build_method(cfg: MethodConfig, total_steps: int, weight_decay: float = 0.0)
                              weight_decay=weight_decay)
 
 
-__all__ = ["Batch", "Event", "Method", "MethodConfig", "StepContext", "build_method", "METHODS",
-           "VariationalConfig", "TaylorConfig", "EGPConfig", "L1Config"]
+__all__ = [
+    "METHODS",
+    "Batch",
+    "EGPConfig",
+    "Event",
+    "L1Config",
+    "Method",
+    "MethodConfig",
+    "StepContext",
+    "TaylorConfig",
+    "VariationalConfig",
+    "build_method",
+]

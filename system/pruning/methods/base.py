@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from system.config import check
-from system.pruning.methods.base import Event, Method, StepContext, remap_stores, round_removal
 from system.models.anatomy import anatomy, block_of
 from system.models.resnet import GatedResNet, RemovedBlock, set_gate_mode
+from system.pruning.methods.base import Event, Method, StepContext, remap_stores, round_removal
 from system.pruning.surgery import PrunePlan, Slices, select
 
 
@@ -143,7 +143,7 @@ class EGP(Method):
         share = torch.softmax(logits - logits.max(), dim=0)
         budget = int(self.cfg.prune_frac * sum(remaining.values()))
         for g, sh in zip(names, share.tolist()):
-            k = min(int(math.floor(sh * budget)), max(0, remaining[g] - 1))
+            k = min(math.floor(sh * budget), max(0, remaining[g] - 1))
             if k <= 0:
                 continue
             wname = cands[g][0]
@@ -156,7 +156,7 @@ class EGP(Method):
         self.done_iterations += 1
         # 2. structures: dead channels and zero-entropy branches
         units, blocks = {}, []
-        for bname, blk in model.named_blocks():
+        for bname, _blk in model.named_blocks():
             gates = [g for g in names if g.startswith(bname + ".")]
             if not gates:
                 continue

@@ -32,8 +32,15 @@ import torch
 from system.config import check
 from system.models.resnet import GatedResNet, set_gate_mode
 from system.pruning.complexity import count, expected
-from system.pruning.methods.base import (Event, Method, StepContext, all_finite, remap_stores, round_removal,
-                                         unit_and_layer_gates)
+from system.pruning.methods.base import (
+    Event,
+    Method,
+    StepContext,
+    all_finite,
+    remap_stores,
+    round_removal,
+    unit_and_layer_gates,
+)
 from system.pruning.surgery import PrunePlan, Slices, plan_from_removals
 
 
@@ -184,7 +191,7 @@ class Ranking(Method):
         """How many of the lowest-ranked gates must go to reach the target (gate count or MACs)."""
         remaining = len(owner)
         if self.target is None:
-            return remaining - int(round(self.cfg.keep_ratio * self.total_gates))
+            return remaining - round(self.cfg.keep_ratio * self.total_gates)
         spec = model.spec()
         target, dense = self.target, self.dense_macs
         assert dense is not None  # set by attach

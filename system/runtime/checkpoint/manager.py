@@ -24,21 +24,40 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from system.config import flatten
+from system.config import check, flatten
 from system.io import atomic_write_text, replace_dir
 from system.models.spec import ArchSpec
-from system.config import check
-from system.runtime.checkpoint.files import (BENIGN_KEYS, STEP_DIR_NAME, CKPT_SUBDIR, FORMAT, LATEST, MANIFEST, SPEC,
-                                             TMP_PREFIX, CheckpointError, CheckpointInfo, ckpt_root,
-                                             files_under, fsync_dir, fsync_file, info_of, load_pt,
-                                             manifest_digest, sha256_of, step_of, find_resumable,
-                                             read_manifest, read_rank_state)
+from system.runtime.checkpoint.files import (
+    BENIGN_KEYS,
+    CKPT_SUBDIR,
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    SPEC,
+    STEP_DIR_NAME,
+    TMP_PREFIX,
+    CheckpointError,
+    CheckpointInfo,
+    ckpt_root,
+    files_under,
+    find_resumable,
+    fsync_dir,
+    fsync_file,
+    info_of,
+    load_pt,
+    manifest_digest,
+    read_manifest,
+    read_rank_state,
+    sha256_of,
+    step_of,
+)
 from system.runtime.checkpoint.parts import Stateful, derived_rng
 from system.runtime.faults import Faults
 

@@ -17,7 +17,8 @@ Each returns a term whose theta_B gradient is the estimate (its value is not a l
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, cast
+from collections.abc import Iterator
+from typing import cast
 
 import torch
 

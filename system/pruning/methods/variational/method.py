@@ -32,19 +32,28 @@ import bisect
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, cast
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 
+from system.models.anatomy import LAYER_GATE, anatomy, last_bn, split_gate_name
+from system.models.resnet import GatedResNet, RemovedBlock, gates_of, set_gate_mode
 from system.pruning.complexity import count, expected, suffix_macs
+from system.pruning.methods.base import (
+    Batch,
+    Event,
+    Method,
+    StepContext,
+    all_finite,
+    remap_stores,
+    round_removal,
+    unit_and_layer_gates,
+)
 from system.pruning.methods.variational.config import VariationalConfig
 from system.pruning.methods.variational.estimators import conditional_term, exact_term, paired_differences
 from system.pruning.methods.variational.rounding import round_thetas
 from system.pruning.methods.variational.terms import gated_decay_term
-from system.pruning.methods.base import (Batch, Event, Method, StepContext, all_finite, remap_stores, round_removal,
-                                         unit_and_layer_gates)
-from system.models.anatomy import LAYER_GATE, anatomy, last_bn, split_gate_name
-from system.models.resnet import GatedResNet, RemovedBlock, gates_of, set_gate_mode
 from system.pruning.surgery import PrunePlan, Slices, plan_from_gates, plan_from_removals, plan_spec
 
 log = logging.getLogger(__name__)
@@ -483,7 +492,7 @@ class Variational(Method):
         removals: dict[str, torch.Tensor] = {}
         blocks: list[str] = []
         anat = anatomy(model.block_kind)
-        for bname, blk in model.named_blocks():
+        for bname, _blk in model.named_blocks():
             lg = f"{bname}.{LAYER_GATE}"
             if lg in flagged and bool(flagged[lg].all()):
                 blocks.append(bname)
