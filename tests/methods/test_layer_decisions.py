@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import system.build as build_mod
 import system.runtime.coordinator as coordinator_mod
 import system.trainer as trainer_mod
 from system.config import ConfigError, apply_overrides, from_dict, read_yaml
@@ -122,7 +123,7 @@ def planted_run(tmp_path_factory):
     """The default recipe (demo data, a 0.5 target) on a ResNet-20 with the two planted blocks:
     the trainer and every block removal as (step, block, 'rule' | 'rounding')."""
     tmp_path = tmp_path_factory.mktemp("planted")
-    real_build, real_apply = trainer_mod.build_model, coordinator_mod.apply_plan
+    real_build, real_apply = build_mod.build_model, coordinator_mod.apply_plan
 
     def apply_and_plant(model, plan):
         new, spec, slices = real_apply(model, plan)
@@ -135,7 +136,8 @@ def planted_run(tmp_path_factory):
                  "method.target_macs=0.5", "method.variational.check_every=0"]  # the method's defaults otherwise
     cfg = from_dict(RunConfig, apply_overrides(read_yaml(ROOT / "configs" / "demo.yaml"), overrides))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_mod, "build_model", lambda spec, gates=True: _plant(real_build(spec, gates)))
+        # the run's network comes from system.build (build_network): plant there
+        mp.setattr(build_mod, "build_model", lambda spec, gates=True: _plant(real_build(spec, gates)))
         mp.setattr(coordinator_mod, "apply_plan", apply_and_plant)
         trainer = trainer_mod.Trainer(cfg)
         m = trainer.method
