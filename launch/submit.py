@@ -60,6 +60,7 @@ from launch.preflight import check_job, check_tracking
 from launch.slurm_job import TrainJob, base_name, batch_script, make_executor, run_name, train_command
 from launch.waiting import Submitted, report, wait
 from system.config import ConfigError, to_dict
+from system.tracking.config import sqlite_file
 from system.tracking.secrets import redact_text
 
 try:  # a project dependency; only needed to submit and inside jobs
@@ -109,11 +110,12 @@ def resolve_paths(job: Job) -> Job:
 
 def init_local_store(uri: str) -> None:
     """Create a missing embedded sqlite store now: the runs of an array would race to create its tables."""
-    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_file(uri)
+    if db is None or db.exists():
         return
     from mlflow.tracking import MlflowClient
 
-    Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    db.parent.mkdir(parents=True, exist_ok=True)
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
@@ -126,7 +128,8 @@ def finished(job: Job, name: str) -> bool:
     if not cfg.tracking.enabled:
         return (Path(cfg.run.root) / name / "summary.json").is_file()
     uri = resolve_uri(cfg.tracking, cfg.run.root)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_file(uri)
+    if db is not None and not db.exists():
         return False
     from mlflow.tracking import MlflowClient
 

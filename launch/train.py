@@ -93,6 +93,7 @@ def _warn_network_store(cfg: RunConfig) -> None:
     """One run on its own may use the embedded SQLite store on a network filesystem (one writer), with a
     warning; launch.submit refuses it (the jobs of an array write at once)."""
     from system.tracking import resolve_uri
+    from system.tracking.config import sqlite_file
     from system.tracking.login import check_store_filesystem
 
     if not cfg.tracking.enabled or int(os.environ.get("RANK", 0)) != 0:
@@ -103,7 +104,7 @@ def _warn_network_store(cfg: RunConfig) -> None:
         logging.getLogger("launch.train").warning(
             "the embedded SQLite tracking store %s is on a network filesystem (%s): safe for this one run, "
             "not for several at once; for a team or a sweep use a server (parsimony-tracking serve) and "
-            "tracking.uri", uri[len("sqlite:///"):], fstype)
+            "tracking.uri", sqlite_file(uri), fstype)
 
 
 def _on_interrupt() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.net import free_port
+from tests.procs import stop_group
 
 # Client side: fail fast against a dead server instead of retrying for minutes.
 TEST_CLIENT_ENV = {
@@ -80,15 +81,7 @@ class MlflowServer:
         """Stop the server and its workers (SIGKILL by default: a server that dies)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc, sig)
         self._log.close()
 
 

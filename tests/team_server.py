@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tests.mlflow_server import TEST_CLIENT_ENV
 from tests.net import free_port
+from tests.procs import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_PASSWORD = "admin-Pa55word-for-tests"
@@ -75,11 +76,5 @@ class TeamServer:
         assert r.returncode == 0, r.stderr[-2000:]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc, signal.SIGTERM, wait_s=30)
         self._log.close()

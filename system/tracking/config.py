@@ -79,9 +79,17 @@ class TrackingUnavailable(RuntimeError):
             "to record the run in the local store.")
 
 
+SQLITE = "sqlite:///"
+
+
 def local_store_uri(runs_root: str | Path) -> str:
     """URI of the embedded sqlite store under ``runs_root`` (absolute, so cwd does not matter)."""
-    return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
+    return f"{SQLITE}{Path(runs_root).resolve() / 'mlflow.db'}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store URI (None for any other store)."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
 
 
 def resolve_uri(cfg: TrackingConfig, runs_root: str | Path) -> str:

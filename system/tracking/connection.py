@@ -11,10 +11,9 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from system.tracking.config import ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable
+from system.tracking.config import ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable, sqlite_file
 from system.tracking.names import EXPERIMENT_KIND_TAG
 from system.tracking.secrets import split_login
 
@@ -75,16 +74,15 @@ def connect(uri: str, experiment: str, connect_timeout: float) -> tuple[Any, str
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    is_local = uri.startswith("sqlite:///")
-    if is_local:
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)
     try:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             # Locally, artifacts live beside the database (not in ./mlruns of whatever cwd).
-            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment
-                        ).as_uri() if is_local else None
+            location = (db.parent / "mlartifacts" / experiment).as_uri() if db is not None else None
             try:
                 return client, client.create_experiment(
                     experiment, artifact_location=location,

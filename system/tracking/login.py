@@ -11,11 +11,10 @@ import base64
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from system.config import ConfigError
 from system.mounts import mount_of
-from system.tracking.config import TrackingUnavailable
+from system.tracking.config import TrackingUnavailable, sqlite_file
 from system.tracking.secrets import credentials, redact_text, split_login
 
 SEARCH = "/api/2.0/mlflow/experiments/search"
@@ -63,17 +62,16 @@ def check_login(uri: str, timeout: float = 10.0) -> str | None:
 def check_store_filesystem(uri: str, mountinfo: str | None = None) -> str | None:
     """For a ``sqlite:///`` store: the filesystem type of its folder when that is a network filesystem
     (else None).  ``mountinfo`` as in :func:`system.mounts.mount_of`."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         return None
-    folder = Path(uri[len("sqlite:///"):]).parent
-    m = mount_of(folder, mountinfo)
+    m = mount_of(db.parent, mountinfo)
     return m.fstype if m.network else None
 
 
 def network_store_error(uri: str, fstype: str, key: str = "run.root") -> ConfigError:
-    folder = Path(uri[len("sqlite:///"):]).parent
     return ConfigError(key, (
-        f"the embedded SQLite tracking store {folder / 'mlflow.db'} would sit on a network filesystem "
+        f"the embedded SQLite tracking store {sqlite_file(uri)} would sit on a network filesystem "
         f"({fstype}): SQLite's locking is unreliable there and the jobs of an array would write to it at "
         f"once. Start a server for the team (parsimony-tracking serve --root <local dir> --host <address>) "
         f"and set tracking.uri=http://<address>:<port>, or put {key} on a local disk"))

@@ -39,7 +39,7 @@ class L1(Ranking):
     def step_scores(self, model: GatedResNet) -> dict[str, torch.Tensor]:
         blocks = dict(model.named_blocks())
         out = {}
-        for name in self.smooth.keys() | self.acc.keys():
+        for name in self.acc:  # every unit gate (attach fills it; surgery remaps it)
             block, gate = split_gate_name(name)
             conv = getattr(blocks[block], anatomy(model.block_kind).unit(gate).conv)
             norms = conv.weight.detach().abs().sum(dim=(1, 2, 3)).float()
