@@ -88,9 +88,9 @@ def main() -> None:
         t = time.perf_counter()
         loss = F.cross_entropy(engine.forward(x).float(), y)
         engine.backward(loss)
-        method.after_backward(engine.model)
+        method.after_backward(engine.model, 0)
         engine.step()
-        method.after_step(engine.model)
+        method.after_step(engine.model, 0)
         sync(device)
         return time.perf_counter() - t
 

@@ -18,18 +18,43 @@ checkpoint package's and the engines' public readers (never through an engine's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipelines.loaders import build_loader
 from system.config import ConfigError, from_dict
 from system.models.resnet import GatedResNet, build_model, zero_init_residual
 from system.models.spec import ArchSpec, dense_spec
 from system.optim import build_optimizer
 from system.pruning.methods import Method, build_method
+from system.pruning.methods.base import smallest_macs_frac
 from system.run_config import RunConfig
 from system.runtime.checkpoint import CheckpointInfo, read_rank_state, verify
 from system.runtime.engine import DistEnv, Engine, LocalEngine, saved_model_weights
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How long a run is, from its config and its training data."""
+
+    steps_per_epoch: int
+    num_classes: int
+    total_steps: int  # train.epochs x steps_per_epoch, at most train.max_steps
+    global_batch: int  # data.batch_size x ranks
+
+
+def run_shape(cfg: RunConfig, env: DistEnv) -> RunShape:
+    """The run's shape; a batch larger than the training set is a :class:`ConfigError` naming ``data.batch_size``."""
+    probe = build_loader(cfg.data, "train", env.rank, env.world_size, cfg.train.seed, 0)
+    if probe.batches_per_epoch == 0:
+        raise ConfigError("data.batch_size", f"{cfg.data.batch_size} x {env.world_size} ranks exceeds the "
+                          f"{probe.num_samples} training samples in {cfg.data.root}")
+    total = cfg.train.epochs * probe.batches_per_epoch
+    return RunShape(probe.batches_per_epoch, probe.num_classes,
+                    min(total, cfg.train.max_steps) if cfg.train.max_steps else total,
+                    cfg.data.batch_size * env.world_size)
 
 
 def dense_spec_for(cfg: RunConfig, num_classes: int) -> ArchSpec:
@@ -48,7 +73,8 @@ def build_network(cfg: RunConfig, spec: ArchSpec, device: torch.device | str = "
 
 def build_pruning_method(cfg: RunConfig, total_steps: int, model: GatedResNet | None = None) -> Method:
     """The ``method.*`` plug-in for a run of ``total_steps``; with ``model``, checked against it (a
-    model it cannot prune is a :class:`ConfigError` naming ``method.name``, or the key it names)."""
+    model it cannot prune is a :class:`ConfigError` naming ``method.name``, or the key it names; a
+    ``method.target_macs`` below every plan's reach names that key)."""
     method = build_method(cfg.method, total_steps, weight_decay=cfg.optim.weight_decay)
     if model is not None:
         try:
@@ -57,6 +83,13 @@ def build_pruning_method(cfg: RunConfig, total_steps: int, model: GatedResNet | 
             raise
         except ValueError as exc:
             raise ConfigError("method.name", str(exc)) from None
+        target = cfg.method.target_macs
+        if target is not None:  # against the dense network (a resumed model is already pruned)
+            floor = smallest_macs_frac(dense_spec_for(cfg, model.spec().num_classes))
+            if target < floor:
+                raise ConfigError("method.target_macs", f"{target} is below the smallest network method "
+                                  f"'{cfg.method.name}' can reach on {cfg.model.name}: {floor:.4f} of the dense MACs "
+                                  f"(every residual block removed; the stem, projection shortcuts and classifier stay)")
     return method
 
 

@@ -89,9 +89,11 @@ def build_optimizer(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, f
                           "method that trains theta")
     lr = scaled_lr(cfg, global_batch)
     groups = param_groups(model, cfg, theta_lrs, lr, exempt, theta_momentum)
+    # foreach: one multi-tensor op per update step for all parameters (the default on CUDA; explicit so
+    # the CPU runs the same step, and the op budget of bench/step_budget.py counts what a GPU launches)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:

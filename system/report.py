@@ -1,12 +1,16 @@
-"""The end of a run: the deployed network, its summary, and what is written and logged of it.
+"""What a run reports: its start and pruning events to the tracker, and its end: the deployed network,
+its summary, and what is written and logged of it.
 
-Shared by the trainer (:meth:`system.trainer.Trainer.finish`) and ``launch/export`` (a checkpoint's
-network is deployed the same way as a finished run's):
+The end is shared by the trainer (:meth:`system.trainer.Trainer.finish`) and ``launch/export`` (a
+checkpoint's network is deployed the same way as a finished run's):
 
+- :func:`start_run`: the tracking run (resumed into the same one), its params and tags, the config;
+- :func:`log_prune_event`: the counters and the model's size after a pruning event, the new spec;
 - :func:`deploy`: the gate-free network, the method's gates folded as the run declares
   (``run.export_gates``, ``auto``: the method's own choice);
 - :func:`preprocess_of`: what an input of the deployed network must look like (from ``data.*``);
 - :func:`summary_of`: the ``summary.json`` record;
+- :func:`export_final`: ``final/`` and the latency figures of the deployed network;
 - :func:`log_final`: the final metrics, the MLflow Model, the artifacts and the layer-width plot.
 """
 
@@ -18,16 +22,52 @@ from typing import Any
 
 import torch
 
+from pipelines.loaders import class_names
 from system import tracking as T
-from system.export import deploy_model
+from system.config import flatten, to_dict
+from system.export import deploy_model, save_deployed
 from system.io import atomic_write_json
-from system.models.resnet import GatedResNet
+from system.latency import measure_latency
+from system.models.resnet import GatedResNet, build_model
 from system.models.spec import ArchSpec
+from system.pruning.complexity import count
 from system.pruning.methods import Method
+from system.tracking.secrets import redacted
 
 log = logging.getLogger(__name__)
 #: a run with ``method.target_macs`` reached it when its final MACs fraction is this close
 TARGET_TOLERANCE = 0.05
+
+
+def start_run(tracker, cfg, run_dir: Path, world_size: int, device: str, run_id: str | None) -> str | None:
+    """Start (``run_id``: resume) the tracking run of ``run_dir``, with the config as params (no password,
+    token or URL login) and the run's tags, and the resolved ``config.json`` as an artifact; its run id."""
+    params = flatten(redacted(to_dict(cfg)))
+    tags = {T.TAG_METHOD: cfg.method.display, T.TAG_MODEL: cfg.model.name, T.TAG_WORLD_SIZE: world_size,
+            T.TAG_DEVICE: device, T.TAG_CODE_VERSION: T.code_version(), **T.standard_tags()}
+    started = tracker.start(run_dir.name, params=params, tags=tags, run_id=run_id)
+    tracker.log_artifact(run_dir / T.CONFIG_ARTIFACT)  # the resolved config, as written
+    return started
+
+
+def log_prune_event(tracker, state, spec: ArchSpec, rebuild_s: float) -> None:
+    """After a pruning event (``state``: the loop state, counters updated): the counters, the model's size
+    and the rebuild time as metrics, the new spec as an artifact."""
+    s = state
+    macs, params = count(spec)
+    tracker.log_metrics({T.PRUNE_EVENTS: s.prune_events, T.PRUNE_CHANNELS_REMOVED: s.channels_removed,
+                         T.PRUNE_BLOCKS_REMOVED: s.blocks_removed, T.PRUNE_REBUILD_S: rebuild_s,
+                         T.MODEL_MACS: macs, T.MODEL_PARAMS: params}, step=s.step)
+    tracker.log_dict(spec.to_dict(), f"specs/step{s.step:08d}.json")
+
+
+def export_final(cfg, deployed: GatedResNet, dense: ArchSpec, run_dir: Path) -> dict[str, Any]:
+    """Rank 0: ``final/`` (the deployed network, its classes and preprocessing), then its latency on the
+    CPU against the dense network's, measured in this process (:func:`system.latency.measure_latency`)."""
+    save_deployed(deployed, run_dir / "final", classes=class_names(cfg.data), preprocess=preprocess_of(cfg.data))
+    spec = deployed.spec()
+    return measure_latency(deployed, build_model(dense, gates=False),
+                           (spec.in_channels, spec.input_size, spec.input_size), cfg.latency)
 
 
 def deploy(model: GatedResNet, method: Method, export_gates: str) -> GatedResNet:

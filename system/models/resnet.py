@@ -9,6 +9,7 @@ names follow torchvision, so a dense model loads a torchvision state_dict.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -311,6 +312,18 @@ def zero_init_residual(model: GatedResNet) -> None:
 def gates_of(model: nn.Module) -> dict[str, Gate]:
     """All gates by module name, e.g. ``{"layer1.0.gate1": Gate, "layer1.0.layer_gate": Gate}``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Gate)}
+
+
+@contextlib.contextmanager
+def with_gate_modes(model: nn.Module, unit: str | None = None, layer: str | None = None) -> Iterator[None]:
+    """:func:`set_gate_mode` for the ``with`` block; every gate's mode is restored after it."""
+    saved = {n: g.mode for n, g in gates_of(model).items()}
+    set_gate_mode(model, unit=unit, layer=layer)
+    try:
+        yield
+    finally:
+        for n, g in gates_of(model).items():
+            g.mode = saved[n]
 
 
 def set_gate_mode(model: nn.Module, unit: str | None = None, layer: str | None = None,

@@ -140,6 +140,72 @@ def expected(spec: ArchSpec, unit_theta: dict[str, torch.Tensor] | None,
     return as_t(acc.macs), as_t(acc.params)
 
 
+class ExpectedCost:
+    """:func:`expected` in closed form per block, for the per-step price: a few vector ops for the whole
+    network instead of one small op per conv.
+
+    E[MACs] (and E[Params]) is multilinear: ``c0 + sum_B g_B (k0_B + k1_B s1_B + k2_B s2_B + k12_B s1_B s2_B)``
+    with ``g_B`` the layer theta of block B and ``s_i`` the sum of its i-th unit gate's thetas (bottleneck
+    blocks have two unit gates, basic blocks one).  The coefficients come from the same formula as
+    :func:`count` and :func:`expected` (:func:`_walk`, run with one-hot layer values at the corners of
+    the unit square), so the three cannot disagree; build one per spec (the spec changes only at a
+    pruning event)."""
+
+    def __init__(self, spec: ArchSpec):
+        self.spec = spec
+        self.blocks = [(name, blk) for name, _s, _b, blk in spec.iter_blocks() if not blk.removed]
+        n = len(self.blocks)
+        index = {name: i for i, (name, _) in enumerate(self.blocks)}
+
+        eye = torch.eye(n, dtype=torch.float64)
+
+        def corner(s1: float, s2: float) -> tuple[torch.Tensor, torch.Tensor]:
+            acc = _walk(spec, lambda name, i, w: s1 if i == 0 else s2, lambda name: eye[index[name]])
+            return (torch.as_tensor(acc.macs, dtype=torch.float64).expand(n),
+                    torch.as_tensor(acc.params, dtype=torch.float64).expand(n))
+
+        f00, f10, f01, f11 = (corner(a, b) for a, b in ((0, 0), (1, 0), (0, 1), (1, 1)))
+        zero = _walk(spec, lambda *a: 0, lambda name: 0)  # every block off: Python numbers, no tensor read
+        self.c0 = (float(zero.macs), float(zero.params))
+        #: rows k0, k1, k2, k12; columns: the live blocks; one table for MACs, one for params
+        self.k = tuple(torch.stack([f00[j] - self.c0[j], f10[j] - f00[j], f01[j] - f00[j],
+                                    f11[j] - f10[j] - f01[j] + f00[j]]) for j in (0, 1))
+        self.dense_width = [[float(w) for w in blk.inner] + [0.0] * (2 - len(blk.inner)) for _, blk in self.blocks]
+        self._k_cast: tuple = (None, None)
+
+    def __call__(self, unit_theta: dict[str, torch.Tensor] | None,
+                 layer_theta: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E[MACs], E[Params])`` as :func:`expected` gives them (a gate missing from the dicts is on)."""
+        unit_theta, layer_theta = unit_theta or {}, layer_theta or {}
+        ref = next(iter(list(unit_theta.values()) + list(layer_theta.values())), None)
+        dtype = ref.dtype if ref is not None else torch.float64
+        device = ref.device if ref is not None else None
+        if not self.blocks:
+            return (torch.tensor(self.c0[0], dtype=dtype, device=device),
+                    torch.tensor(self.c0[1], dtype=dtype, device=device))
+
+        def value(t: torch.Tensor | None, default: float, sum_: bool) -> torch.Tensor:
+            if t is None:
+                return torch.tensor(default, dtype=dtype, device=device)
+            return t.sum() if sum_ else t.reshape(())
+
+        s1 = torch.stack([value(unit_theta.get(unit_gate_name(name, 0)), self.dense_width[j][0], True)
+                          for j, (name, _) in enumerate(self.blocks)])
+        g = torch.stack([value(layer_theta.get(layer_gate_name(name)), 1.0, False) for name, _ in self.blocks])
+        if self.spec.block == "basic":  # one unit gate a block: k2 = k12 = 0
+            terms, rows = torch.stack([torch.ones_like(s1), s1]), 2
+        else:
+            s2 = torch.stack([value(unit_theta.get(unit_gate_name(name, 1)), self.dense_width[j][1], True)
+                              for j, (name, _) in enumerate(self.blocks)])
+            terms, rows = torch.stack([torch.ones_like(s1), s1, s2, s1 * s2]), 4
+        key = (dtype, g.device)
+        if self._k_cast[0] != key:  # the coefficient tables in the thetas' dtype and device, cast once
+            self._k_cast = (key, torch.stack([k[:rows] for k in self.k]).to(dtype=dtype, device=g.device))
+        per_block = (self._k_cast[1] * terms).sum(dim=1)  # (2, blocks): MACs and params of each block at g = 1
+        out = (per_block * g).sum(dim=1)
+        return self.c0[0] + out[0], self.c0[1] + out[1]
+
+
 def width_table(spec: ArchSpec) -> list[dict]:
     """Per-stage widths and blocks kept, for ``launch.inspect``."""
     rows = []

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
 
             def perturbed(ctx):
                 if os.environ.get("PERTURB") == "nu":  # the plan stays the same; nu, a rank's own float, drifts
-                    tr.method.nu *= 1.0 + 1e-9
+                    tr.method.budget.nu *= 1.0 + 1e-9
                 else:
                     with torch.no_grad():
                         gates_of(ctx.model)[GATE].theta[:3] = 0.0

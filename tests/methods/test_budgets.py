@@ -43,9 +43,9 @@ def test_variational_budget_is_met_during_training(tmp_path):
     # random labels: the data alone pulls theta down, E[MACs] falls under the scheduled budget and the
     # dual variable relaxes the pressure (it would rise if E[MACs] lagged the schedule)
     assert m.expected_macs_at_harden is not None and m.expected_macs_at_harden < 0.4
-    assert m.nu < m.cfg.nu_start
+    assert m.budget.values()["nu"] < m.cfg.nu_start
     # the pruning rule removed structures during training, before the rounding step at 90% (step 36)
-    rule = [r for r in m.removal_steps if r[3] == "rule"]
+    rule = [r for r in m.removals.steps if r[3] == "rule"]
     assert rule and all(r[0] < 36 for r in rule)
     assert summary["method_details"]["macs_removed_by_rule_frac"] > 0.5
     assert abs(summary["macs"] / summary["macs_dense"] - 0.4) <= 0.05
@@ -74,6 +74,18 @@ def test_bad_targets_are_refused_naming_the_key(tmp_path, over, needle):
     with pytest.raises(ConfigError) as err:
         tiny_config(tmp_path, *over)
     assert err.value.key == "method.target_macs" and needle in str(err.value)
+
+
+@pytest.mark.parametrize("method", sorted(TARGETED))
+def test_a_target_below_every_plans_reach_is_refused_before_the_run(tmp_path, method):
+    """ResNet-20 without any residual block keeps 1.09% of its MACs (stem, projection shortcuts,
+    classifier): a 0.5% target cannot be met by any plan, so the run does not start."""
+    cfg = tiny_config(tmp_path, "method.target_macs=0.005", *TARGETED[method])
+    with pytest.raises(ConfigError) as err:
+        Trainer(cfg)
+    assert err.value.key == "method.target_macs" and "0.0109 of the dense MACs" in str(err.value), err.value
+    assert not (tmp_path / "run").exists()
+    Trainer(tiny_config(tmp_path / "ok", "method.target_macs=0.02", *TARGETED[method]))  # above it: builds
 
 
 @pytest.mark.parametrize("over, key", [

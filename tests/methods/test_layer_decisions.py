@@ -93,7 +93,7 @@ def test_paired_estimator_matches_brute_force_with_train_mode_bn(theta):
         losses = _ce(model(x), y)
         batch = Batch(x=x, y=y, forward=model, loss_fn=_ce, per_example_loss=losses)
         method.loss_terms(model, step, batch)
-        est.append(float(method.layer_est[target]))
+        est.append(float(method.paired.est[target]))
     est_t = torch.tensor(est)
     mean, se = float(est_t.mean()), float(est_t.std() / math.sqrt(len(est)))
     assert abs(truth) > 1e-3  # the block matters in this network: the check has something to find
@@ -145,7 +145,7 @@ def planted_run(tmp_path_factory):
         after_prune = m.after_prune
 
         def spy(plan, slices, model):
-            gone.extend((m._step, b, "rounding" if m._rounding else "rule") for b in plan.blocks)
+            gone.extend((m._event_step, b, "rounding" if m._rounding else "rule") for b in plan.blocks)
             after_prune(plan, slices, model)
 
         m.after_prune = spy
@@ -183,15 +183,14 @@ def _rule_setup(importance: float):
     steps = m.check_every * (cfg.patience + 2)
     removed = False
     for step in range(200, 200 + steps):  # past target_by: the drive at full strength (s = 1)
-        m._step = step
         opt.zero_grad()
         cost = m.regularizer(model, step)
         cost.backward()
-        price = m.prices(model)[name][7]
+        price = m.price.prices(model)[name][7]
         gates[name].theta.grad[7] += -importance * price  # the data: switching it on lowers the loss
-        m.after_backward(model)
+        m.after_backward(model, step)
         opt.step()
-        m.after_step(model)
+        m.after_step(model, step)
         if m.check_due(step + 1):
             from system.pruning.methods.base import Event, StepContext
 
@@ -250,10 +249,9 @@ def test_an_overflow_step_adds_nothing_to_method_statistics():
         F.cross_entropy(model(x), y).backward()
         g = gates_of(model)["layer1.0.gate1"]
         g.theta.grad[0] = float("inf")  # what an fp16 overflow leaves in the gradients
-        method._step = max(method._step, 50)
-        method.after_backward(model, grad_scale=65536.0)
-    assert all(bool(torch.isfinite(t).all()) for t in var.grad_acc.values())
-    assert float(var.grad_n) == 0  # the step did not count either
+        method.after_backward(model, 50, grad_scale=65536.0)
+    assert all(bool(torch.isfinite(t).all()) for t in var.rule.grad_acc.values())
+    assert float(var.rule.grad_n) == 0  # the step did not count either
     assert all(bool(torch.isfinite(t).all()) for t in tay.acc.values())
 
 
@@ -284,13 +282,12 @@ def test_a_block_without_importance_leaves_at_a_speed_independent_of_nu(mode, mo
         m = Variational(VariationalConfig(warmup_frac=0.0, harden="none", step_per_nu=mode, nu_floor=0.01),
                         total_steps=1000, target_macs=0.5)
         m.attach(model)
-        m.nu = nu  # where the budget's dual variable stands
-        m._seen_blocks = set(m.layer_est)  # every block measured once (its estimate: no importance)
+        m.budget.nu = nu  # where the budget's dual variable stands
+        m.paired.seen = set(m.paired.est)  # every block measured once (its estimate: no importance)
         for g in gates_of(model).values():
             g.theta.grad = None
         m.regularizer(model, 10).backward()  # the price only: the data gradient of this block is 0
-        m._step = 10
-        m.after_backward(model)
+        m.after_backward(model, 10)
         steps[nu] = float(gates_of(model)["layer2.1.layer_gate"].theta.grad.reshape(()))
     assert steps[1.0] > 0 and steps[0.05] > 0  # towards 0 at both
     if moves_with_nu:
@@ -307,7 +304,6 @@ def test_a_block_is_not_stepped_before_its_first_measurement():
     for g in gates_of(model).values():
         g.theta.grad = None
     m.regularizer(model, 10).backward()
-    m._step = 10
-    m.after_backward(model)
+    m.after_backward(model, 10)
     assert all(float(g.theta.grad.abs().sum()) == 0 for g in gates_of(model).values() if g.kind == "layer")
     assert any(float(g.theta.grad.abs().sum()) > 0 for g in gates_of(model).values() if g.kind == "unit")

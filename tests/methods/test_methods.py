@@ -56,8 +56,8 @@ def test_theta_stays_in_unit_interval(tmp_path, method):
     seen = []
     orig = trainer.method.after_step
 
-    def spy(model):
-        orig(model)
+    def spy(model, step):
+        orig(model, step)
         seen.extend(float(v) for g in gates_of(model).values() for v in g.theta.detach().flatten())
 
     trainer.method.after_step = spy
@@ -102,7 +102,7 @@ def test_data_gradient_reaches_theta_without_any_price(tmp_path):
     thetas a gradient."""
     cfg = tiny_config(tmp_path, "train.max_steps=1", *STRONG["variational"], "method.variational.paired_blocks=0")
     trainer = Trainer(cfg)
-    trainer.method.nu = 0.0  # theta active (nu > 0 in the config) but priced at zero this step
+    trainer.method.budget.nu = 0.0  # theta active (nu > 0 in the config) but priced at zero this step
     with torch.no_grad():
         for g in gates_of(trainer.model).values():
             # units: both outcomes occur in the batch; blocks: always on (a block drawn off for the
@@ -113,9 +113,9 @@ def test_data_gradient_reaches_theta_without_any_price(tmp_path):
     seen = {}
     orig = trainer.method.after_backward
 
-    def spy(model, grad_scale=1.0):
+    def spy(model, step, grad_scale=1.0):
         seen.update({n: g.theta.grad.clone() for n, g in gates_of(model).items() if g.theta.grad is not None})
-        orig(model, grad_scale)
+        orig(model, step, grad_scale)
 
     trainer.method.after_backward = spy
     trainer.method.cfg = type(trainer.method.cfg)(**{**trainer.method.cfg.__dict__, "drive": 0.0})

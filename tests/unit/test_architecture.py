@@ -9,9 +9,10 @@ Layers, lowest first (a package may import itself and what its row allows)::
     system.runtime                                process group, collectives, coordinator, engines,
                                                   checkpoints, preemption, faults
     system.optim, system.export, system.state,    what the loop uses around the model
-    system.progress, system.latency
+    system.progress, system.latency, system.step_log
     system.run_config                             the root config tree (composes every section)
-    system.build, system.report                   the one way to build a run's parts; the end of a run
+    system.build, system.report                   the one way to build a run's parts; what a run reports
+    system.run                                    a run's parts, built once (resumed from a checkpoint)
     system.trainer                                the loop
     launch                                        entry points
 
@@ -42,17 +43,19 @@ ALLOWED: dict[str, set[str]] = {
     "system.skips": set(),
     "system.evaluation": set(),
     "system.latency": BASE,
+    "system.step_log": {"system.tracking", "system.progress"},
     "pipelines": BASE,
     "system.run_config": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
                                  "system.optim", "system.latency", "pipelines"},
     "system.build": BASE | {"system.models", "system.pruning", "system.runtime", "system.optim",
-                            "system.run_config"},
-    "system.report": BASE | {"system.models", "system.pruning", "system.tracking", "system.export"},
+                            "system.run_config", "pipelines"},
+    "system.report": BASE | {"system.models", "system.pruning", "system.tracking", "system.export",
+                             "system.latency", "system.state", "pipelines"},
+    "system.run": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime", "system.state",
+                          "system.skips", "system.step_log", "system.run_config", "system.build"},
     "system.trainer": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
-                              "system.optim", "system.export", "system.state", "system.progress", "system.skips",
-                              "system.evaluation", "system.latency", "system.run_config", "system.build",
-                              "system.report",
-                              "pipelines"},
+                              "system.optim", "system.state", "system.skips", "system.evaluation",
+                              "system.run", "system.report", "pipelines"},
 }
 
 

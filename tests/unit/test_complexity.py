@@ -133,3 +133,31 @@ def _count_unvalidated(spec):
     from system.pruning.complexity import _walk
     acc = _walk(spec, lambda name, i, w: w, lambda name: 1)
     return acc.macs, acc.params
+
+
+@pytest.mark.parametrize("name, size", [("resnet20", 16), ("resnet56", 32), ("resnet50", 64)])
+def test_closed_form_expected_cost_equals_the_polynomial(name, size):
+    """The per-step price's closed form (one vector expression for all blocks) gives the values and
+    the theta gradients of :func:`expected`, on a dense and on a pruned spec (a block removed, widths cut),
+    with every kind of gate, or only one kind, in the dicts."""
+    from system.pruning.complexity import ExpectedCost
+    from system.pruning.surgery import PrunePlan, plan_spec
+
+    dense = dense_spec(name, num_classes=10, input_size=size)
+    first = dense.block_names()[1]
+    pruned, _ = plan_spec(dense, PrunePlan(units={f"{dense.block_names()[0]}.gate1": (0, 1, 2)}, blocks=(first,)))
+    for spec in (dense, pruned):
+        gates = gates_of(build_model(spec))
+        torch.manual_seed(0)
+        for kinds in (("unit", "layer"), ("unit",), ("layer",)):
+            thetas = {n: torch.rand_like(g.theta, dtype=torch.float64).requires_grad_(True)
+                      for n, g in gates.items() if g.kind in kinds}
+            unit = {n: t for n, t in thetas.items() if gates[n].kind == "unit"}
+            layer = {n: t for n, t in thetas.items() if gates[n].kind == "layer"}
+            ref, fast = expected(spec, unit, layer), ExpectedCost(spec)(unit, layer)
+            for r, f in zip(ref, fast):
+                assert float(f) == pytest.approx(float(r), rel=1e-12)
+            g_ref = torch.autograd.grad(ref[0] + ref[1], list(thetas.values()))
+            g_fast = torch.autograd.grad(fast[0] + fast[1], list(thetas.values()))
+            for a, b in zip(g_ref, g_fast):
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-6)

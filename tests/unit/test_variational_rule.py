@@ -33,9 +33,9 @@ def test_importance_condition_keeps_a_unit_the_objective_pulls_back():
     model, m = _setup(weight_condition="importance")
     _set(model, "layer1.0.gate1", [3, 5], 0.0)
     for _ in range(2):
-        m.grad_acc["layer1.0.gate1"][3] = -1.0  # descent would raise theta_3 again
-        m.grad_acc["layer1.0.gate1"][5] = +1.0  # descent pushes theta_5 further into 0
-        m.grad_n = torch.tensor(1.0)
+        m.rule.grad_acc["layer1.0.gate1"][3] = -1.0  # descent would raise theta_3 again
+        m.rule.grad_acc["layer1.0.gate1"][5] = +1.0  # descent pushes theta_5 further into 0
+        m.rule.grad_n = torch.tensor(1.0)
         plan = m._check(model)
     assert plan.units == {"layer1.0.gate1": (5,)}
 
@@ -59,8 +59,8 @@ def test_theta_cannot_bounce_back_from_zero_forever():
     removed = None
     for i in range(12):
         _set(model, name, [7], 0.0 if i % 2 == 0 else 0.3)  # hits 0, revives, hits 0 ...
-        m.grad_acc[name][7] = -1.0  # the data always pulls it back: the importance condition never holds
-        m.grad_n = torch.tensor(1.0)
+        m.rule.grad_acc[name][7] = -1.0  # the data always pulls it back: the importance condition never holds
+        m.rule.grad_n = torch.tensor(1.0)
         plan = m._check(model)
         if plan is not None:
             removed = (i, plan.units.get(name))

@@ -9,13 +9,16 @@ decides on identical inputs.
 What the loop asks of a method, in order:
 
 - ``loss_terms(model, step, batch)``  extra loss terms (prices, estimator surrogates, own decay)
-- ``after_backward(model, grad_scale)``  gradients of this micro-batch are there
-- ``after_step(model)``  the optimizer stepped (variational projects theta to [0, 1])
+- ``after_backward(model, step, grad_scale)``  gradients of this micro-batch are there
+- ``after_step(model, step)``  the optimizer stepped (variational projects theta to [0, 1])
 - ``decide(event, ctx)``  at :attr:`Event.STEP_END` (only when :meth:`check_due`),
   :attr:`Event.EPOCH_END` and :attr:`Event.FINAL` (the end of training), for the events the
   method declares in :attr:`Method.events`, after the sync -> plan or None
 - ``after_prune(plan, slices, model)``  the plan was applied; remap per-gate state
 - ``state_dict()`` / ``load_state_dict()``  the method's own state, for checkpoints
+
+``step`` is the index of the step in progress (0-based), the loop's own count: a method keeps no step
+counter of its own.
 
 What a method declares instead of being probed for: :meth:`Method.decay_exempt` (weights it
 decays in its own loss), :meth:`Method.export_gates` (how its gates fold at export),
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +50,9 @@ import torch
 from system.config import ConfigError
 from system.models.anatomy import block_of
 from system.models.resnet import GatedResNet, gates_of, set_gate_mode
-from system.pruning.surgery import PrunePlan, Slices, select
+from system.models.spec import ArchSpec
+from system.pruning.complexity import count
+from system.pruning.surgery import PrunePlan, Slices, plan_spec, select
 
 
 class Event(enum.Enum):
@@ -151,11 +156,13 @@ class Method:
         training MACs)."""
         return 0.0
 
-    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
-        """Gradients are there.  ``grad_scale`` is the loss scale they carry (fp16): divide by it."""
+    def after_backward(self, model: GatedResNet, step: int, grad_scale: float = 1.0) -> None:
+        """Gradients of step ``step`` are there.  ``grad_scale`` is the loss scale they carry (fp16):
+        divide by it."""
         pass
 
-    def after_step(self, model: GatedResNet) -> None:
+    def after_step(self, model: GatedResNet, step: int) -> None:
+        """The optimizer took step ``step``."""
         pass
 
     def check_due(self, step: int) -> bool:
@@ -188,10 +195,9 @@ class Method:
         pass
 
     # -- evaluation -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def eval_gates(self, model: GatedResNet) -> Iterator[None]:
-        """Gate modes for evaluation (default: as they are)."""
-        yield
+    def eval_gates(self, model: GatedResNet) -> contextlib.AbstractContextManager[None]:
+        """Gate modes for evaluation, for a ``with`` block (default: as they are)."""
+        return contextlib.nullcontext()
 
     def final_plan(self, model: GatedResNet) -> PrunePlan | None:
         """The plan at :attr:`Event.FINAL`, before export (e.g. cut every gate that is off
@@ -223,11 +229,17 @@ def remap_vector(values: dict[str, torch.Tensor], plan: PrunePlan, slices: Slice
     return out
 
 
-def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every value of every tensor is finite (no host sync).  An fp16 step whose
-    gradients overflowed is skipped by the loss scaler; a method's statistics must skip it too."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+def add_finite(stores: list[torch.Tensor], values: list[torch.Tensor], scale: Any = 1.0) -> torch.Tensor:
+    """``stores[i] += values[i] / scale`` for every i, or, when any value is not finite (an fp16 overflow
+    step, which the loss scaler skips), for none: a method's statistics skip that step too.  A handful
+    of multi-tensor ops whatever the number of gates, and no host sync; returns the 0-d bool "all finite"."""
+    finite = torch.stack(torch._foreach_norm(values, float("inf"))).isfinite().all()  # max |v|: no overflow
+    flat = torch.cat([v.reshape(-1) for v in values])
+    if not (isinstance(scale, float) and scale == 1.0):
+        flat = flat / scale
+    parts = torch.split(torch.where(finite, flat, torch.zeros_like(flat)), [v.numel() for v in values])
+    torch._foreach_add_(stores, [part.view_as(st) for part, st in zip(parts, stores)])
+    return finite
 
 
 def remap_stores(stores: Iterable[dict[str, torch.Tensor]], plan: PrunePlan, slices: Slices) -> None:
@@ -236,6 +248,13 @@ def remap_stores(stores: Iterable[dict[str, torch.Tensor]], plan: PrunePlan, sli
         new = remap_vector(store, plan, slices)
         store.clear()
         store.update(new)
+
+
+def smallest_macs_frac(dense: ArchSpec) -> float:
+    """The MACs of the ``dense`` network with every residual block removed, as a share of its own: no
+    plan of any method goes below it (the stem, the projection shortcuts and the classifier stay)."""
+    blocks = tuple(name for name in dense.block_names() if not dense.get_block(name).removed)
+    return count(plan_spec(dense, PrunePlan(units={}, blocks=blocks))[0])[0] / max(1, count(dense)[0])
 
 
 def round_removal(remove: torch.Tensor, strength: torch.Tensor, round_to: int) -> torch.Tensor:

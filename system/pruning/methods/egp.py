@@ -96,10 +96,13 @@ class EGP(Method):
                 self.on_sum[gname] += (output.detach() > 0).float().mean(dim=(0, 2, 3))
         return fn
 
-    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
+    def after_backward(self, model: GatedResNet, step: int, grad_scale: float = 1.0) -> None:
         self.n_batches += 1
 
-    def after_step(self, model: GatedResNet) -> None:
+    def after_step(self, model: GatedResNet, step: int) -> None:
+        self._apply_masks(model)
+
+    def _apply_masks(self, model: GatedResNet) -> None:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for wname, m in self.masks.items():
@@ -152,7 +155,7 @@ class EGP(Method):
             w = torch.where(m > 0, w, torch.full_like(w, float("inf")))
             idx = torch.argsort(w, stable=True)[:k]
             m[idx] = 0
-        self.after_step(model)
+        self._apply_masks(model)
         self.done_iterations += 1
         # 2. structures: dead channels and zero-entropy branches
         units, blocks = {}, []

@@ -36,7 +36,7 @@ from system.pruning.methods.base import (
     Event,
     Method,
     StepContext,
-    all_finite,
+    add_finite,
     remap_stores,
     round_removal,
     unit_and_layer_gates,
@@ -75,7 +75,6 @@ class Ranking(Method):
                  weight_decay: float = 0.0):
         super().__init__(cfg, total_steps, target_macs, round_to, weight_decay)
         self.dense_macs: float | None = None
-        self._step = 0
         self.acc: dict[str, torch.Tensor] = {}
         self.smooth: dict[str, torch.Tensor] = {}
         self.n_acc = 0
@@ -123,24 +122,24 @@ class Ranking(Method):
     def first_check(self) -> int:
         return (self.start_step // self.cfg.check_every + 1) * self.cfg.check_every
 
-    def after_backward(self, model: GatedResNet, grad_scale: float = 1.0) -> None:
+    def after_backward(self, model: GatedResNet, step: int, grad_scale: float = 1.0) -> None:
         # the first window is the check_every batches before the first pruning step, like every other
-        if self._step + 1 <= self.first_check - self.cfg.check_every:
+        if step + 1 <= self.first_check - self.cfg.check_every:
             return
         scores = self.batch_scores(model, grad_scale)
         if scores is None:
             return
-        finite = all_finite(scores.values())  # an fp16 overflow step adds nothing (the ranking is per window)
-        for n, s in scores.items():
-            self.acc[n] += torch.where(finite, s, torch.zeros_like(s))
+        if scores:  # an fp16 overflow step adds nothing (the ranking is per window)
+            add_finite([self.acc[n] for n in scores], list(scores.values()))
         self.n_acc += 1
 
-    def after_step(self, model: GatedResNet) -> None:
-        self._step += 1
+    def after_step(self, model: GatedResNet, step: int) -> None:
         unit, _ = unit_and_layer_gates(model)
-        with torch.no_grad():  # z stays exactly 1 whatever the optimizer does
-            for g in unit.values():
-                g.theta.fill_(1.0)
+        thetas: list[torch.Tensor] = [g.theta for g in unit.values()]
+        if thetas:
+            with torch.no_grad():  # z stays exactly 1 whatever the optimizer does (an inf gradient x lr 0 is NaN)
+                torch._foreach_mul_(thetas, 0.0)
+                torch._foreach_add_(thetas, 1.0)
 
     def check_due(self, step: int) -> bool:
         return self.start_step < step <= self.stop_step and step % self.cfg.check_every == 0
@@ -158,7 +157,6 @@ class Ranking(Method):
     def on_step_end(self, ctx: StepContext) -> PrunePlan | None:
         c = self.cfg
         self._update_scores(ctx.model)
-        self._step = ctx.step
         names = sorted(self.smooth)
         scores = torch.cat([self.smooth[n] for n in names])
         owner = [(n, i) for n in names for i in range(self.smooth[n].numel())]
@@ -212,7 +210,7 @@ class Ranking(Method):
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"acc": self.acc, "smooth": self.smooth, "n_acc": self.n_acc, "n_events": self.n_events,
-                "total_gates": self.total_gates, "removed": self.removed, "step": self._step,
+                "total_gates": self.total_gates, "removed": self.removed,
                 "dense_macs": self.dense_macs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,7 +218,6 @@ class Ranking(Method):
         self.smooth = {k: v.clone() for k, v in state["smooth"].items()}
         self.n_acc, self.n_events = int(state["n_acc"]), int(state["n_events"])
         self.total_gates, self.removed = state["total_gates"], int(state["removed"])
-        self._step = int(state.get("step", 0))
         self.dense_macs = state.get("dense_macs", self.dense_macs)
 
     def summary(self) -> dict[str, Any]:

@@ -30,4 +30,7 @@ class Taylor(Ranking):
     def batch_scores(self, model: GatedResNet, grad_scale: float) -> dict[str, torch.Tensor]:
         """``(dL/dz)^2`` of every unit gate in this batch (the loss scale divided out)."""
         unit, _ = unit_and_layer_gates(model)
-        return {n: (g.theta.grad.detach() / grad_scale).pow(2) for n, g in unit.items() if g.theta.grad is not None}
+        live = {n: g.theta.grad.detach() for n, g in unit.items() if g.theta.grad is not None}
+        if not live:
+            return {}
+        return dict(zip(live, torch._foreach_pow(torch._foreach_div(list(live.values()), grad_scale), 2)))

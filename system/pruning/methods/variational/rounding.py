@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from system.models.resnet import GatedResNet, gates_of
 from system.models.spec import ArchSpec
 from system.pruning.complexity import expected
 from system.pruning.methods.base import round_removal
@@ -128,3 +129,13 @@ def best_block_cut(spec: ArchSpec, layer: dict[str, torch.Tensor], target: float
         return None
     cut = {n for k, c in zip(keys, best[2]) for n in classes[k][:c]}
     return {n: torch.zeros_like(t) if n in cut else torch.ones_like(t) for n, t in layer.items()}
+
+
+def apply_rounding(model: GatedResNet, unit: dict[str, torch.Tensor], layer: dict[str, torch.Tensor], threshold: float,
+                   round_to: int, target: float | None, dense_macs: float) -> None:
+    """Set the gates' thetas (in place) to :func:`round_thetas` of ``unit`` and ``layer``."""
+    rounded = round_thetas(model.spec(), unit, layer, threshold, round_to, target, dense_macs)
+    gates = gates_of(model)
+    with torch.no_grad():
+        for n, v in rounded.items():
+            gates[n].theta.copy_(v)
