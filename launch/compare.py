@@ -69,7 +69,7 @@ def sync(run_dirs: Sequence[str], uri: str | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="parsimony-compare", description=__doc__.split("\n")[0])
     p.add_argument("--tracking-uri", default="",
                    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the embedded store "
                         "<runs-root>/mlflow.db)")

@@ -182,9 +182,10 @@ def parse_sweep_arg(text: str) -> tuple[str, list[Any]]:
     return key, values
 
 
-def load_job(path: str | Path | None, overrides: list[str] | None = None,
+def load_job(path: str | Path | dict[str, Any] | None, overrides: list[str] | None = None,
              sweeps: list[str] | None = None) -> tuple[LaunchConfig, list[Job]]:
-    """Read a recipe with a ``launch`` section; return the launch config and every run to submit.
+    """Read a recipe with a ``launch`` section (a file, or its tree); return the launch config and every
+    run to submit.
 
     ``overrides`` starting with ``launch.`` go to :class:`LaunchConfig`, the others to the run
     config; ``sweeps`` (``key=v1,v2``) add to ``launch.sweep``.  Every combination of the sweep is
@@ -193,7 +194,7 @@ def load_job(path: str | Path | None, overrides: list[str] | None = None,
     Raises:
         ConfigError: naming the dotted key (``launch.partition``, ``optim.lr``, ``launch.sweep.x``...).
     """
-    data = read_yaml(path) if path else {}
+    data = json.loads(json.dumps(path)) if isinstance(path, dict) else read_yaml(path) if path else {}
     launch_data = data.pop(SECTION, None) or {}
     if not isinstance(launch_data, dict):
         raise ConfigError(SECTION, f"expected a mapping, got {launch_data!r}")

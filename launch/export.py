@@ -28,7 +28,7 @@ from system.export import CLASSES, PREPROCESS, SPEC, WEIGHTS, load_bundle, save_
 from system.models.resnet import GatedResNet
 from system.models.spec import SpecError
 from system.report import deploy
-from system.runtime.checkpoint import CheckpointError
+from system.runtime.checkpoint import CheckpointError, checkpoint_dir
 
 log = logging.getLogger("launch.export")
 
@@ -100,7 +100,8 @@ def _export_onnx(model: GatedResNet, example: torch.Tensor, ref: torch.Tensor, t
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="parsimony-export", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", help="a run directory (its final/ export, or --checkpoint)")
-    ap.add_argument("--checkpoint", default=None, help="step-N: export that checkpoint instead of final/")
+    ap.add_argument("--checkpoint", default=None,
+                    help="step-N (or N, or latest): export that checkpoint instead of final/")
     ap.add_argument("--format", choices=FORMATS, default="onnx")
     ap.add_argument("--out", default=None, help="default: RUN_DIR/export/<format>")
     args = ap.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else run_dir / "export" / args.format
     try:
         if args.checkpoint:
-            model, pre, classes = deploy_checkpoint(run_dir / "checkpoints" / args.checkpoint)
+            model, pre, classes = deploy_checkpoint(checkpoint_dir(run_dir, args.checkpoint))
         else:
             if not (run_dir / "final" / SPEC).is_file():
                 raise SpecError(f"{run_dir / 'final'}: no export of a finished run (pass --checkpoint step-N)")

@@ -2,6 +2,8 @@
 
 Pure checks of each run's config against the allocation (no GPU, no data loading):
 
+- the device: a recipe that trains on CUDA (``train.device=cuda``, or bf16/fp16) with no
+  ``launch.gpus_per_node`` -- an error naming that key;
 - the engine: ``engine.*`` at ``launch.nodes x launch.tasks_per_node`` ranks on the allocation's
   device (ZeRO stage, global batch, precision, backend) -- an error naming the key;
 - the method against the model (block kind, zero-initialised residuals with layer gates,
@@ -28,13 +30,16 @@ def check_job(launch: LaunchConfig, job: Job) -> list[str]:
     cfg = job.cfg
     world = launch.nodes * launch.tasks_per_node
     device = torch.device("cuda" if launch.gpus_per_node else "cpu")
+    if device.type != "cuda" and (cfg.train.device == "cuda" or cfg.train.precision != "fp32"):
+        wants = "train.device=cuda" if cfg.train.device == "cuda" else f"train.precision={cfg.train.precision}"
+        raise ConfigError("launch.gpus_per_node",
+                          f"this recipe trains on CUDA ({wants}) but the job requests no GPU: request GPUs with "
+                          f"launch.gpus_per_node (one per rank: launch.tasks_per_node={launch.tasks_per_node}), or "
+                          f"train on CPU with train.device=cpu train.precision=fp32")
     if cfg.engine.kind == "deepspeed" or (cfg.engine.kind == "auto" and world > 1):
         from system.runtime.engine_ds import check_engine_config
 
         check_engine_config(cfg, world, device)
-    elif cfg.train.precision != "fp32" and device.type != "cuda":
-        raise ConfigError("train.precision", f"{cfg.train.precision} needs a GPU; the allocation has none "
-                                             "(launch.gpus_per_node=0): use train.precision=fp32")
     if launch.elastic:
         _check_elastic(launch, cfg)
     _check_method(cfg)

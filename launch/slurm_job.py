@@ -268,10 +268,15 @@ def batch_script(ex) -> str:
 
 
 def train_command(job: Job) -> str:
-    """``launch.train`` with the job's whole resolved config as overrides (what each task runs)."""
+    """``launch.train`` with the job's resolved config as overrides (what each task runs): the keys whose
+    value differs from the default, one per line, then ``run.resume=auto`` (what the job sets)."""
     from system.config import flatten
+    from system.run_config import RunConfig
 
-    flat = flatten(to_dict(job.cfg))
-    args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(flat.items())]
-    return shlex.join([sys.executable, "-m", "launch.train", *args, "run.resume=auto"])
+    default = flatten(to_dict(RunConfig()))
+    flat = {k: v for k, v in flatten(to_dict(job.cfg)).items() if k != "run.resume"}
+    args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(flat.items())
+            if k not in default or default[k] != v]
+    return " \\\n    ".join([shlex.join([sys.executable, "-m", "launch.train"]),
+                              *(shlex.quote(a) for a in args), "run.resume=auto"])
 

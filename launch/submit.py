@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ from typing import Any
 
 from launch.cluster_checks import check_cluster, sbatch_test_only
 from launch.config import Job, LaunchConfig, load_jobs
+from launch.continuing import continue_job, is_explicit, load_resumed
 from launch.preflight import check_job, check_tracking
 from launch.slurm_job import TrainJob, base_name, batch_script, make_executor, run_name, train_command
 from launch.waiting import Submitted, report, wait
@@ -106,6 +108,14 @@ def resolve_paths(job: Job) -> Job:
     root = str(Path(run.root).resolve())
     new = dataclasses.replace(run, root=root, dir=str(Path(run.dir).resolve()) if run.dir else "")
     return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, run=new))
+
+
+def prepare(jobs: list[Job]) -> list[Job]:
+    """Absolute paths, and an explicit ``run.resume`` turned into the run the job continues
+    (:func:`launch.continuing.continue_job`); a sweep cannot continue one run."""
+    if len(jobs) > 1 and any(is_explicit(j.cfg.run.resume) for j in jobs):
+        raise ConfigError("run.resume", "every run of a sweep would continue the same run; submit it alone")
+    return [continue_job(resolve_paths(j)) for j in jobs]
 
 
 def init_local_store(uri: str) -> None:
@@ -174,14 +184,15 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     """
     from system.tracking import resolve_uri
 
-    jobs = [resolve_paths(j) for j in jobs]
+    jobs = prepare(jobs)
     preflight(launch, jobs)
     for note in check_tracking(jobs):  # the store: not SQLite on a network filesystem; a server takes the login
         print(note, flush=True)
     folder = Path(launch.folder).resolve()
     name = base_name(dataclasses.replace(jobs[0], sweep_values={}))
     ex = validate(launch, folder, name)
-    stable = len(jobs) > 1
+    # a sweep's runs and a continued run keep their names (no job id): a re-run or a new job finds them
+    stable = len(jobs) > 1 or bool(jobs[0].cfg.run.dir and jobs[0].cfg.run.resume == "auto")
     calls = [TrainJob(to_dict(j.cfg), base_name(j), stable=stable, requeue_on_failure=launch.requeue_on_failure,
                       max_failure_requeues=launch.max_failure_requeues, tasks_per_node=launch.tasks_per_node,
                       planned_tasks=launch.num_tasks, min_nodes=launch.min_nodes if launch.elastic else 0)
@@ -212,8 +223,18 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     return out
 
 
+def continue_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that continues ``run_dir`` in a new job: ``--resume`` with the same recipes (for their
+    ``launch`` section) and ``launch.*`` overrides; the run config is the one the run wrote."""
+    parts = ["parsimony-submit", "--resume", str(run_dir)]
+    for c in args.config:
+        parts += ["--config", str(Path(c).resolve())]
+    parts += [o for o in args.overrides if o.startswith("launch.")]
+    return redact_text(shlex.join(parts))
+
+
 def parse(argv: list[str] | None = None):
-    ap = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="parsimony-submit", description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", default=[],
                     help="recipe YAML (a `launch` section sets the allocation); repeat it for a grid over "
                          "recipes (e.g. one per method): every recipe gets the same overrides and sweeps")
@@ -224,6 +245,9 @@ def parse(argv: list[str] | None = None):
                     help="wait for the jobs, printing each state change; then results or errors")
     ap.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)  # seconds between state checks
     ap.add_argument("--dry-run", action="store_true", help="validate and print the batch script; submit nothing")
+    ap.add_argument("--resume", metavar="RUN_DIR", default=None,
+                    help="continue that run (after a cancel or a failure) in a new job, in the same directory and "
+                         "MLflow run, with the config it wrote; --config then gives only the launch section")
     return ap.parse_args(argv)
 
 
@@ -234,9 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: submitit is not installed", file=sys.stderr)
         return 2
     try:
-        launch, jobs = load_jobs(args.config, args.overrides, args.sweep)
+        if args.resume:
+            if args.sweep:
+                raise ConfigError("--sweep", "--resume continues one run; a sweep cannot")
+            launch, jobs = load_resumed(args.resume, args.config, args.overrides)
+        else:
+            launch, jobs = load_jobs(args.config, args.overrides, args.sweep)
         if args.dry_run:
-            jobs = [resolve_paths(j) for j in jobs]
+            jobs = prepare(jobs)
             preflight(launch, jobs)
             for note in check_tracking(jobs):
                 print(note)
@@ -256,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         print(redact_text(f"error: {exc}\nnothing was submitted"), file=sys.stderr)
         return 2
+    for s in sub:
+        if not s.sweep_values:  # a sweep's re-run continues its unfinished runs by itself
+            s.continue_cmd = continue_command(args, s.run_dir)
     report(sub)
     sys.stdout.flush()
     return wait(sub, poll_s=args.poll) if args.wait else 0

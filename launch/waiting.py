@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,21 @@ class Submitted:
     run_dir: Path
     tracking_uri: str
     sweep_values: dict[str, Any]
+    continue_cmd: str = ""  # the command that continues this run in a new job (``parsimony-submit --resume``)
+
+
+#: the line of a Python traceback that names the error (``pkg.SomeError: what``)
+ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Lost|Preempted)\b.*")
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """What a failed job's exception says, whole lines only: submitit's first line (the job, its state)
+    and the last error line of the job's traceback, when it has one."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return [type(exc).__name__]
+    errors = [ln for ln in lines[1:] if ERROR_LINE.match(ln)]
+    return [lines[0]] + ([errors[-1]] if errors and errors[-1] != lines[0] else [])
 
 
 def continued_on_fewer(job) -> dict | None:
@@ -47,6 +63,8 @@ def report(sub: list[Submitted]) -> None:
         print(f"  run dir   {s.run_dir}")
         print(f"  logs      {s.job.paths.stdout}  (stderr {s.job.paths.stderr})")
         print(f"  mlflow    {redact_text(s.tracking_uri)}  run name {s.run_name}")
+        if s.continue_cmd:
+            print(f"  continue  {s.continue_cmd}   (after a cancel or a failure)")
 
 
 def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
@@ -77,8 +95,11 @@ def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
                 results = [shrunk]
             else:
                 failed += 1
-                print(f"job {s.job.job_id} ({s.run_name}) FAILED: {str(exc).strip()[-3000:]}", file=sys.stderr)
+                print(f"job {s.job.job_id} ({s.run_name}) FAILED: " + "\n  ".join(error_lines(exc)),
+                      file=sys.stderr)
                 print(f"  stderr: {s.job.paths.stderr}\n  stdout: {s.job.paths.stdout}", file=sys.stderr)
+                if s.continue_cmd:
+                    print(f"  continue it from its last checkpoint: {s.continue_cmd}", file=sys.stderr)
                 continue
         summary = results[0] if results else {}
         keys = ("top1", "macs_pct", "prune_events", "steps", "world_size", "run_id")

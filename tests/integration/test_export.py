@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +28,31 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    Trainer(tiny_config(tmp, *STRONG["taylor"], "train.max_steps=12", "checkpoint.every_steps=6")).run()
+    old = os.umask(0o022)  # a shared project directory's usual umask (the test below checks it is followed)
+    try:
+        # with the embedded MLflow store under the run root: its artifact copies are results too
+        Trainer(tiny_config(tmp, *STRONG["taylor"], "train.max_steps=12", "checkpoint.every_steps=6",
+                            "tracking.enabled=true")).run()
+    finally:
+        os.umask(old)
     return tmp / "run"
+
+
+def test_results_follow_the_umask(run_dir, tmp_path, capsys):
+    """Under umask 022 a teammate can read every result: the run's files, its checkpoints, final/ and
+    an export (tempfile alone would leave them 0600 and 0700)."""
+    old = os.umask(0o022)
+    try:
+        assert export_main([str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    finally:
+        os.umask(old)
+    # the run root's whole content (the run, and the tracking store and artifacts when it keeps them there)
+    paths = [*run_dir.parent.rglob("*"), tmp_path / "st", *(tmp_path / "st").rglob("*")]
+    assert run_dir / "final" / "model.safetensors" in paths and run_dir / "summary.json" in paths
+    assert [p for p in paths if p.name == "model.safetensors" and "artifacts" in p.parts]  # MLflow's copy
+    closed = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in paths
+              if (p.stat().st_mode & (0o055 if p.is_dir() else 0o044)) != (0o055 if p.is_dir() else 0o044)]
+    assert not closed, closed
 
 
 def test_final_is_self_contained(run_dir):
@@ -43,12 +68,19 @@ def test_the_readme_snippet_runs(run_dir, tmp_path):
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Use your pruned model.*?```python\n(.*?)```", text, re.S)
     assert block, "README lost its 'Use your pruned model' snippet"
-    photo = tmp_path / "photo.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(photo)
-    code = block.group(1).replace("runs/demo/final", str(run_dir / "final")).replace("photo.jpg", str(photo))
+    rng = np.random.default_rng(0)
+    photos = {"photo.jpg": Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)),  # RGB
+              "photo.png": Image.fromarray(rng.integers(0, 255, (40, 30, 4), dtype=np.uint8), "RGBA"),
+              "grey.jpg": Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), "L")}
+    snippet = block.group(1).replace("runs/demo/final", str(run_dir / "final"))
+    code = "\n".join(snippet.replace("photo.jpg", str(tmp_path / name)) for name in photos)  # one process
+    for name, im in photos.items():
+        im.save(tmp_path / name)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() in json.loads((run_dir / "final" / "classes.json").read_text())
+    classes = json.loads((run_dir / "final" / "classes.json").read_text())
+    printed = out.stdout.strip().splitlines()
+    assert len(printed) == len(photos) and all(c in classes for c in printed)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -76,7 +108,8 @@ def test_export_every_format_matches_pytorch(run_dir, tmp_path, fmt, capsys):
 
 
 def test_export_a_checkpoint(run_dir, tmp_path, capsys):
-    assert export_main([str(run_dir), "--checkpoint", "step-00000006", "--format", "torchscript",
+    # step-N as the README writes it: the directory is step-00000006
+    assert export_main([str(run_dir), "--checkpoint", "step-6", "--format", "torchscript",
                         "--out", str(tmp_path / "ck")]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     spec = json.loads((tmp_path / "ck" / "spec.json").read_text())
@@ -85,6 +118,13 @@ def test_export_a_checkpoint(run_dir, tmp_path, capsys):
     assert manifest["step"] == 6 and rec["max_abs_diff"] == 0.0
 
 
-def test_export_errors_name_the_problem(tmp_path, capsys):
+def test_export_errors_name_the_problem(run_dir, tmp_path, capsys):
     assert export_main([str(tmp_path), "--format", "onnx"]) == 2
     assert "no export of a finished run" in capsys.readouterr().err
+    # a checkpoint the run does not have: the error lists the ones it has, and nothing is written
+    assert export_main([str(run_dir), "--checkpoint", "step-7", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint 'step-7'" in err and "step-00000006" in err and "step-00000012" in err
+    assert export_main([str(run_dir), "--checkpoint", "best", "--out", str(tmp_path / "x")]) == 2
+    assert "not a checkpoint name (step-N, N or latest)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()

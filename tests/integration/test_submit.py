@@ -6,6 +6,7 @@ embedded MLflow store of a runs root shared by the module.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -235,6 +236,62 @@ def test_cli_bad_partition_and_failed_job(root):
     assert Path(err_log).is_file() and "/nonexistent/shards" in Path(err_log).read_text()
 
 
+def _continue(cmd: str, root: Path, *more: str) -> subprocess.CompletedProcess:
+    """Run a printed ``parsimony-submit --resume ...`` command (as ``python -m launch.submit``)."""
+    args = shlex.split(cmd)
+    assert args[0] == "parsimony-submit" and args[1] == "--resume", cmd
+    return subprocess.run([sys.executable, "-m", "launch.submit", *args[1:], *more], capture_output=True, text=True,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=400)
+
+
+def _run_id(run_dir: Path, step: int) -> str:
+    manifest = json.loads((run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_text())
+    return manifest["parts"]["tracking"]["run_id"]
+
+
+@slurm
+@slow
+@timeout
+def test_a_failed_job_and_a_cancelled_job_continue_in_a_new_job(root):
+    """After an in-job failure (--wait prints the error line and the command that continues it) and
+    after ``scancel``, a new job continues the same run directory and MLflow run from the newest checkpoint."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PARSIMONY_STOP_AFTER_STEP": "10"}  # the job dies after step 10
+    failed = subprocess.run([sys.executable, "-m", "launch.submit", "--config", str(CONFIG), *TINY, *ONE_TASK,
+                             "run.name=failing", f"run.root={root / 'runs'}", f"launch.folder={root / 'f' / '%j'}",
+                             "--wait", "--poll", "1"], capture_output=True, text=True, cwd=root, env=env, timeout=400)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    line = re.search(r"FAILED: (.*)", failed.stderr).group(1)
+    assert "exit code" in line.lower() or "state" in line.lower() or "error" in line.lower(), failed.stderr
+    cmd = re.search(r"continue it from its last checkpoint: (.*)", failed.stderr).group(1)
+    run_dir = Path(re.search(r"run dir +(\S+)", failed.stdout).group(1))
+    assert f"--resume {run_dir}" in cmd and not (run_dir / "summary.json").exists()
+    done = _continue(cmd, root, f"launch.folder={root / 'f2' / '%j'}", "--wait", "--poll", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"run dir   {run_dir}" in done.stdout  # the same directory, the same name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["run_id"] == _run_id(run_dir, 10)
+    log = next((root / "f2").rglob("*_0_log.err")).read_text()
+    assert _resumed_steps(log) == [10], log[-3000:]
+    (run,) = _mlflow_runs(f"sqlite:///{root / 'runs' / 'mlflow.db'}", run_dir.name)
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+
+    # scancel mid-run; then run.resume=<its newest checkpoint> through the recipe, as a user might
+    (sub,) = _submit(root, *ONE_TASK, "run.name=cancelled", "checkpoint.every_steps=5")
+    _wait_for((sub.run_dir / "checkpoints" / "step-00000010").exists, 300, "a checkpoint")
+    subprocess.run(["scancel", str(sub.job.job_id)], check=True, capture_output=True)
+    _wait_for(sub.job.done, 120, "the cancelled job to end")
+    newest = max((sub.run_dir / "checkpoints").glob("step-*"))
+    older = min((sub.run_dir / "checkpoints").glob("step-*"))
+    refused = _cli(*TINY, *ONE_TASK, f"run.resume={older}", f"run.root={root / 'runs'}", "--dry-run", cwd=root)
+    if older != newest:  # an older checkpoint would be abandoned by every requeue: refused, naming the newest
+        assert refused.returncode == 2 and "run.resume" in refused.stderr and newest.name in refused.stderr
+    (again,) = _submit(root, *ONE_TASK, f"run.resume={newest}", "checkpoint.every_steps=5")
+    assert again.run_dir == sub.run_dir and again.run_name == sub.run_name
+    summary = again.job.result()
+    assert summary["steps"] == 40 and summary["run_id"] == _run_id(sub.run_dir, 5)
+    assert _resumed_steps(_log(again)) == [int(newest.name[5:])]
+
+
 def test_launch_section_is_not_part_of_the_run_config(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"base: {CONFIG}\nlaunch:\n  tasks_per_node: 2\n  sweep:\n    optim.lr: [0.1, 0.2]\n")
@@ -315,7 +372,7 @@ def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):
 @pytest.mark.parametrize("overrides,key", [
     (["engine.kind=deepspeed", "launch.tasks_per_node=2", "engine.zero_stage=2"], "engine.zero_stage"),
     (["method.name=variational", "model.zero_init_residual=true"], "method.name"),
-    (["train.precision=bf16"], "train.precision"),  # the allocation has no GPU
+    (["train.precision=bf16"], "launch.gpus_per_node"),  # the allocation has no GPU
 ])
 def test_dry_run_runs_the_checks_a_job_would_fail_inside(root, overrides, key):
     before = _jobs_in_queue()
@@ -335,9 +392,14 @@ def test_dry_run_prints_the_real_command_and_warns_about_the_data(root):
     assert "warning: data.root: /nonexistent/shards does not exist on this host" in out.stderr
     srun = [ln for ln in out.stdout.splitlines() if ln.startswith("srun")]
     assert srun and "-m submitit.core._submit" in srun[0] and not srun[0].rstrip().endswith(" true")
-    cmd = [ln.strip() for ln in out.stdout.splitlines() if "-m launch.train" in ln]
+    # the command a task runs: one key a line, only those off their default, run.resume once
+    text = out.stdout.replace("\\\n", " ")
+    cmd = [ln.strip() for ln in text.splitlines() if "-m launch.train" in ln]
     assert cmd and "data.root=/nonexistent/shards" in cmd[0] and "method.name=taylor" in cmd[0]
+    assert cmd[0].count("run.resume=") == 1 and "train.precision=fp32" not in cmd[0]
     # the printed command line is the same run config (it parses back to it)
     from launch.train import load
-    args = shlex.split(cmd[0])[3:]
-    assert load(None, args).data.root == "/nonexistent/shards"
+    cfg = load(None, shlex.split(cmd[0])[3:])
+    _, [job] = load_job(CONFIG, [*TINY, *ONE_TASK, "data.root=/nonexistent/shards", f"run.root={root / 'runs'}"])
+    want = S.resolve_paths(job).cfg
+    assert cfg == dataclasses.replace(want, run=dataclasses.replace(want.run, resume="auto"))

@@ -68,7 +68,7 @@ def test_a_target_the_schedule_cannot_reach_is_reported(tmp_path, caplog, method
     (["method.name=taylor", "method.target_macs=1.5"], "(0, 1]"),
     (["method.name=l1", "method.target_macs=0"], "(0, 1]"),
     (["method.name=egp", "method.target_macs=0.5"], "egp"),
-    (["method.name=none", "method.target_macs=0.5"], "prunes nothing"),
+    (["method.name=none", "method.target_macs=0.5"], "prunes nothing; drop it with method.target_macs=null"),
 ])
 def test_bad_targets_are_refused_naming_the_key(tmp_path, over, needle):
     with pytest.raises(ConfigError) as err:

@@ -44,7 +44,9 @@ class MethodConfig:
             check(0.0 < self.target_macs <= 1.0, "target_macs",
                   f"must be a fraction of the dense MACs in (0, 1], got {self.target_macs}")
             plugin = METHODS[self.name]
-            check(plugin.supports_target, "target_macs", f"method '{self.name}' {plugin.no_target_reason}")
+            check(plugin.supports_target, "target_macs",
+                  f"method '{self.name}' takes no target: {plugin.no_target_reason}; drop it with "
+                  f"method.target_macs=null" + (" (a dense baseline)" if self.name == "none" else ""))
 
     @property
     def display(self) -> str:

@@ -137,6 +137,27 @@ def ckpt_root(run_dir: str | Path) -> Path:
     return p if p.name == CKPT_SUBDIR else p / CKPT_SUBDIR
 
 
+def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
+    """The directory of the checkpoint that ``name`` names in run ``run_dir``: ``step-N`` or ``N`` (any
+    zero padding: ``step-50`` is ``step-00000050``) or ``latest``; a name that is none of these, or a
+    checkpoint the run does not have, raises :class:`CheckpointError` listing the ones it has."""
+    root = ckpt_root(run_dir)
+    have = sorted((d.name for d in root.iterdir() if d.is_dir() and STEP_DIR_NAME.match(d.name)),
+                  key=lambda n: int(n[5:])) if root.is_dir() else []
+    m = re.fullmatch(r"(?:step-)?(\d+)", name.strip())
+    if name.strip() == LATEST:
+        if not have:
+            raise CheckpointError(f"{root}: the run has no checkpoint")
+        return root / have[-1]
+    if m is None:
+        raise CheckpointError(f"{name!r} is not a checkpoint name (step-N, N or latest)")
+    path = root / f"step-{int(m.group(1)):08d}"
+    if not path.is_dir():
+        raise CheckpointError(f"{root}: no checkpoint {name!r}; the run has "
+                              + (", ".join(have) if have else "none"))
+    return path
+
+
 def load_pt(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers (never arbitrary objects)."""
     try:
