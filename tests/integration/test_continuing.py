@@ -13,8 +13,8 @@ from launch.config import load_job
 from launch.continuing import continue_job, load_resumed
 from launch.submit import prepare
 from system.config import ConfigError
-from system.trainer import Trainer
 from system.tracking.secrets import redact_text
+from system.trainer import Trainer
 from tests.methods_util import STRONG, tiny_config
 
 
