@@ -101,13 +101,20 @@ def build_opt(cfg: RunConfig, model: GatedResNet, method: Method, global_batch: 
 
 def build_engine(cfg: RunConfig, model: GatedResNet, opt: torch.optim.Optimizer, env: DistEnv,
                  device: torch.device) -> Engine:
-    """The engine ``engine.kind`` picks (``auto``: DeepSpeed on more than one rank)."""
+    """The engine ``engine.kind`` picks (``auto``: DeepSpeed on more than one rank); with ``train.compile`` it
+    compiles every network it is given (:mod:`system.runtime.compiled`)."""
+    compiler = None
+    if cfg.train.compile:
+        from system.runtime.compiled import Compiler, check_backend
+
+        check_backend(cfg.train.compile_backend, device)
+        compiler = Compiler(cfg.train.compile_backend)
     kind = cfg.engine.kind
     if kind == "deepspeed" or (kind == "auto" and env.world_size > 1):
         from system.runtime.engine_ds import DeepSpeedEngine, EngineSettings  # imported only when used
 
-        return DeepSpeedEngine(model, opt, EngineSettings.of(cfg), env, device)
-    return LocalEngine(model, opt, device, cfg.train.precision, cfg.train.channels_last)
+        return DeepSpeedEngine(model, opt, EngineSettings.of(cfg), env, device, compiler)
+    return LocalEngine(model, opt, device, cfg.train.precision, cfg.train.channels_last, compiler)
 
 
 def saved_weights(info: CheckpointInfo) -> dict[str, torch.Tensor]:

@@ -52,6 +52,10 @@ class TrainConfig:
     progress: bool = True  # a bar on a terminal, a log line every progress_interval_s elsewhere
     progress_interval_s: float = 30.0
     threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
+    #: torch.compile the training network, once per network: each pruning event recompiles the new one
+    #: (system/runtime/compiled.py); ``compile_backend``: inductor, or aot_eager/eager (no C++ compiler needed)
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", "must be >= 1")

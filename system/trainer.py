@@ -212,6 +212,9 @@ class Trainer(Run):
         s.wall_s = time.perf_counter() - self._t_start
         final_spec = deployed.spec()
         latency = report.export_final(cfg, deployed, self.dense, self.run_dir) if self.env.rank == 0 else {}
+        compiler = getattr(self.engine, "compiler", None)  # train.compile: graphs compiled per network
+        if compiler is not None:
+            latency["compile"] = compiler.summary()
         s.width_history.append((s.step, widths_of(final_spec)))
         summary = report.summary_of(
             cfg, s, final_spec, count(final_spec), (self.dense_macs, self.dense_params), res,

@@ -242,13 +242,11 @@ class GatedResNet(nn.Module):
             for b, blk in enumerate(stage):
                 yield f"layer{s + 1}.{b}", blk
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        start = 0
-        if self.start_at is not None:
-            start, x = self.start_at
-        else:
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        keep = self.keep_block_inputs and self.training and start == 0
+    def features(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Pooled features of image ``x`` (``start`` None), or of ``x`` as the input of block ``start`` (flat index)."""
+        keep = self.keep_block_inputs and self.training and start is None
+        if start is None:
+            x, start = self.maxpool(self.relu(self.bn1(self.conv1(x)))), 0
         if keep:
             self.block_inputs = []
         i = 0
@@ -262,7 +260,15 @@ class GatedResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start_at is not None:
+            return self._suffix(*self.start_at)
         return self.fc(self.features(x))
+
+    @torch.compiler.disable
+    def _suffix(self, start: int, x: torch.Tensor) -> torch.Tensor:
+        """The paired estimator's suffix forward, always eager: under ``train.compile`` a graph per start
+        block would recompile at every step of its round-robin."""
+        return self.fc(self.features(x, start))
 
     def spec(self) -> ArchSpec:
         """The spec read off the modules' actual shapes (so spec -> model -> spec is a real check).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -94,8 +95,12 @@ class LocalEngine:
     kind = "local"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str = "fp32", channels_last: bool = False):
+                 precision: str = "fp32", channels_last: bool = False,
+                 compiler: Callable[[torch.nn.Module], None] | None = None):
+        """``compiler``: called on every network this engine is given (``train.compile``, see
+        :mod:`system.runtime.compiled`)."""
         self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.compiler = compiler
         # fp16 needs loss scaling; methods read gradients divided by grad_scale()
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.rebuild(model, optimizer)
@@ -104,6 +109,8 @@ class LocalEngine:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if self.compiler is not None:
+            self.compiler(self.model)
         self.optimizer = optimizer
 
     def _autocast(self):

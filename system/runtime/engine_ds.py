@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ class DeepSpeedEngine:
     kind = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, env: DistEnv,
-                 device: torch.device):
+                 device: torch.device, compiler: Callable[[torch.nn.Module], None] | None = None):
         cfg = EngineSettings.of(cfg)
         check_engine_config(cfg, env.world_size, device)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
@@ -158,6 +159,7 @@ class DeepSpeedEngine:
         self.ds_config = deepspeed_config(cfg, env.world_size)
         ensure_process_group(env, device, cfg.engine.backend)
         self._ds: Any = None  # the DeepSpeed engine (untyped)
+        self.compiler = compiler  # train.compile: called on every network (system/runtime/compiled.py)
         self.rebuild(model, optimizer)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class DeepSpeedEngine:
                                "torch optimizer itself (ZeRO stage 0, fp32 or torch_autocast precision)")
         if self.channels_last:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if self.compiler is not None:
+            self.compiler(model)  # in place: DeepSpeed calls the module, which runs its compiled forward
         self._ds, self.model, self.optimizer = ds, model, optimizer
 
     def _destroy(self) -> None:
