@@ -3,13 +3,32 @@ registered in the model registry."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from system.tracking.connection import error_line, fluent_store
 
 log = logging.getLogger(__name__)
+
+
+class _PickleWarning(logging.Filter):
+    """Drops MLflow's caution about pickled models: pickle is this module's choice (a pt2 program pins the
+    batch size), and the safe copy of the weights is the run's ``final/model.safetensors``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "by Pickle or CloudPickle" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_pickle_warning() -> Iterator[None]:
+    logger, quiet = logging.getLogger("mlflow.pytorch"), _PickleWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def log_model(uri: str, run_id: str, model: Any, example: Any, metadata: Mapping[str, Any],
@@ -31,7 +50,7 @@ def log_model(uri: str, run_id: str, model: Any, example: Any, metadata: Mapping
         with torch.no_grad():
             out = model(example)
         signature = infer_signature(example.numpy(), out.numpy())
-        with fluent_store(uri), mlflow.start_run(run_id=run_id):
+        with fluent_store(uri), mlflow.start_run(run_id=run_id), _quiet_pickle_warning():
             info = mlflow.pytorch.log_model(
                 # pickled (loads any batch size; needs this package importable, as pip_requirements say)
                 model, name="model", signature=signature, metadata=dict(metadata), serialization_format="pickle",

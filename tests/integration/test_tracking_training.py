@@ -263,6 +263,8 @@ def test_stopped_and_resumed_run_continues_the_same_mlflow_run(mlflow_server, tm
     assert run.data.metrics[T.FINAL_PREFIX + "top1"] == pytest.approx(summary["top1"])
     assert run.data.params["train.max_steps"] == str(STEPS)
     assert "resumed MLflow run " + rid in second.stderr
+    # the final network is logged as a (pickled) MLflow Model without MLflow's pickle caution on every run
+    assert "logged the final network as MLflow Model" in second.stderr and "CloudPickle" not in second.stderr
 
 
 # ------------------------------------------------------------------------------------------ 4
