@@ -264,10 +264,10 @@ class GatedResNet(nn.Module):
             return self._suffix(*self.start_at)
         return self.fc(self.features(x))
 
-    @torch.compiler.disable
     def _suffix(self, start: int, x: torch.Tensor) -> torch.Tensor:
-        """The paired estimator's suffix forward, always eager: under ``train.compile`` a graph per start
-        block would recompile at every step of its round-robin."""
+        """The paired estimator's suffix forward.  Under ``train.compile`` it runs eagerly
+        (:class:`system.runtime.compiled.Compiler` disables it per model): a graph per start block would
+        recompile at every step of the round-robin."""
         return self.fc(self.features(x, start))
 
     def spec(self) -> ArchSpec:

@@ -64,6 +64,10 @@ class Compiler:
 
         torch._dynamo.reset()
         self.graphs.append(0)
+        suffix = getattr(type(model), "_suffix", None)
+        if suffix is not None:  # the paired estimator's suffix forwards stay eager (see the module doc);
+            # bound to this model as a method, so a deep copy (the deployed network) rebinds it to the copy
+            model._suffix = torch.compiler.disable(suffix).__get__(model)  # type: ignore[method-assign]
         model.compile(backend=self._compile_graph, dynamic=False)
 
     def summary(self) -> dict[str, Any]:
