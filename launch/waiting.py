@@ -33,14 +33,20 @@ class Submitted:
 ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Lost|Preempted)\b.*")
 
 
+#: the launcher's line for a task that died (``srun: error: node1: task 0: Exited with exit code 75``)
+TASK_EXIT = re.compile(r"(error:.*(exit code|signal|killed|cancelled)|CANCELLED|DUE TO TIME LIMIT)", re.IGNORECASE)
+
+
 def error_lines(exc: BaseException) -> list[str]:
-    """What a failed job's exception says, whole lines only: submitit's first line (the job, its state)
-    and the last error line of the job's traceback, when it has one."""
+    """What a failed job's exception says, whole lines only: submitit's head (the job and, when it wrote
+    no result, its state), the last error line of the job's traceback, and how its task ended."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if not lines:
         return [type(exc).__name__]
+    head = lines[0] + (f" {lines[1]}" if len(lines) > 1 and lines[1].startswith("has not produced") else "")
     errors = [ln for ln in lines[1:] if ERROR_LINE.match(ln)]
-    return [lines[0]] + ([errors[-1]] if errors and errors[-1] != lines[0] else [])
+    exits = [ln for ln in lines[1:] if TASK_EXIT.search(ln)]
+    return [head] + [found[-1] for found in (errors, exits) if found and found[-1] not in head]
 
 
 def continued_on_fewer(job) -> dict | None:

@@ -260,8 +260,10 @@ def test_a_failed_job_and_a_cancelled_job_continue_in_a_new_job(root):
                              "run.name=failing", f"run.root={root / 'runs'}", f"launch.folder={root / 'f' / '%j'}",
                              "--wait", "--poll", "1"], capture_output=True, text=True, cwd=root, env=env, timeout=400)
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    line = re.search(r"FAILED: (.*)", failed.stderr).group(1)
-    assert "exit code" in line.lower() or "state" in line.lower() or "error" in line.lower(), failed.stderr
+    # whole lines: submitit's (no result, the job's state) and how the task ended, never a cut tail
+    assert re.search(r"FAILED: Job \d+ \(task: 0\) .* has not produced any output \(state: FAILED\)$",
+                     failed.stderr, re.M), failed.stderr
+    assert re.search(r"^  srun: error: .*Exited with exit code 75$", failed.stderr, re.M), failed.stderr
     cmd = re.search(r"continue it from its last checkpoint: (.*)", failed.stderr).group(1)
     run_dir = Path(re.search(r"run dir +(\S+)", failed.stdout).group(1))
     assert f"--resume {run_dir}" in cmd and not (run_dir / "summary.json").exists()

@@ -17,7 +17,8 @@ from tests.methods_util import SETTINGS, STRONG, tiny_config
 
 #: the first event comes after about half the run: the dense network lives >= 10 steps and an evaluation
 LATE = {"variational": ["method.variational.warmup_frac=0.45", "method.variational.target_by=0.8"],
-        "taylor": ["method.taylor.start_frac=0.5"], "l1": ["method.l1.start_frac=0.5"],
+        "taylor": ["method.taylor.start_frac=0.5", "method.taylor.check_every=6"],
+        "l1": ["method.l1.start_frac=0.5", "method.l1.check_every=6"],
         "egp": ["method.egp.start_frac=0.5"]}
 RUN = ["train.max_steps=24", "train.eval_every_steps=6", "checkpoint.every_steps=0"]
 COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]

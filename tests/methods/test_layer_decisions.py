@@ -133,7 +133,12 @@ def planted_run(tmp_path_factory):
                  "data.workers=0", "data.batch_size=32", "data.train_size=16", "data.val_resize=16",
                  "data.val_crop=16", "train.epochs=2", "train.max_steps=150", "train.progress=false",
                  "train.eval_batches=2", "checkpoint.every_steps=0", "latency.enabled=false",
-                 "method.target_macs=0.5", "method.variational.check_every=0"]  # the method's defaults otherwise
+                 "method.target_macs=0.5", "method.variational.check_every=0",  # the method's defaults otherwise
+                 # pinned: an earlier test's thread count must not decide this one.  The outcome is thread-
+                 # sensitive (issue 22, open): with 1 thread the float sums differ, the three untrained
+                 # layer3 blocks measure harmful (CE(on) > CE(off)) at step 29, leave at step 39 and fill the
+                 # budget, and the useless block reaches theta 0 but the target forbids its removal
+                 "train.threads=2"]
     cfg = from_dict(RunConfig, apply_overrides(read_yaml(ROOT / "configs" / "demo.yaml"), overrides))
     with pytest.MonkeyPatch.context() as mp:
         # the run's network comes from system.build (build_network): plant there
