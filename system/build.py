@@ -5,6 +5,7 @@ The resume order (what :class:`system.trainer.Trainer` does with them)::
 
     spec   = checkpoint.spec if resuming else dense_spec_for(cfg, num_classes)
     model  = build_network(cfg, spec, device)            # zero_init_residual applied
+    init_network(model, cfg.model.init_from)              # a fresh run with model.init_from only
     method = build_pruning_method(cfg, total_steps, model)   # refuses what it cannot prune, naming the key
     method.load_state_dict(...)                           # resuming: before attach
     method.attach(model)
@@ -18,21 +19,26 @@ checkpoint package's and the engines' public readers (never through an engine's 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from pipelines.loaders import build_loader
 from system.config import ConfigError, from_dict
-from system.models.resnet import GatedResNet, build_model, zero_init_residual
+from system.export import WEIGHTS
+from system.models.resnet import GatedResNet, build_model, gates_of, zero_init_residual
 from system.models.spec import ArchSpec, dense_spec
 from system.optim import build_optimizer
 from system.pruning.methods import Method, build_method
 from system.pruning.methods.base import smallest_macs_frac
 from system.run_config import RunConfig
-from system.runtime.checkpoint import CheckpointInfo, read_rank_state, verify
+from system.runtime.checkpoint import MANIFEST, CheckpointError, CheckpointInfo, read_rank_state, verify
 from system.runtime.engine import DistEnv, Engine, LocalEngine, saved_model_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,73 @@ def build_network(cfg: RunConfig, spec: ArchSpec, device: torch.device | str = "
     if cfg.model.zero_init_residual:
         zero_init_residual(model)
     return model
+
+
+def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors ``model.init_from`` names: a ``.safetensors`` file, a torch state-dict file (also one
+    wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``, ``module.`` prefixes dropped), a run directory
+    or its ``final/``, or a checkpoint directory (verified, read by its engine's reader)."""
+    p = Path(source)
+    key = "model.init_from"
+    if not p.exists():
+        raise ConfigError(key, f"{p} does not exist")
+    if p.is_dir():
+        if (p / MANIFEST).is_file():
+            try:
+                return saved_weights(verify(p))
+            except CheckpointError as exc:
+                raise ConfigError(key, str(exc)) from None
+        for d in (p / "final", p):
+            if (d / WEIGHTS).is_file():
+                return load_file(str(d / WEIGHTS))
+        raise ConfigError(key, f"{p} is neither a finished run (no final/{WEIGHTS}), an export, nor a checkpoint")
+    if p.suffix == ".safetensors":
+        return load_file(str(p))
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(key, f"{p} is not a state-dict file torch can read safely: {exc}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(key, f"{p} holds no state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def init_network(model: GatedResNet, source: str) -> None:
+    """Load ``model.init_from`` (``source``; nothing when empty) into the dense ``model``: every weight and BN
+    statistic; a head (``fc``) of another class count stays initialised; gate parameters start fresh.
+
+    Raises:
+        ConfigError: naming ``model.init_from``: a missing or unreadable source, weights it lacks, or
+            shapes that differ (a pruned network or another architecture).
+    """
+    if not source:
+        return
+    state = initial_weights(source)
+    own = model.state_dict()
+    gate_params = {f"{n}.{p}" for n, g in gates_of(model).items() for p, _ in g.named_parameters()}
+    wanted = [k for k in own if k not in gate_params and not k.endswith("num_batches_tracked")]
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ConfigError("model.init_from", f"{source} lacks {len(missing)} of the {len(wanted)} weights of "
+                                             f"{model.arch_name} (e.g. {', '.join(missing[:3])}): another "
+                                             f"architecture?")
+    differ = [k for k in wanted if tuple(state[k].shape) != tuple(own[k].shape)]
+    head = [k for k in differ if k.startswith("fc.")]
+    body = [k for k in differ if not k.startswith("fc.")]
+    if body:
+        k = body[0]
+        raise ConfigError("model.init_from", f"{source}: {len(body)} weights differ in shape from the dense "
+                                             f"{model.arch_name} (e.g. {k}: {tuple(state[k].shape)} against "
+                                             f"{tuple(own[k].shape)}): a pruned network, or another width")
+    model.load_state_dict({k: state[k] for k in own if k in state and k not in head and k not in gate_params},
+                          strict=False)
+    if head:
+        log.info("model.init_from: the head is re-initialised (%d classes there, %d here)",
+                 state["fc.weight"].shape[0], own["fc.weight"].shape[0])
+    log.info("model.init_from: %s: %d tensors loaded into %s", source, len(wanted) - len(head), model.arch_name)
 
 
 def build_pruning_method(cfg: RunConfig, total_steps: int, model: GatedResNet | None = None) -> Method:

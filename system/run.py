@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from system import tracking as T
-from system.build import build_engine, build_network, build_opt, build_pruning_method, dense_spec_for, run_shape
+from system.build import (
+    build_engine,
+    build_network,
+    build_opt,
+    build_pruning_method,
+    dense_spec_for,
+    init_network,
+    run_shape,
+)
 from system.config import to_dict
 from system.models.resnet import GatedResNet
 from system.models.spec import ArchSpec
@@ -74,6 +82,8 @@ class Run:
             self.checkpointer.check_fits(resume, config=to_dict(cfg), global_batch=self.global_batch,
                                          per_rank_batch=cfg.data.batch_size, total_steps=self.total_steps)
         model = build_network(cfg, resume.spec if resume else self.dense, self.device)  # method state: same device
+        if resume is None:
+            init_network(model, cfg.model.init_from)  # trained weights to start from (model.init_from)
         self.method = build_pruning_method(cfg, self.total_steps, model)
         if resume is not None:
             self.method.load_state_dict(self.checkpointer.rank_state(resume, "method"))

@@ -18,6 +18,11 @@ class ModelConfig:
     shortcut: Literal["", "A", "B"] = ""  # "" = the family default (A for CIFAR, B for ImageNet)
     input_size: int = 0
     zero_init_residual: bool = False
+    #: start from trained weights of this dense network instead of a random init: a ``.safetensors`` or
+    #: torch state-dict file (torchvision's ImageNet ResNet files fit ``resnet18/34/50``), a finished run (its
+    #: ``final/``) or a checkpoint directory; a head of another class count is re-initialised; gates start
+    #: fresh; ignored when resuming (system/build.py: init_network)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         check(self.name in MODEL_NAMES, "name", f"unknown model {self.name!r}; known: {', '.join(MODEL_NAMES)}")

@@ -48,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "system.run_config": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime",
                                  "system.optim", "system.latency", "pipelines"},
     "system.build": BASE | {"system.models", "system.pruning", "system.runtime", "system.optim",
-                            "system.run_config", "pipelines"},
+                            "system.run_config", "system.export", "pipelines"},
     "system.report": BASE | {"system.models", "system.pruning", "system.tracking", "system.export",
                              "system.latency", "system.state", "pipelines"},
     "system.run": BASE | {"system.models", "system.pruning", "system.tracking", "system.runtime", "system.state",
