@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                                      "launch.submit, is ignored here")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=20")
     ap.add_argument("--print-config", action="store_true",
-                    help="print the resolved config tree (defaults <- recipe <- overrides) as YAML and exit")
+                    help="print the resolved config tree (defaults <- recipe <- overrides) as YAML, each key with "
+                         "its meaning as a comment (docs/config.md), and exit")
     # the ``deepspeed`` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        from launch.config_doc import annotated_yaml  # every key with its meaning (docs/config.md)
+
+        print(annotated_yaml(to_dict(cfg)), end="")
         return 0
     _on_interrupt()
     try:

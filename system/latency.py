@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class LatencyConfig:
     """Section ``latency``: the final network's CPU inference latency in summary.json and MLflow."""
 
-    enabled: bool = True
+    enabled: bool = True  # time the final network (and the dense one) at the end of the run
     batches: tuple[int, ...] = (1, 64)  # batch sizes timed
     repeats: int = 15  # timed forwards per network and batch size (median reported)
     max_seconds: float = 60.0  # fewer repeats (at least 3) when the first forwards say it would take longer

@@ -27,19 +27,19 @@ from system.models.resnet import GatedResNet
 class OptimConfig:
     """Section ``optim``: SGD (momentum, optional Nesterov) or AdamW, warm-up + cosine."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"  # the optimizer (adamw is refused for a method that trains theta)
     lr: float = 0.1  # at ``lr_batch`` images per step; scaled linearly to the global batch
     lr_batch: int = 0  # 0 = no scaling (lr is used as is); 256 = DeepLearningExamples convention
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD momentum (AdamW: beta1)
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    weight_decay: float = 5e-4  # L2 on conv and linear weights (see decay_bn_bias)
     decay_bn_bias: bool = False  # weight decay on BN parameters and biases (gates never decay)
-    label_smoothing: float = 0.0
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
+    label_smoothing: float = 0.0  # of the cross-entropy targets
+    schedule: Literal["cosine", "constant", "step"] = "cosine"  # the LR after the warm-up
+    warmup_epochs: float = 0.0  # linear LR warm-up from 0, in epochs
+    min_lr: float = 0.0  # the LR cosine ends at
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for ``step``
-    step_gamma: float = 0.1
+    step_gamma: float = 0.1  # ``step``: the LR factor at each milestone
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", "must be > 0")

@@ -40,22 +40,22 @@ __all__ = [
 class TrainConfig:
     """Section ``train``."""
 
-    epochs: int = 1
+    epochs: int = 1  # passes over the training split
     max_steps: int = 0  # > 0 caps the run (smoke tests)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False
+    seed: int = 0  # weights, data order and gate samples (the same seed: the same run, per method)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU is visible
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; bf16/fp16 need a GPU
+    channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
     eval_every_steps: int = 0  # 0 = at the end of every epoch
     eval_batches: int = 0  # 0 = the whole validation split
-    log_every_steps: int = 20
+    log_every_steps: int = 20  # train metrics (loss read from the device) every this many steps
     progress: bool = True  # a bar on a terminal, a log line every progress_interval_s elsewhere
-    progress_interval_s: float = 30.0
+    progress_interval_s: float = 30.0  # seconds between progress lines off a terminal
     threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
     #: torch.compile the training network, once per network: each pruning event recompiles the new one
     #: (system/runtime/compiled.py); ``compile_backend``: inductor, or aot_eager/eager (no C++ compiler needed)
     compile: bool = False
-    compile_backend: str = "inductor"
+    compile_backend: str = "inductor"  # torch.compile backend of train.compile
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -71,10 +71,12 @@ class TrainConfig:
 class RunSection:
     """Section ``run``: where the run lives and whether it resumes."""
 
-    dir: str = ""  # default: runs/<name>
+    dir: str = ""  # the run's directory (default: run.root/run.name)
     name: str = ""  # default: <method label>-<model>; a taken name gets the next version, <name>-v2 ...
     root: str = "runs"  # holds run dirs and the embedded MLflow store
-    resume: str = ""  # "" | "auto" | a checkpoint path
+    resume: str = ""  # "": a fresh run; auto: the newest checkpoint of this run, if any; or a checkpoint path
+    # how the gates fold into the exported network: deterministic (kept where theta > threshold), mean (E[xi]
+    # scales the weights), auto (the method's own choice)
     export_gates: Literal["auto", "deterministic", "mean"] = "auto"
 
 

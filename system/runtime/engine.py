@@ -76,8 +76,8 @@ class EngineConfig:
     """Section ``engine``: ``local`` (plain torch, one process) or ``deepspeed``."""
 
     kind: Literal["auto", "local", "deepspeed"] = "auto"  # auto: deepspeed when launched distributed
-    zero_stage: int = 0
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (pruning needs 0: surgery slices whole parameters)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # process group: auto = nccl on GPUs, gloo on CPU
     global_batch: int = 0  # 0 = data.batch_size x world size; else must divide evenly
     # a collective (or the start-up rendezvous) that waits longer than this fails, naming the lost ranks
     # and hosts, instead of hanging: longer than the slowest step, evaluation or checkpoint write

@@ -53,7 +53,7 @@ class TrackingConfig:
     retry_after_s: float = 60.0
     register_as: str = ""
     system_metrics: bool = True
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: float = 10.0  # seconds between system metrics (CPU, memory, GPU)
 
     def __post_init__(self) -> None:
         check(self.uri == self.uri.strip(), "uri", "must not have surrounding spaces")

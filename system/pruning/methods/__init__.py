@@ -24,7 +24,7 @@ class MethodConfig:
     (and ``alpha: 0``) or ``variational.unit_gates=false``; ``label`` names the row in tables.
     """
 
-    name: Literal["none", "variational", "taylor", "egp", "l1"] = "none"
+    name: Literal["none", "variational", "taylor", "egp", "l1"] = "none"  # the pruning method (none: dense)
     label: str = ""  # e.g. "unit_only"; defaults to name
     #: budget mode: the final network's inference MACs as a fraction of the dense network's
     #: (None = off; each structured method steers its own pressure to land there)

@@ -36,8 +36,8 @@ class EGPConfig:
 
     iterations: int = 4  # pruning iterations, evenly spaced between start and stop
     prune_frac: float = 0.5  # of the remaining candidate weights per iteration
-    start_frac: float = 0.2
-    stop_frac: float = 0.7
+    start_frac: float = 0.2  # the first pruning iteration at this fraction of the run
+    stop_frac: float = 0.7  # the last one at this fraction
     remove_dead_units: bool = True  # cut channels never on since the last iteration
 
     def __post_init__(self) -> None:

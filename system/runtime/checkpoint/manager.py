@@ -71,8 +71,8 @@ class CheckpointConfig:
     """Section ``checkpoint``."""
 
     every_steps: int = 0  # 0 = only at the end of every epoch
-    at_epoch_end: bool = True
-    keep_last: int = 3
+    at_epoch_end: bool = True  # also a checkpoint at the end of every epoch
+    keep_last: int = 3  # complete checkpoints kept (older ones deleted)
 
     def __post_init__(self) -> None:
         check(self.every_steps >= 0, "every_steps", "must be >= 0")

@@ -12,19 +12,19 @@ from system.config import check
 class VariationalConfig:
     """Section ``method.variational``.  Defaults: see docs/results.md for how they were chosen."""
 
-    unit_gates: bool = True
-    layer_gates: bool = True
+    unit_gates: bool = True  # a gate per unit (channel of a block's inner convs)
+    layer_gates: bool = True  # a gate per residual block (the block leaves as a whole)
     nu: float = 1.0  # accuracy vs pruning strength (unused under method.target_macs: nu starts at nu_start)
     alpha: float = 1.0  # MACs (1) vs parameters (0)
     beta: float = 1.0  # layer vs unit balance (scale of the layer-gate price)
-    theta_step: Literal["normalized", "raw"] = "normalized"
+    theta_step: Literal["normalized", "raw"] = "normalized"  # theta gradients divided by their price, or plain
     theta_travel: float = 0.1  # normalized: the price alone moves theta across [0, 1] in this fraction of the run
     lr_unit: float = 1.0  # raw: theta learning rates (plain SGD, projected to [0, 1])
-    lr_layer: float = 0.01
+    lr_layer: float = 0.01  # raw: the layer thetas' learning rate
     # [ours] normalized, under a target: the step of these kinds is divided by nu (>= nu_floor), so a structure
     # whose importance per cost is well below nu leaves at full speed whatever nu's scale (decisions unchanged)
     step_per_nu: Literal["none", "layer", "all"] = "layer"
-    nu_floor: float = 0.01
+    nu_floor: float = 0.01  # step_per_nu divides by max(nu, nu_floor)
     theta_momentum: float = 0.9  # [ours] theta steps on an average of its recent gradients (SGD momentum = dampening)
     warmup_frac: float = 0.2  # weights only for this fraction of the steps
     # layer-gate estimator [ours]: paired (CRN difference, layer gates drawn once per batch, suffix forward),
@@ -39,23 +39,25 @@ class VariationalConfig:
     # budget mode (method.target_macs): dual ascent on nu
     target_by: float = 0.4  # the scheduled budget reaches the target at this fraction of the run
     nu_start: float = 0.1  # the dual variable's start under a target
-    dual_gain: float = 3.0  # integral gain (log space)
-    dual_kp: float = 2.0  # proportional gain (log space)
+    dual_gain: float = 3.0  # the dual variable's integral gain (log space)
+    dual_kp: float = 2.0  # the dual variable's proportional gain (log space)
     # pruning conditions
     check_every: int = 0  # steps between checks; 0 = auto, 2% of the run (at least 1)
-    patience: int = 3
-    tau_theta: float = 0.0
+    patience: int = 3  # checks a structure spends at theta <= tau_theta before it may leave
+    tau_theta: float = 0.0  # theta at or below this counts as off
+    # the removal condition: importance (window mean of data + price >= 0: importance per cost <= nu),
+    # signal / grad (its BN output at most tau_w x its peers'), none (theta alone)
     weight_condition: Literal["importance", "grad", "signal", "none"] = "importance"
-    tau_w: float = 0.5
-    max_revivals: int = 3
+    tau_w: float = 0.5  # signal condition: the share of the peers' mean BN output
+    max_revivals: int = 3  # a structure back from 0 this often leaves at 0 regardless
     # determinism [ours]: a drive to {0, 1}, and a safety-net rounding
     # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by); "down": only
     # below theta 0.5 (it speeds a leaving structure to 0 and moves "back from 0" to importance per cost
     # > nu (1 + d s); "leave 1" stays at < nu); "both": also above 0.5 ("leave 1" at < nu (1 - d s)).
     # Removal itself is decided by the importance condition, which the drive never enters.
     drive: float = 0.9
-    drive_mode: Literal["down", "both"] = "down"
-    harden: Literal["none", "final"] = "final"
+    drive_mode: Literal["down", "both"] = "down"  # where the drive acts (see drive)
+    harden: Literal["none", "final"] = "final"  # final: round the gates at harden_at; none: never
     harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
     threshold: float = 0.5  # deterministic gate: xi = 1[theta > threshold]
