@@ -20,8 +20,6 @@ import signal
 import sys
 from pathlib import Path
 
-import yaml
-
 from system.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from system.run_config import RunConfig
 from system.runtime.rendezvous import PeerLost, RendezvousError
