@@ -59,7 +59,8 @@ def _class_notes(klass: type) -> dict[str, str]:
     for node in cdef.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        above, ln = [], node.lineno - 1
+        above: list[str] = []
+        ln = node.lineno - 1
         while ln >= 1 and lines[ln - 1].strip().startswith("#"):
             above.insert(0, comments[ln].lstrip("#:").strip())
             ln -= 1
