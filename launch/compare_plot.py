@@ -106,6 +106,10 @@ def pareto_figure(rows: Sequence[RunRow]):
     for m in methods:
         mine = [(x, y) for r, (x, y) in zip(pruned, xy) if (r.method or "?") == m]
         ax.scatter([x for x, _ in mine], [y for _, y in mine], s=36, color=colours[m], label=m, zorder=3)
+    for r, (x, y) in zip(pruned, xy):  # every point says which run it is
+        ax.annotate(r.run_name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color="0.25")
+    # the whole MACs range, dense (100%) included: runs at nearly one MACs value must not zoom to a sliver
+    ax.set_xlim(0.0, max(102.0, *(x + 2.0 for x, _ in xy)) if xy else 102.0)
     front = pareto_front(xy)
     if front:
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "-", color="0.2", linewidth=1.2,

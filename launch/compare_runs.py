@@ -39,6 +39,7 @@ class RunRow:
     setting: str | None = None          # what else sets the operating point (EGP: its iterations)
     latency_ratio_b1: float | None = None   # the final network's CPU latency / the dense one's (batch 1)
     latency_ratio_b64: float | None = None  # (batch 64)
+    steps: float | None = None              # the steps the run trained
 
 
 
@@ -80,6 +81,7 @@ def row_from_run(run: Any) -> RunRow:
         setting=(f"iterations={params.get('method.egp.iterations')}" if params.get("method.name") == "egp" else None),
         latency_ratio_b1=m.get(T.FINAL_PREFIX + "latency_ratio_b1"),
         latency_ratio_b64=m.get(T.FINAL_PREFIX + "latency_ratio_b64"),
+        steps=m.get(T.FINAL_PREFIX + "steps"),
     )
 
 

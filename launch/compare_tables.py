@@ -27,6 +27,8 @@ def _fmt(v: Any, kind: str) -> str:
         return f"{v / 1e6:.2f}M"
     if kind == "pct":
         return f"{v:.1f}%"
+    if kind == "frac":
+        return f"{v:.0%}"
     if kind == "acc":
         return f"{v:.2f}"
     if kind == "int":
@@ -39,6 +41,7 @@ def _fmt(v: Any, kind: str) -> str:
 
 COLUMNS = (  # header, field, format
     ("run", "run_name", "str"), ("method", "method", "str"), ("model", "model", "str"),
+    ("steps", "steps", "int"), ("target", "target_macs", "frac"),
     ("top1", "top1", "acc"), ("MACs", "macs", "giga"), ("params", "params", "mega"),
     ("MACs removed", "macs_removed_pct", "pct"), ("blocks removed", "blocks_removed", "int"),
     ("train MACs vs dense", "train_macs_pct", "pct"), ("wall", "wall_s", "time"),

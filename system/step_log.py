@@ -51,16 +51,23 @@ class StepLog:
         """The interval ends after ``step`` (every ``log_every_steps``, and at the last step)."""
         return step % self.every == 0 or step >= self.total_steps
 
-    def flush(self, step: int, lr: float, train_macs: float, macs: int, params: int) -> float:
-        """Log the interval that ends at ``step`` (the one host read of its losses); its mean loss."""
+    def flush(self, step: int, lr: float, train_macs: float, macs: int, params: int,
+              extra: dict[str, torch.Tensor | float] | None = None) -> float:
+        """Log the interval that ends at ``step``, with ``extra`` (the method's values, device tensors
+        among them): the losses and those tensors are read in one host read.  Its mean loss."""
         if self._loss is None:
             return float("nan")
-        loss = float(self._loss) / self._n
+        tensors = {k: v for k, v in (extra or {}).items() if isinstance(v, torch.Tensor)}
+        read = torch.stack([self._loss.double(), *(v.detach().reshape(()).to(self._loss.device).double()
+                                                   for v in tensors.values())]).tolist()
+        values = {k: float(v) for k, v in (extra or {}).items() if k not in tensors}
+        values.update(zip(tensors, read[1:]))
+        loss = read[0] / self._n
         dt = time.perf_counter() - self._t
         self.tracker.log_metrics({T.TRAIN_LOSS: loss, T.TRAIN_LR: lr,
                                   T.TRAIN_TOTAL_IPS: self._n * self.global_batch / max(dt, 1e-9),
-                                  T.TRAIN_CUMULATIVE_MACS: train_macs, T.MODEL_MACS: macs, T.MODEL_PARAMS: params},
-                                 step=step)
+                                  T.TRAIN_CUMULATIVE_MACS: train_macs, T.MODEL_MACS: macs, T.MODEL_PARAMS: params,
+                                  **values}, step=step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", macs=f"{macs / 1e6:.1f}M")
         self._loss, self._n, self._t = None, 0, time.perf_counter()

@@ -146,7 +146,8 @@ class Trainer(Run):
                     self.steps.add(self.train_step(x, y))
                     s.batch += 1
                     if self.steps.due(s.step):  # the one host read of the interval's losses
-                        self.steps.flush(s.step, self._lr, s.train_macs, *self.current_size())
+                        self.steps.flush(s.step, self._lr, s.train_macs, *self.current_size(),
+                                         extra=self.method.log_values(s.step))
                         self._check_skips(loader)
                     if self.method.check_due(s.step):
                         self.maybe_prune(Event.STEP_END)

@@ -62,4 +62,6 @@ def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     # the measured latency (system.latency): every number it reported, e.g. summary/latency_ratio_b1
     out.update({FINAL_PREFIX + k: float(v) for k, v in summary.items()
                 if k.startswith("latency_") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if isinstance(summary.get("steps"), int):  # how long the run trained: runs of other lengths compare apart
+        out[FINAL_PREFIX + "steps"] = float(summary["steps"])
     return out

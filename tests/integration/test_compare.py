@@ -70,10 +70,11 @@ def _log_run(cfg: TrackingConfig, runs_root: Path, name: str, method: str, summa
 
 
 DENSE = dict(top1=76.0, macs=4.0e9, params=25.0e6, macs_dense=4.0e9, params_dense=25.0e6,
-             blocks_removed=0, channels_removed=0, train_macs=1.0e15, train_macs_dense=1.0e15, wall_s=3725)
+             blocks_removed=0, channels_removed=0, train_macs=1.0e15, train_macs_dense=1.0e15, wall_s=3725,
+             steps=300)
 PRUNED = dict(top1=74.5, macs=1.0e9, params=10.0e6, macs_dense=4.0e9, params_dense=25.0e6,
               blocks_removed=3, channels_removed=1234, train_macs=6.0e14, train_macs_dense=1.0e15,
-              wall_s=1800)
+              wall_s=1800, steps=300)
 WORSE = dict(PRUNED, top1=70.0, macs=2.0e9)   # more MACs and lower accuracy than PRUNED
 
 
@@ -94,7 +95,7 @@ def _check_rows(rows: list[dict]) -> None:
     assert gate["macs_removed_pct"] == pytest.approx(75.0)
     assert gate["blocks_removed"] == 3
     assert gate["train_macs_pct"] == pytest.approx(60.0)
-    assert gate["wall_s"] == 1800
+    assert gate["wall_s"] == 1800 and gate["steps"] == 300
 
 
 def test_compare_embedded_store(tmp_path, capsys):
@@ -108,10 +109,10 @@ def test_compare_embedded_store(tmp_path, capsys):
     plot = tmp_path / "pareto.png"
     assert main(["--runs-root", str(runs_root), "--plot", str(plot)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["run", "method", "model", "top1"]
+    assert table[0].split()[:6] == ["run", "method", "model", "steps", "target", "top1"]
     assert "MACs removed" in table[0] and "train MACs vs dense" in table[0]
     gate = next(line for line in table if line.startswith("gate "))
-    assert gate.split() == ["gate", "gate", "resnet50", "74.50", "1.000G", "10.00M", "75.0%", "3",
+    assert gate.split() == ["gate", "gate", "resnet50", "300", "-", "74.50", "1.000G", "10.00M", "75.0%", "3",
                             "60.0%", "0:30:00"]
     assert len(table) == 2 + 3
     assert plot.read_bytes()[:8] == PNG
@@ -144,7 +145,7 @@ def test_format_table_handles_missing_values():
     from launch.compare import RunRow
     row = RunRow("id", "partial", None, None, 70.0, None, None, None, None, None, None)
     lines = format_table([row]).splitlines()
-    assert lines[2].split() == ["partial", "-", "-", "70.00"] + ["-"] * 6
+    assert lines[2].split() == ["partial", "-", "-", "-", "-", "70.00"] + ["-"] * 6
 
 
 def test_pareto_plot_colours_methods_with_a_dense_reference_and_the_legend_outside(tmp_path):
@@ -172,5 +173,11 @@ def test_pareto_plot_colours_methods_with_a_dense_reference_and_the_legend_outsi
     fig.canvas.draw()
     legend = ax.get_legend().get_window_extent()
     assert legend.x0 >= ax.get_window_extent().x1
+    # every point is labelled with its run
+    assert {t.get_text() for t in ax.texts} == {"v1", "v2", "t1", "t2"}
+    # runs at nearly one MACs value: the axis still spans 0 to dense, it does not zoom to a sliver
+    near = [row("d", "none", 0.92, 100), *(row(f"r{i}", "taylor", 0.9, 39.6 + 0.1 * i) for i in range(3))]
+    lo, hi = pareto_figure(near).axes[0].get_xlim()
+    assert lo == 0.0 and hi >= 100.0
     out = plot_pareto(rows, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -36,10 +36,24 @@ def test_target_is_reached_within_five_points(tmp_path, method):
 def test_variational_budget_is_met_during_training(tmp_path):
     """The dual variable steers E[MACs] to the scheduled budget before the safety-net rounding."""
     cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.4", *TARGETED["variational"],
-                      "method.variational.harden_at=0.9")
+                      "method.variational.harden_at=0.9", "tracking.enabled=true", "train.log_every_steps=5")
     trainer = Trainer(cfg)
     summary = trainer.run()
     m = trainer.method
+    # the controller is in MLflow at every log interval: nu, E[MACs] and the budget it tracks (1 -> 0.4)
+    from mlflow.tracking import MlflowClient
+
+    from system.tracking import local_store_uri
+
+    client = MlflowClient(tracking_uri=local_store_uri(tmp_path))
+    hist = {k: [(h.step, h.value) for h in client.get_metric_history(summary["run_id"], f"method/{k}")]
+            for k in ("nu", "expected_macs", "budget")}
+    total = trainer.total_steps
+    logged = [*range(5, total + 1, 5), *([total] if total % 5 else [])]  # every 5 steps and at the last
+    assert [s for s, _ in hist["budget"]] == logged == [s for s, _ in hist["nu"]]
+    assert hist["budget"][0][1] == 1.0 and hist["budget"][-1][1] == pytest.approx(0.4)
+    assert hist["nu"][-1][1] == pytest.approx(m.budget.values()["nu"])
+    assert 0.0 < min(v for _, v in hist["expected_macs"]) < 1.0
     # random labels: the data alone pulls theta down, E[MACs] falls under the scheduled budget and the
     # dual variable relaxes the pressure (it would rise if E[MACs] lagged the schedule)
     assert m.expected_macs_at_harden is not None and m.expected_macs_at_harden < 0.4

@@ -177,6 +177,11 @@ class Method:
         """Tensors the coordinator all-reduces (mean) in place before a decision event."""
         return []
 
+    def log_values(self, step: int) -> dict[str, torch.Tensor | float]:
+        """Training metrics of the method at a log interval (``method/...``): tensors stay on the device
+        until the loop reads them together with the loss (one host read per interval)."""
+        return {}
+
     def decide(self, event: Event, ctx: StepContext) -> PrunePlan | None:
         """The plan for ``event`` (called on every rank after the coordinator's sync)."""
         if event is Event.STEP_END:

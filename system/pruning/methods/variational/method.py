@@ -220,6 +220,13 @@ class Variational(Method):
         """nu (the dual variable, recomputed on every rank from theta) and the expected MACs it follows."""
         return {k: v for k, v in self.budget.values().items() if k != "nu_max"}
 
+    def log_values(self, step: int) -> dict[str, torch.Tensor | float]:
+        """Under a target, the controller: nu, E[MACs] (a share of the dense MACs) and the budget it tracks."""
+        if self.target is None:
+            return {}
+        b = self.budget
+        return {"method/nu": b.nu, "method/expected_macs": b.expected_macs, "method/budget": b.scheduled(step)}
+
     def sync_tensors(self) -> list[torch.Tensor]:
         return [self.rule.grad_acc[n] for n in sorted(self.rule.grad_acc)]
 
