@@ -117,7 +117,10 @@ class TrainJob(Checkpointable):
         log.info("job %s (restart %d), rank %d of %d, master %s:%s, run %s", env.job_id, restart, env.global_rank,
                  env.num_tasks, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], cfg.run.name)
         try:
-            return run(cfg)
+            summary = run(cfg)
+            if env.global_rank == 0:  # the job's own log holds the result, as the CLI prints it
+                log.info("run %s finished: %s", cfg.run.name, json.dumps(summary, default=str))
+            return summary
         except preemption.Preempted as stop:
             log.warning("%s", stop)
             self._after_stop(env, handover)

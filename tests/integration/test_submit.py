@@ -107,6 +107,9 @@ def test_two_task_job_trains_and_prunes(uninterrupted):
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     text = _log(sub)
     assert "rank 0 of 2" in text and "process group up: rank 0 of 2" in text
+    # the job's log ends with the result (the summary), as the CLI prints it
+    logged = re.search(r"run \S+ finished: (\{.*\})$", text, re.M)
+    assert logged and json.loads(logged.group(1))["run_id"] == summary["run_id"]
 
 
 @slurm
