@@ -248,7 +248,7 @@ def parse(argv: list[str] | None = None):
     ap.add_argument("--resume", metavar="RUN_DIR", default=None,
                     help="continue that run (after a cancel or a failure) in a new job, in the same directory and "
                          "MLflow run, with the config it wrote; --config then gives only the launch section")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may follow the flags
 
 
 def main(argv: list[str] | None = None) -> int:

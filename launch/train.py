@@ -53,7 +53,7 @@ def load(path: str | None, overrides: list[str]) -> RunConfig:
 
 
 def parse(argv: list[str] | None = None) -> RunConfig:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     return load(args.config, args.overrides)
 
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # overrides may follow the flags
     try:
         cfg = load(args.config, args.overrides)
     except ConfigError as exc:
