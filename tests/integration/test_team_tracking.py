@@ -246,10 +246,10 @@ def test_cluster_jobs_log_into_the_team_server(cluster_server, tmp_path, monkeyp
     only; the password is then in no file of the runs or the jobs, and in no param or tag."""
     monkeypatch.setenv(CREDS[0], ALICE)
     monkeypatch.setenv(CREDS[1], ALICE_PW)
-    (two,) = _cluster_submit(tmp_path, cluster_server, "team-2n", 2, "engine.kind=deepspeed", "train.max_steps=12",
-                             "checkpoint.every_steps=6")
+    (two,) = _cluster_submit(tmp_path, cluster_server, "team-2n", 2, "engine.kind=deepspeed", "train.max_steps=6",
+                             "checkpoint.every_steps=3")
     assert len(two.job.results()) == 2  # (the sweep then has the 2 nodes' 4 CPUs to itself)
-    sweep = _cluster_submit(tmp_path, cluster_server, "team-sweep", 1, "engine.kind=local", "train.max_steps=12",
+    sweep = _cluster_submit(tmp_path, cluster_server, "team-sweep", 1, "engine.kind=local", "train.max_steps=6",
                             "checkpoint.every_steps=0", "train.threads=1", "launch.array_parallelism=4",
                             sweeps=["train.seed=0,1,2,3"])
     assert len(sweep) == 4
