@@ -3,7 +3,7 @@ all call these, so the parts they get are the same.
 
 The resume order (what :class:`system.trainer.Trainer` does with them)::
 
-    spec   = checkpoint.spec if resuming else dense_spec_for(cfg, num_classes)
+    spec   = checkpoint.spec if resuming else initial_spec(cfg.model.init_from, dense_spec_for(cfg, num_classes))
     model  = build_network(cfg, spec, device)            # zero_init_residual applied
     init_network(model, cfg.model.init_from)              # a fresh run with model.init_from only
     method = build_pruning_method(cfg, total_steps, model)   # refuses what it cannot prune, naming the key
@@ -19,6 +19,8 @@ checkpoint package's and the engines' public readers (never through an engine's 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from safetensors.torch import load_file
 
 from pipelines.loaders import build_loader
 from system.config import ConfigError, from_dict
-from system.export import WEIGHTS
+from system.export import SPEC, WEIGHTS
 from system.models.resnet import GatedResNet, build_model, gates_of, zero_init_residual
 from system.models.spec import ArchSpec, dense_spec
 from system.optim import build_optimizer
@@ -109,13 +111,38 @@ def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def init_network(model: GatedResNet, source: str) -> None:
-    """Load ``model.init_from`` (``source``; nothing when empty) into the dense ``model``: every weight and BN
-    statistic; a head (``fc``) of another class count stays initialised; gate parameters start fresh.
+def initial_spec(source: str, dense: ArchSpec) -> ArchSpec:
+    """The network a fresh run with ``model.init_from`` starts as: the source's own (pruned) shape when it
+    says it (a run, its ``final/`` or a checkpoint: their ``spec.json``), else ``dense``; its input size is the
+    run's (it only counts MACs).
 
     Raises:
-        ConfigError: naming ``model.init_from``: a missing or unreadable source, weights it lacks, or
-            shapes that differ (a pruned network or another architecture).
+        ConfigError: naming ``model.init_from`` and the file: another architecture or class count.
+    """
+    if not source:
+        return dense
+    p = Path(source)
+    spec_file = next((d / SPEC for d in (p / "final", p) if (d / SPEC).is_file()), None) if p.is_dir() else None
+    if spec_file is None:
+        return dense
+    spec = ArchSpec.from_dict(json.loads(spec_file.read_text()))
+    if (spec.name, spec.in_channels) != (dense.name, dense.in_channels):
+        raise ConfigError("model.init_from", f"{spec_file} is a {spec.name} on {spec.in_channels} input channels; "
+                                             f"this run trains a {dense.name} on {dense.in_channels} (model.name)")
+    if spec.num_classes != dense.num_classes:
+        raise ConfigError("model.init_from", f"{spec_file}: {spec.num_classes} classes; this run's data has "
+                                             f"{dense.num_classes}")
+    return dataclasses.replace(spec, input_size=dense.input_size)
+
+
+def init_network(model: GatedResNet, source: str) -> None:
+    """Load ``model.init_from`` (``source``; nothing when empty) into ``model`` (built as :func:`initial_spec`
+    says): every weight and BN statistic; gate parameters start fresh.
+
+    Raises:
+        ConfigError: naming ``model.init_from`` and the file: a missing or unreadable source, weights it lacks
+            (another architecture), another class count, or shapes that differ (a pruned network given
+            as a bare weights file: give its ``final/``, whose ``spec.json`` says its shape).
     """
     if not source:
         return
@@ -128,20 +155,18 @@ def init_network(model: GatedResNet, source: str) -> None:
         raise ConfigError("model.init_from", f"{source} lacks {len(missing)} of the {len(wanted)} weights of "
                                              f"{model.arch_name} (e.g. {', '.join(missing[:3])}): another "
                                              f"architecture?")
+    if tuple(state["fc.weight"].shape) != tuple(own["fc.weight"].shape):
+        raise ConfigError("model.init_from", f"{source}: {state['fc.weight'].shape[0]} classes; this run's data "
+                                             f"has {own['fc.weight'].shape[0]}")
     differ = [k for k in wanted if tuple(state[k].shape) != tuple(own[k].shape)]
-    head = [k for k in differ if k.startswith("fc.")]
-    body = [k for k in differ if not k.startswith("fc.")]
-    if body:
-        k = body[0]
-        raise ConfigError("model.init_from", f"{source}: {len(body)} weights differ in shape from the dense "
-                                             f"{model.arch_name} (e.g. {k}: {tuple(state[k].shape)} against "
-                                             f"{tuple(own[k].shape)}): a pruned network, or another width")
-    model.load_state_dict({k: state[k] for k in own if k in state and k not in head and k not in gate_params},
-                          strict=False)
-    if head:
-        log.info("model.init_from: the head is re-initialised (%d classes there, %d here)",
-                 state["fc.weight"].shape[0], own["fc.weight"].shape[0])
-    log.info("model.init_from: %s: %d tensors loaded into %s", source, len(wanted) - len(head), model.arch_name)
+    if differ:
+        k = differ[0]
+        raise ConfigError("model.init_from", f"{source}: {len(differ)} weights differ in shape from the "
+                                             f"{model.arch_name} this run builds (e.g. {k}: {tuple(state[k].shape)} "
+                                             f"against {tuple(own[k].shape)}): a pruned network as a bare weights "
+                                             f"file? give its final/ folder, whose spec.json says its shape")
+    model.load_state_dict({k: state[k] for k in own if k in state and k not in gate_params}, strict=False)
+    log.info("model.init_from: %s: %d tensors loaded into %s", source, len(wanted), model.arch_name)
 
 
 def build_pruning_method(cfg: RunConfig, total_steps: int, model: GatedResNet | None = None) -> Method:

@@ -25,6 +25,7 @@ from system.build import (
     build_pruning_method,
     dense_spec_for,
     init_network,
+    initial_spec,
     run_shape,
 )
 from system.config import to_dict
@@ -81,7 +82,8 @@ class Run:
         if resume is not None:
             self.checkpointer.check_fits(resume, config=to_dict(cfg), global_batch=self.global_batch,
                                          per_rank_batch=cfg.data.batch_size, total_steps=self.total_steps)
-        model = build_network(cfg, resume.spec if resume else self.dense, self.device)  # method state: same device
+        start = resume.spec if resume else initial_spec(cfg.model.init_from, self.dense)  # init_from: its shape
+        model = build_network(cfg, start, self.device)  # method state: same device
         if resume is None:
             init_network(model, cfg.model.init_from)  # trained weights to start from (model.init_from)
         self.method = build_pruning_method(cfg, self.total_steps, model)

@@ -18,10 +18,10 @@ class ModelConfig:
     shortcut: Literal["", "A", "B"] = ""  # "" = the family default (A for CIFAR, B for ImageNet)
     input_size: int = 0  # the side MACs are counted at (0: data.train_size); the network is the same
     zero_init_residual: bool = False  # each block's last BN scale starts at 0 (refused with layer gates)
-    #: start from trained weights of this dense network instead of a random init: a ``.safetensors`` or
-    #: torch state-dict file (torchvision's ImageNet ResNet files fit ``resnet18/34/50``), a finished run (its
-    #: ``final/``) or a checkpoint directory; a head of another class count is re-initialised; gates start
-    #: fresh; ignored when resuming (system/build.py: init_network)
+    #: start from a trained network instead of a random init: a finished run or its ``final/`` (dense or
+    #: pruned: the run starts in its shape), a checkpoint directory, or a ``.safetensors`` / torch state-dict
+    #: file of the dense network (torchvision's ImageNet ResNets fit ``resnet18/34/50``); the same model and
+    #: class count; gates start fresh; ignored when resuming (system/build.py: initial_spec, init_network)
     init_from: str = ""
 
     def __post_init__(self) -> None:

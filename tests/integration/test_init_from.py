@@ -4,8 +4,6 @@ is written."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 import torchvision
@@ -56,31 +54,53 @@ def test_a_checkpoint_is_a_source_too(trained, tmp_path):
     _same(trainer.model, {k: v for k, v in saved_weights(verify(ckpt)).items() if not k.endswith(".theta")})
 
 
-def test_torchvision_weights_fit_and_the_head_is_reinitialised(tmp_path, caplog):
-    tv = torchvision.models.resnet18(num_classes=1000)  # the layout of torchvision's ImageNet files
+def test_torchvision_weights_fit(tmp_path):
+    probe = Trainer(tiny_config(tmp_path / "probe", "method.name=none", "model.name=resnet18"))
+    classes = probe.model.fc.weight.shape[0]  # the data's
+    tv = torchvision.models.resnet18(num_classes=classes)  # the layout of torchvision's ImageNet files
     torch.nn.init.normal_(tv.bn1.running_mean)  # so that BN statistics are seen to load
     src = tmp_path / "resnet18.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in tv.state_dict().items()}}, src)  # a wrapped DDP file
-    with caplog.at_level(logging.INFO):
-        trainer = Trainer(tiny_config(tmp_path, "method.name=none", "model.name=resnet18", f"model.init_from={src}"))
-    _same(trainer.model, tv.state_dict(), skip=("fc.",))
-    n = trainer.model.fc.weight.shape[0]  # the data's classes
-    assert n != 1000 and f"head is re-initialised (1000 classes there, {n} here)" in caplog.text
+    trainer = Trainer(tiny_config(tmp_path, "method.name=none", "model.name=resnet18", f"model.init_from={src}"))
+    assert len(_same(trainer.model, tv.state_dict())) == len(tv.state_dict())
+    # ImageNet's 1000 classes are not this data's: refused, naming the key, the file and both counts
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), src)
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_config(tmp_path / "other", "method.name=none", "model.name=resnet18",
+                            f"model.init_from={src}"))
+    assert err.value.key == "model.init_from" and str(src) in str(err.value)
+    assert f"1000 classes; this run's data has {classes}" in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["taylor", "variational"])
+def test_a_pruned_run_is_a_start_too_and_every_method_prunes_it(trained, tmp_path, method):
+    _, pruned_run = trained
+    start, _, _ = load_bundle(pruned_run / "final")
+    trainer = Trainer(tiny_config(tmp_path, *STRONG[method], f"model.init_from={pruned_run}", "train.max_steps=12",
+                                  "checkpoint.every_steps=0"))
+    assert trainer.spec().stage_widths == start.spec().stage_widths  # it starts in the pruned shape
+    assert [b.inner for _, _, _, b in trainer.spec().iter_blocks()] == \
+        [b.inner for _, _, _, b in start.spec().iter_blocks()]
+    _same(trainer.model, start.state_dict())
+    start_macs = trainer.current_size()[0]
+    summary = trainer.run()
+    assert summary["prune_events"] > 0 and summary["macs"] < start_macs  # it prunes further, from there
 
 
 @pytest.mark.parametrize("which, needle", [
     ("nowhere", "does not exist"),
-    ("pruned", "differ in shape from the dense resnet20"),
-    ("resnet56", "lacks"),
+    ("pruned_weights", "a pruned network as a bare weights file"),
+    ("resnet56", "is a resnet20 on 3 input channels; this run trains a resnet56"),
     ("garbage", "not a state-dict file"),
 ])
 def test_a_source_that_does_not_fit_is_refused_naming_the_key(trained, tmp_path, which, needle):
     dense_run, pruned_run = trained
     garbage = tmp_path / "x.pt"
     garbage.write_bytes(b"not a tensor file")
-    source, model = {"nowhere": (tmp_path / "none.pt", "resnet20"), "pruned": (pruned_run, "resnet20"),
+    source, model = {"nowhere": (tmp_path / "none.pt", "resnet20"),
+                     "pruned_weights": (pruned_run / "final" / "model.safetensors", "resnet20"),
                      "resnet56": (dense_run, "resnet56"), "garbage": (garbage, "resnet20")}[which]
     with pytest.raises(ConfigError) as err:
         Trainer(tiny_config(tmp_path, "method.name=none", f"model.name={model}", f"model.init_from={source}"))
-    assert err.value.key == "model.init_from" and needle in str(err.value)
+    assert err.value.key == "model.init_from" and needle in str(err.value) and str(source.name) in str(err.value)
     assert not (tmp_path / "run").exists()  # nothing half-written
