@@ -24,6 +24,7 @@ from launch.slurm_cmd import SlurmError, run_slurm
 from system.config import ConfigError, from_dict, to_dict
 from system.runtime import preemption
 from system.runtime.rendezvous import PeerLost
+from system.tracking.secrets import redact_text
 
 try:  # a project dependency; only needed to submit and inside jobs
     import submitit
@@ -89,6 +90,7 @@ class TrainJob(Checkpointable):
         self.tasks_per_node = tasks_per_node
         self.planned_tasks = planned_tasks  # nodes x tasks_per_node as submitted
         self.min_nodes = min_nodes  # elastic floor (0: not elastic)
+        self.continue_args: list[str] = []  # --config and launch.* of the submission (the continue command's)
 
     def __call__(self) -> dict[str, Any]:
         from launch.train import run, setup_logging
@@ -126,6 +128,13 @@ class TrainJob(Checkpointable):
             self._after_stop(env, handover)
         except PeerLost as lost:
             self._after_peer_loss(env, lost)
+        except BaseException as exc:  # the log's last line says what failed, where, and how to continue
+            run_dir = Path(cfg.run.dir) if cfg.run.dir else Path(cfg.run.root) / cfg.run.name
+            cont = shlex.join(["parsimony-submit", "--resume", str(run_dir.resolve()),
+                               *getattr(self, "continue_args", [])])
+            log.error("run %s failed: %s: %s; run dir %s; continue it: %s", cfg.run.name, type(exc).__name__,
+                      redact_text(str(exc).strip().splitlines()[-1] if str(exc).strip() else ""), run_dir, cont)
+            raise
 
     def _after_peer_loss(self, env, lost: PeerLost) -> NoReturn:
         """Ranks were lost mid-run.  With ``launch.requeue_on_failure`` (and fewer than

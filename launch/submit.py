@@ -174,7 +174,8 @@ def _run_local_pool(ex, calls: list[TrainJob], parallel: int) -> list[Any]:
     return handles
 
 
-def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = None) -> list[Submitted]:
+def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = None,
+           continue_args: list[str] | None = None) -> list[Submitted]:
     """Validate, then submit every run (one job, or a job array for a sweep).
 
     A sweep's runs are named by their values alone, so a re-run finds them: the ones that already
@@ -197,6 +198,8 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
                       max_failure_requeues=launch.max_failure_requeues, tasks_per_node=launch.tasks_per_node,
                       planned_tasks=launch.num_tasks, min_nodes=launch.min_nodes if launch.elastic else 0)
              for j in jobs]
+    for c in calls:  # a failed job's last log line says how to continue it (--config and launch.* as submitted)
+        c.continue_args = list(continue_args or [])
     if len(jobs) > 1:
         for uri in sorted({resolve_uri(j.cfg.tracking, j.cfg.run.root) for j in jobs if j.cfg.tracking.enabled}):
             init_local_store(uri)
@@ -223,14 +226,16 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     return out
 
 
+def continue_args(args: argparse.Namespace) -> list[str]:
+    """What the continue command repeats of a submission: its recipes (for their ``launch`` section) and its
+    ``launch.*`` overrides; the run config is the one the run wrote."""
+    parts = [a for c in args.config for a in ("--config", str(Path(c).resolve()))]
+    return parts + [o for o in args.overrides if o.startswith("launch.")]
+
+
 def continue_command(args: argparse.Namespace, run_dir: Path) -> str:
-    """The command that continues ``run_dir`` in a new job: ``--resume`` with the same recipes (for their
-    ``launch`` section) and ``launch.*`` overrides; the run config is the one the run wrote."""
-    parts = ["parsimony-submit", "--resume", str(run_dir)]
-    for c in args.config:
-        parts += ["--config", str(Path(c).resolve())]
-    parts += [o for o in args.overrides if o.startswith("launch.")]
-    return redact_text(shlex.join(parts))
+    """The command that continues ``run_dir`` in a new job (``--resume``)."""
+    return redact_text(shlex.join(["parsimony-submit", "--resume", str(run_dir), *continue_args(args)]))
 
 
 def parse(argv: list[str] | None = None):
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             if ex.cluster == "slurm":
                 print(batch_script(ex))
             return 0
-        sub = submit(launch, jobs)
+        sub = submit(launch, jobs, continue_args=continue_args(args))
     except ConfigError as exc:
         print(redact_text(f"error: {exc}\nnothing was submitted"), file=sys.stderr)
         return 2

@@ -271,6 +271,11 @@ def test_a_failed_job_continues_in_a_new_job(root):
     cmd = re.search(r"continue it from its last checkpoint: (.*)", failed.stderr).group(1)
     run_dir = Path(re.search(r"run dir +(\S+)", failed.stdout).group(1))
     assert f"--resume {run_dir}" in cmd and not (run_dir / "summary.json").exists()
+    # the job's own log: its last line names the error, the run directory and the continue command
+    job_log = Path(re.search(r"stderr: (\S+)", failed.stderr).group(1)).read_text()
+    last = [ln for ln in job_log.splitlines() if "[rank 0]" in ln][-1]
+    assert re.search(rf"run {run_dir.name} failed: InjectedStop: 75; run dir {run_dir}; continue it: "
+                     rf"parsimony-submit --resume {run_dir} --config \S+demo.yaml", last), last
     done = _continue(cmd, root, f"launch.folder={root / 'f2' / '%j'}", "--wait", "--poll", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"run dir   {run_dir}" in done.stdout  # the same directory, the same name
