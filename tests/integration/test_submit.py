@@ -274,8 +274,9 @@ def test_a_failed_job_continues_in_a_new_job(root):
     # the job's own log: its last line names the error, the run directory and the continue command
     job_log = Path(re.search(r"stderr: (\S+)", failed.stderr).group(1)).read_text()
     last = [ln for ln in job_log.splitlines() if "[rank 0]" in ln][-1]
-    assert re.search(rf"run {run_dir.name} failed: InjectedStop: 75; run dir {run_dir}; continue it: "
-                     rf"parsimony-submit --resume {run_dir} --config \S+demo.yaml", last), last
+    d = re.escape(str(run_dir))
+    assert re.search(rf"run {re.escape(run_dir.name)} failed: InjectedStop: 75; run dir {d}; continue it: "
+                     rf"parsimony-submit --resume {d} --config \S+demo\.yaml", last), last
     done = _continue(cmd, root, f"launch.folder={root / 'f2' / '%j'}", "--wait", "--poll", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"run dir   {run_dir}" in done.stdout  # the same directory, the same name
