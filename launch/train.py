@@ -19,12 +19,21 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from system.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
-from system.run_config import RunConfig
-from system.runtime.rendezvous import PeerLost, RendezvousError
-from system.tracking import TrackingUnavailable
-from system.tracking.secrets import redact_text
+
+if TYPE_CHECKING:
+    from system.run_config import RunConfig
+
+# torch, DeepSpeed and MLflow are imported when a run is loaded, not at start: --help answers at once
+# (bench/cli_start.py times it)
+
+
+def redact_text(text: str) -> str:
+    from system.tracking.secrets import redact_text as redact  # (the tracking package imports MLflow)
+
+    return redact(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
 
 def load(path: str | None, overrides: list[str]) -> RunConfig:
     """Defaults <- recipe <- overrides; a recipe's ``launch:`` section (launch.submit's) is set aside."""
+    from system.run_config import RunConfig
+
     data = read_yaml(path) if path else {}
     if isinstance(data, dict) and "launch" in data:
         data = {k: v for k, v in data.items() if k != "launch"}
@@ -128,8 +139,6 @@ def _resume_command(argv: list[str], run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from system.runtime import preemption
-
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_intermixed_args(argv)  # overrides may follow the flags
@@ -143,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(annotated_yaml(to_dict(cfg)), end="")
         return 0
+    from system.runtime import preemption
+    from system.runtime.rendezvous import PeerLost, RendezvousError
+    from system.tracking import TrackingUnavailable
+
     _on_interrupt()
     try:
         summary = run(cfg)
