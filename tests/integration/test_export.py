@@ -64,6 +64,21 @@ def test_final_is_self_contained(run_dir):
     assert pre2 == pre and len(classes) == model.fc.out_features
 
 
+def test_a_private_umask_keeps_everything_private(tmp_path, capsys):
+    """Under umask 077 nothing a run or an export writes is open to the group or others."""
+    old = os.umask(0o077)
+    try:
+        Trainer(tiny_config(tmp_path, *STRONG["taylor"], "train.max_steps=6", "checkpoint.every_steps=3",
+                            "tracking.enabled=true")).run()
+        assert export_main([str(tmp_path / "run"), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    finally:
+        os.umask(old)
+    paths = [p for p in tmp_path.rglob("*") if not p.is_symlink()]
+    assert tmp_path / "run" / "final" / "model.safetensors" in paths and tmp_path / "st" / "model.safetensors" in paths
+    opened = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in paths if p.stat().st_mode & 0o077]
+    assert not opened, opened
+
+
 def test_the_readme_snippet_runs(run_dir, tmp_path):
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Use your pruned model.*?```python\n(.*?)```", text, re.S)
