@@ -46,7 +46,7 @@ def test_variational_budget_is_met_during_training(tmp_path):
     from system.tracking import local_store_uri
 
     client = MlflowClient(tracking_uri=local_store_uri(tmp_path))
-    hist = {k: [(h.step, h.value) for h in client.get_metric_history(summary["run_id"], f"method/{k}")]
+    hist = {k: [(h.step, h.value) for h in client.get_metric_history(summary["run_id"], f"prune/{k}")]
             for k in ("nu", "expected_macs", "budget")}
     total = trainer.total_steps
     logged = [*range(5, total + 1, 5), *([total] if total % 5 else [])]  # every 5 steps and at the last

@@ -178,7 +178,7 @@ class Method:
         return []
 
     def log_values(self, step: int) -> dict[str, torch.Tensor | float]:
-        """Training metrics of the method at a log interval (``method/...``): tensors stay on the device
+        """Training metrics of the method at a log interval (section ``prune/``): tensors stay on the device
         until the loop reads them together with the loss (one host read per interval)."""
         return {}
 

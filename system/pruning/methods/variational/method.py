@@ -225,7 +225,7 @@ class Variational(Method):
         if self.target is None:
             return {}
         b = self.budget
-        return {"method/nu": b.nu, "method/expected_macs": b.expected_macs, "method/budget": b.scheduled(step)}
+        return {"prune/nu": b.nu, "prune/expected_macs": b.expected_macs, "prune/budget": b.scheduled(step)}
 
     def sync_tensors(self) -> list[torch.Tensor]:
         return [self.rule.grad_acc[n] for n in sorted(self.rule.grad_acc)]
