@@ -137,8 +137,9 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     # ... and every latency figure the run measured (the final network against dense, on the CPU)
     latency = {k for k, v in on_disk.items() if k.startswith("latency_") and isinstance(v, (int, float))}
     assert {"latency_ratio_b1", "latency_ratio_b64", "latency_ms_b1"} <= latency
-    assert set(finals) == {T.FINAL_PREFIX + k for k in (*T.FINAL_KEYS, *latency)}
-    for k in (*T.FINAL_KEYS, *latency):
+    # ... and the steps it trained (runs of other lengths compare apart)
+    assert set(finals) == {T.FINAL_PREFIX + k for k in (*T.FINAL_KEYS, *latency, "steps")}
+    for k in (*T.FINAL_KEYS, *latency, "steps"):
         assert finals[T.FINAL_PREFIX + k] == pytest.approx(float(on_disk[k]), rel=1e-6), k
 
     # params: the whole resolved config, flattened
