@@ -137,13 +137,19 @@ def ckpt_root(run_dir: str | Path) -> Path:
     return p if p.name == CKPT_SUBDIR else p / CKPT_SUBDIR
 
 
+def step_dirs(root: Path) -> list[Path]:
+    """The ``step-NNNNNNNN`` directories under the checkpoint folder ``root``, oldest first (none: [])."""
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if d.is_dir() and STEP_DIR_NAME.match(d.name)), key=step_of)
+
+
 def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
     """The directory of the checkpoint that ``name`` names in run ``run_dir``: ``step-N`` or ``N`` (any
     zero padding: ``step-50`` is ``step-00000050``) or ``latest``; a name that is none of these, or a
     checkpoint the run does not have, raises :class:`CheckpointError` listing the ones it has."""
     root = ckpt_root(run_dir)
-    have = sorted((d.name for d in root.iterdir() if d.is_dir() and STEP_DIR_NAME.match(d.name)),
-                  key=lambda n: int(n[5:])) if root.is_dir() else []
+    have = [d.name for d in step_dirs(root)]
     m = re.fullmatch(r"(?:step-)?(\d+)", name.strip())
     if name.strip() == LATEST:
         if not have:
@@ -233,13 +239,8 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
 
     Only manifests are read; use :func:`verify` to check the files.
     """
-    root = ckpt_root(run_dir)
-    if not root.is_dir():
-        return []
     out = []
-    for d in root.iterdir():
-        if not (d.is_dir() and STEP_DIR_NAME.match(d.name)):
-            continue
+    for d in step_dirs(ckpt_root(run_dir)):
         try:
             out.append(info_of(d, read_manifest(d)))
         except CheckpointError as exc:
@@ -258,8 +259,7 @@ def find_resumable(target: str | Path) -> CheckpointInfo | None:
     if (target / MANIFEST).exists() or STEP_DIR_NAME.match(target.name):
         return verify(target)
     root = ckpt_root(target)
-    cands = sorted((d for d in root.iterdir() if d.is_dir() and STEP_DIR_NAME.match(d.name)),
-                   key=step_of, reverse=True) if root.is_dir() else []
+    cands = step_dirs(root)[::-1]  # newest first
     latest = root / LATEST
     if latest.is_file():
         name = latest.read_text().strip()

@@ -56,7 +56,7 @@ from system.runtime.checkpoint.files import (
     read_manifest,
     read_rank_state,
     sha256_of,
-    step_of,
+    step_dirs,
 )
 from system.runtime.checkpoint.parts import Stateful, derived_rng
 from system.runtime.faults import Faults
@@ -156,9 +156,7 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        done = sorted((d for d in self.root.iterdir() if d.is_dir() and STEP_DIR_NAME.match(d.name)),
-                      key=step_of)
-        for d in done[:-self.cfg.keep_last]:
+        for d in step_dirs(self.root)[:-self.cfg.keep_last]:
             shutil.rmtree(d, ignore_errors=True)
         self._remove_leftovers()
 
