@@ -20,15 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 from launch.config import SECTION, Job, LaunchConfig, load_job, load_jobs
 from system.config import ConfigError
 from system.runtime.checkpoint import CKPT_SUBDIR, MANIFEST, CheckpointError, find_resumable
-from system.tracking.secrets import MASK, URL_USERINFO
+from system.tracking.secrets import MASK, URL_USERINFO, redact_text
 
 CONFIG_FILE = "config.json"
+
+
+def continue_command(run_dir: str | Path, args: list[str]) -> str:
+    """``parsimony-submit --resume RUN_DIR`` with ``args`` (the submission's ``--config`` and ``launch.*``),
+    logins masked: what the submission report, ``--wait`` and a failed job's last log line print."""
+    return redact_text(shlex.join(["parsimony-submit", "--resume", str(run_dir), *args]))
 
 
 def is_explicit(resume: str) -> bool:

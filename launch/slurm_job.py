@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from launch.config import Job, LaunchConfig, indivisible_world
+from launch.continuing import continue_command
 from launch.slurm_cmd import SlurmError, run_slurm
 from system.config import ConfigError, from_dict, to_dict
 from system.runtime import preemption
@@ -81,7 +82,8 @@ class TrainJob(Checkpointable):
     """
 
     def __init__(self, cfg: dict[str, Any], name: str, stable: bool = False, requeue_on_failure: bool = True,
-                 max_failure_requeues: int = 3, tasks_per_node: int = 1, planned_tasks: int = 1, min_nodes: int = 0):
+                 max_failure_requeues: int = 3, tasks_per_node: int = 1, planned_tasks: int = 1, min_nodes: int = 0,
+                 continue_args: list[str] | None = None):
         self.cfg = cfg
         self.name = name
         self.stable = stable  # a sweep's run: the name alone (no job id), so a re-run finds it
@@ -90,7 +92,8 @@ class TrainJob(Checkpointable):
         self.tasks_per_node = tasks_per_node
         self.planned_tasks = planned_tasks  # nodes x tasks_per_node as submitted
         self.min_nodes = min_nodes  # elastic floor (0: not elastic)
-        self.continue_args: list[str] = []  # --config and launch.* of the submission (the continue command's)
+        # --config and launch.* of the submission: a failed job's last log line says how to continue it
+        self.continue_args = list(continue_args or [])
 
     def __call__(self) -> dict[str, Any]:
         from launch.train import run, setup_logging
@@ -130,8 +133,7 @@ class TrainJob(Checkpointable):
             self._after_peer_loss(env, lost)
         except BaseException as exc:  # the log's last line says what failed, where, and how to continue
             run_dir = Path(cfg.run.dir) if cfg.run.dir else Path(cfg.run.root) / cfg.run.name
-            cont = shlex.join(["parsimony-submit", "--resume", str(run_dir.resolve()),
-                               *getattr(self, "continue_args", [])])
+            cont = continue_command(run_dir.resolve(), getattr(self, "continue_args", []))
             log.error("run %s failed: %s: %s; run dir %s; continue it: %s", cfg.run.name, type(exc).__name__,
                       redact_text(str(exc).strip().splitlines()[-1] if str(exc).strip() else ""), run_dir, cont)
             raise

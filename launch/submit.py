@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ from typing import Any
 
 from launch.cluster_checks import check_cluster, sbatch_test_only
 from launch.config import Job, LaunchConfig, load_jobs
-from launch.continuing import continue_job, is_explicit, load_resumed
+from launch.continuing import continue_command, continue_job, is_explicit, load_resumed
 from launch.preflight import check_job, check_tracking
 from launch.slurm_job import TrainJob, base_name, batch_script, make_executor, run_name, train_command
 from launch.waiting import Submitted, report, wait
@@ -196,10 +195,9 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     stable = len(jobs) > 1 or bool(jobs[0].cfg.run.dir and jobs[0].cfg.run.resume == "auto")
     calls = [TrainJob(to_dict(j.cfg), base_name(j), stable=stable, requeue_on_failure=launch.requeue_on_failure,
                       max_failure_requeues=launch.max_failure_requeues, tasks_per_node=launch.tasks_per_node,
-                      planned_tasks=launch.num_tasks, min_nodes=launch.min_nodes if launch.elastic else 0)
+                      planned_tasks=launch.num_tasks, min_nodes=launch.min_nodes if launch.elastic else 0,
+                      continue_args=continue_args)
              for j in jobs]
-    for c in calls:  # a failed job's last log line says how to continue it (--config and launch.* as submitted)
-        c.continue_args = list(continue_args or [])
     if len(jobs) > 1:
         for uri in sorted({resolve_uri(j.cfg.tracking, j.cfg.run.root) for j in jobs if j.cfg.tracking.enabled}):
             init_local_store(uri)
@@ -231,11 +229,6 @@ def continue_args(args: argparse.Namespace) -> list[str]:
     ``launch.*`` overrides; the run config is the one the run wrote."""
     parts = [a for c in args.config for a in ("--config", str(Path(c).resolve()))]
     return parts + [o for o in args.overrides if o.startswith("launch.")]
-
-
-def continue_command(args: argparse.Namespace, run_dir: Path) -> str:
-    """The command that continues ``run_dir`` in a new job (``--resume``)."""
-    return redact_text(shlex.join(["parsimony-submit", "--resume", str(run_dir), *continue_args(args)]))
 
 
 def parse(argv: list[str] | None = None):
@@ -292,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for s in sub:
         if not s.sweep_values:  # a sweep's re-run continues its unfinished runs by itself
-            s.continue_cmd = continue_command(args, s.run_dir)
+            s.continue_cmd = continue_command(s.run_dir, continue_args(args))
     report(sub)
     sys.stdout.flush()
     return wait(sub, poll_s=args.poll) if args.wait else 0

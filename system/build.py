@@ -79,6 +79,11 @@ def build_network(cfg: RunConfig, spec: ArchSpec, device: torch.device | str = "
     return model
 
 
+def _in_bundle(p: Path, name: str) -> Path | None:
+    """File ``name`` of the bundle ``p`` names: a run directory (its ``final/``) or the bundle folder itself."""
+    return next((d / name for d in (p / "final", p) if (d / name).is_file()), None) if p.is_dir() else None
+
+
 def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """The tensors ``model.init_from`` names: a ``.safetensors`` file, a torch state-dict file (also one
     wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``, ``module.`` prefixes dropped), a run directory
@@ -93,9 +98,9 @@ def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
                 return saved_weights(verify(p))
             except CheckpointError as exc:
                 raise ConfigError(key, str(exc)) from None
-        for d in (p / "final", p):
-            if (d / WEIGHTS).is_file():
-                return load_file(str(d / WEIGHTS))
+        weights = _in_bundle(p, WEIGHTS)
+        if weights is not None:
+            return load_file(str(weights))
         raise ConfigError(key, f"{p} is neither a finished run (no final/{WEIGHTS}), an export, nor a checkpoint")
     if p.suffix == ".safetensors":
         return load_file(str(p))
@@ -122,7 +127,7 @@ def initial_spec(source: str, dense: ArchSpec) -> ArchSpec:
     if not source:
         return dense
     p = Path(source)
-    spec_file = next((d / SPEC for d in (p / "final", p) if (d / SPEC).is_file()), None) if p.is_dir() else None
+    spec_file = _in_bundle(p, SPEC)
     if spec_file is None:
         return dense
     spec = ArchSpec.from_dict(json.loads(spec_file.read_text()))
