@@ -5,12 +5,14 @@ fluent API's store, the system-metrics thread), each wrapped here once."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from system.tracking.config import ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable, sqlite_file
@@ -71,34 +73,57 @@ def connect(uri: str, experiment: str, connect_timeout: float) -> tuple[Any, str
         reason = http_reachable(uri, connect_timeout)
         if reason is not None:
             raise TrackingUnavailable(uri, reason)
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     db = sqlite_file(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
     try:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            # Locally, artifacts live beside the database (not in ./mlruns of whatever cwd).
-            location = (db.parent / "mlartifacts" / experiment).as_uri() if db is not None else None
-            try:
-                return client, client.create_experiment(
-                    experiment, artifact_location=location,
-                    tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
-            except MlflowException:   # another process created it meanwhile
-                exp = client.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return client, exp.experiment_id
+        with _first_open(db):
+            return _experiment(MlflowClient(tracking_uri=uri), experiment, db)
     except TrackingUnavailable:
         raise
     except Exception as exc:
         raise TrackingUnavailable(uri, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                                   ) from exc
+
+
+@contextlib.contextmanager
+def _first_open(db: Path | None) -> Iterator[None]:
+    """For an embedded sqlite store: hold ``<db>.lock`` while the store is opened. The first open
+    creates and migrates the schema, and two runs starting at once on a fresh ``run.root`` would
+    both migrate it (sqlite: "duplicate column name"), failing one of them."""
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _experiment(client: Any, experiment: str, db: Path | None) -> tuple[Any, str]:
+    """``client`` and the id of ``experiment`` there (created, or restored if deleted; a local store
+    keeps its artifacts beside its database)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        # Locally, artifacts live beside the database (not in ./mlruns of whatever cwd).
+        location = (db.parent / "mlartifacts" / experiment).as_uri() if db is not None else None
+        try:
+            return client, client.create_experiment(
+                experiment, artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        except MlflowException:   # another process created it meanwhile
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return client, exp.experiment_id
 
 
 def find_run(client: Any, run_id: str) -> Any:

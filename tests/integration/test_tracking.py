@@ -312,3 +312,22 @@ def test_mlflow_ui_renders_runs(mlflow_server, tmp_path):
     compare = dom("compare-runs?runs=" + quote(json.dumps(ids)) + "&experiments=" + quote(json.dumps([exp_id])))
     assert "ui-dense-run" in compare and "ui-gate-run" in compare
     assert "76.25" in compare and "74.75" in compare
+
+
+def _open_store(uri: str, start: float) -> str:
+    """One process opening the embedded store at ``start`` (a wall-clock time shared by all)."""
+    from system.tracking.connection import connect
+    time.sleep(max(0.0, start - time.time()))
+    return connect(uri, "race", 5.0)[1]
+
+
+def test_runs_starting_together_share_a_fresh_embedded_store(tmp_path):
+    """Runs started at once on a new ``run.root`` (a local sweep, a study grid) all open its sqlite
+    store: the schema is created once and every run gets the same experiment (without the lock, the
+    second migration failed one run with "duplicate column name")."""
+    import multiprocessing as mp
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mp.get_context("spawn").Pool(4) as pool:
+        start = time.time() + 8.0  # after the 4 interpreters have imported mlflow
+        ids = pool.starmap(_open_store, [(uri, start)] * 4)
+    assert len(set(ids)) == 1, ids
