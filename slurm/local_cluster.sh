@@ -16,16 +16,24 @@
 #   slurm/local_cluster.sh down     cancel jobs, stop every daemon, remove namespaces, veths, bridge
 #
 # Everything (configs, logs, pid files, spool, database, hosts file) lives in the state dir
-# ${PARSIMONY_SLURM_DIR:-/tmp/parsimony-slurm}; nothing is written to /etc.
+# ${PARSIMONY_SLURM_DIR:-/tmp/parsimony-slurm-<user>-<checkout id>}: one per user and per checkout
+# (the id is a hash of this checkout's path); nothing is written to /etc.  The ports, bridge and
+# namespaces are the machine's: `up` claims them in /tmp/parsimony-slurm-claim-<ctld port> and
+# refuses (exit 5) while another checkout's cluster holds them, naming it.
 # No systemd needed: daemons are started by hand.  Must run as root (or via sudo).
 #
 # Exit codes: 0 ok, 1 failure (message names the log to read), 2 usage, 3 packages cannot be installed,
-# 4 this machine does not allow network namespaces (up --nodes N > 1).
+# 4 this machine does not allow network namespaces (up --nodes N > 1), 5 another checkout's cluster
+# runs on this machine's ports.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TEMPLATES="$HERE/templates"
-STATE="${PARSIMONY_SLURM_DIR:-/tmp/parsimony-slurm}"
+CHECKOUT="$(cd "$HERE/.." && pwd -P)"
+OWNER="${SUDO_USER:-$(id -un)}"
+# per user and checkout; exported so that the sudo re-run below (and `env`) keep the same one
+STATE="${PARSIMONY_SLURM_DIR:-/tmp/parsimony-slurm-$OWNER-$(printf %s "$CHECKOUT" | sha1sum | cut -c1-8)}"
+export PARSIMONY_SLURM_DIR="$STATE"
 CLUSTER="${PARSIMONY_SLURM_CLUSTER:-parsimony}"
 CPUS="${PARSIMONY_SLURM_CPUS:-2}"
 CTLD_PORT="${PARSIMONY_SLURM_CTLD_PORT:-6817}"
@@ -44,6 +52,9 @@ MULTI_PARTITION=multi
 HOST="$(hostname -s)"
 CONF="$STATE/etc/slurm.conf"
 export SLURM_CONF="$CONF"
+# who holds this machine's cluster resources (the ports from CTLD_PORT on, the bridge, the namespaces)
+CLAIM="/tmp/parsimony-slurm-claim-$CTLD_PORT"
+EXIT_TAKEN=5
 export PATH="$PATH:/usr/sbin:/sbin:/usr/bin"
 
 PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server iproute2)
@@ -433,6 +444,54 @@ all_up() {
   [ -n "$(node_state)" ]
 }
 
+# ---------------------------------------------------------------- the machine's claim
+claim_field() { [ -f "$CLAIM" ] || return 0; sed -n "s/^$1=//p" "$CLAIM" | head -1; }
+
+# Is the cluster of state dir $1 running?  (its slurmctld or mariadbd, checked through /proc)
+state_running() {
+  local f pid
+  for f in "$1/run/slurmctld.pid" "$1/mysql/mariadbd.pid"; do
+    pid="$(tr -dc 0-9 <"$f" 2>/dev/null || true)"
+    [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && grep -qE '^(slurmctld|mariadbd|mysqld)$' "/proc/$pid/comm" && return 0
+  done
+  return 1
+}
+
+# Take the claim for this state dir, or exit 5 naming the checkout, user and state dir that hold it.
+# A claim whose cluster no longer runs is stale and taken over.  An unclaimed slurmctld port in use
+# (a cluster of an older version of this script, or another program) is refused too.
+take_claim() {
+  (
+    flock -w 60 8 || die "another local_cluster.sh holds $CLAIM.lock"
+    local other
+    other="$(claim_field state)"
+    if [ -n "$other" ] && [ "$other" != "$STATE" ] && state_running "$other"; then
+      log "ERROR: this machine's local cluster (ports $CTLD_PORT-$DBD_PORT, $DB_PORT, bridge $BRIDGE) is" \
+          "run by checkout $(claim_field checkout) of user $(claim_field user), state dir $other;" \
+          "it is not taken over. Bring it down with: $(claim_field checkout)/slurm/local_cluster.sh down" \
+          "(or give this cluster other PARSIMONY_SLURM_*_PORT, _SUBNET, _BRIDGE and _NODE_PREFIX)"
+      exit "$EXIT_TAKEN"
+    fi
+    if { [ -z "$other" ] || [ "$other" != "$STATE" ]; } && ! running slurmctld \
+        && (exec 3<>"/dev/tcp/127.0.0.1/$CTLD_PORT") 2>/dev/null; then
+      log "ERROR: port $CTLD_PORT (slurmctld) is in use by a process this checkout did not start" \
+          "(a local cluster not claimed by this script: ${other:-no claim}); stop that cluster (an older one keeps its state in" \
+          "/tmp/parsimony-slurm: PARSIMONY_SLURM_DIR=/tmp/parsimony-slurm $0 down) or set PARSIMONY_SLURM_CTLD_PORT"
+      exit "$EXIT_TAKEN"
+    fi
+    printf 'state=%s\ncheckout=%s\nuser=%s\n' "$STATE" "$CHECKOUT" "$OWNER" >"$CLAIM.tmp"
+    chmod 644 "$CLAIM.tmp"; mv "$CLAIM.tmp" "$CLAIM"
+  ) 8>"$CLAIM.lock"
+}
+
+# Is this machine's cluster another checkout's?  (then its namespaces and nodes are not ours to touch)
+others_claim() {
+  local other; other="$(claim_field state)"
+  [ -n "$other" ] && [ "$other" != "$STATE" ] && state_running "$other"
+}
+
+drop_claim() { [ "$(claim_field state)" = "$STATE" ] && rm -f "$CLAIM"; return 0; }
+
 # ---------------------------------------------------------------- commands
 cmd_up() {
   local t0=$SECONDS k
@@ -440,6 +499,7 @@ cmd_up() {
     log "already up ($STATE): $(all_node_names | while read -r n; do printf '%s %s, ' "$n" "$(node_state "$n")"; done)"
     return 0
   fi
+  take_claim
   ensure_packages
   local t1=$SECONDS
   prepare_state
@@ -495,6 +555,7 @@ cmd_status() {
 # SIGKILLed and its link cut.  The controller marks it DOWN after SlurmdTimeout.  `up --nodes N` restores it.
 cmd_kill_node() {
   local name=$1 k ns pids
+  others_claim && die "this machine's local cluster is checkout $(claim_field checkout)'s (state dir $(claim_field state)), not this one's"
   k="$(node_index "$name")"
   [ -n "$k" ] || die "no namespaced node '$name' (the nodes are: $(for ((k = 1; k <= NODES; k++)); do printf '%s ' "$(node_name $k)"; done))"
   ns="$(node_ns $k)"
@@ -516,6 +577,11 @@ our_stepds() {
 
 cmd_down() {
   if [ ! -d "$STATE/run" ]; then log "nothing to stop ($STATE does not exist)"; return 0; fi
+  if others_claim; then
+    log "nothing to stop: this machine's local cluster is checkout $(claim_field checkout)'s" \
+        "(state dir $(claim_field state)), not this one's ($STATE)"
+    return 0
+  fi
   local i pids
   if running slurmctld; then
     if [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
@@ -542,10 +608,11 @@ cmd_down() {
   stop_daemon mariadbd 60
   stop_daemon munged 10
   rm -f "$STATE/munge/munged.pid"
+  drop_claim
   log "down"
 }
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; }
 
 main() {
   local cmd="${1:-}" arg=""

@@ -37,10 +37,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
-STATE_DIR = Path(os.environ.get("PARSIMONY_SLURM_DIR", "/tmp/parsimony-slurm"))
-# Packages missing or not installable; network namespaces not allowed (see local_cluster.sh).
+# Packages missing or not installable; network namespaces not allowed; another checkout's cluster
+# holds this machine's ports (see local_cluster.sh).
 EXIT_NO_PACKAGES = 3
 EXIT_NO_NAMESPACES = 4
+EXIT_TAKEN = 5
 #: namespaced nodes of the session's cluster
 NODES = 2
 _NO_MULTI: list[str] = []
@@ -57,6 +58,11 @@ def multi_partition() -> str:
     if _NO_MULTI:
         pytest.skip(_NO_MULTI[0])
     return os.environ.get("PARSIMONY_SLURM_MULTI_PARTITION", "") or pytest.skip("no multi-node partition")
+
+
+def state_dir() -> str:
+    """This checkout's cluster state dir (per user and checkout, or ``$PARSIMONY_SLURM_DIR``)."""
+    return cluster_env().get("PARSIMONY_SLURM_DIR", "?")
 
 
 def cluster_env() -> dict[str, str]:
@@ -87,12 +93,12 @@ def slurm_cluster():
             _NO_MULTI.append(f"this machine forbids network namespaces: {up.stderr.strip()[-300:]}")
             up = _run("up", 900)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"local_cluster.sh up timed out; logs in {STATE_DIR}/log: {exc}")
+        pytest.fail(f"local_cluster.sh up timed out; logs in {state_dir()}/log: {exc}")
     if up.returncode == EXIT_NO_PACKAGES:
         pytest.skip(f"Slurm Debian packages cannot be installed: {up.stderr.strip()[-500:]}")
     if up.returncode != 0:
         pytest.fail(
-            f"local_cluster.sh up failed (rc={up.returncode}); logs in {STATE_DIR}/log\n"
+            f"local_cluster.sh up failed (rc={up.returncode}); logs in {state_dir()}/log\n"
             f"{up.stderr[-3000:]}"
         )
     env = cluster_env()

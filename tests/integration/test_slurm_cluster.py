@@ -126,3 +126,36 @@ def test_train_sbatch_template_two_ranks(slurm_cluster, tmp_path: Path):
     summary = json.loads(text[text.index("\n{") + 1:])
     assert summary["world_size"] == 2
     assert summary["steps"] == 2
+
+
+def test_another_checkout_keeps_its_own_state_and_cannot_take_the_cluster_over(slurm_cluster, tmp_path: Path):
+    """The cluster's state is per user and checkout; a second checkout on the machine gets its own
+    state dir, and its `up` refuses (exit 5) to take over this checkout's running daemons, naming
+    the checkout that runs them; its `down` leaves them running."""
+    import os
+    import shutil
+
+    from tests.slurm_cluster import EXIT_TAKEN, REPO, SCRIPT
+
+    other = tmp_path / "other-checkout"
+    shutil.copytree(SCRIPT.parent, other / "slurm")
+    script = other / "slurm" / "local_cluster.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("PARSIMONY_SLURM_DIR", "SLURM_CONF")}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=120)
+
+    other_state = next(line.split("=", 1)[1] for line in run("env").stdout.splitlines()
+                       if line.startswith("export PARSIMONY_SLURM_DIR="))
+    try:
+        assert other_state != slurm_cluster["PARSIMONY_SLURM_DIR"]
+        up = run("up")
+        assert up.returncode == EXIT_TAKEN, up.stderr
+        assert str(REPO) in up.stderr and slurm_cluster["PARSIMONY_SLURM_DIR"] in up.stderr, up.stderr
+        assert not (Path(other_state) / "run").exists()     # nothing of the other cluster was started
+        Path(other_state, "run").mkdir(parents=True)         # as if it had run once: down must not stop ours
+        assert run("down").returncode == 0
+        assert subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, timeout=60).returncode == 0
+        assert run("kill-node", "pnode1").returncode != 0
+    finally:
+        shutil.rmtree(other_state, ignore_errors=True)
