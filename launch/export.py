@@ -20,20 +20,20 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from system.build import load_checkpoint_network
-from system.export import CLASSES, PREPROCESS, SPEC, WEIGHTS, load_bundle, save_deployed
-from system.models.resnet import GatedResNet
-from system.models.spec import SpecError
-from system.report import deploy
-from system.runtime.checkpoint import CheckpointError, checkpoint_dir
+    from system.models.resnet import GatedResNet
 
+# torch and the project's modules are imported once the arguments are read: --help answers at once
+# (bench/cli_start.py times it)
 log = logging.getLogger("launch.export")
 
 FORMATS = ("safetensors", "torchscript", "exported", "onnx")
-FILES = {"safetensors": WEIGHTS, "torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
+#: the file each format writes (safetensors: system.export.WEIGHTS)
+FILES = {"safetensors": "model.safetensors", "torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
 #: ONNX Runtime must agree with PyTorch to this (max abs difference of the logits)
 ONNX_ATOL = 1e-3
 
@@ -41,6 +41,10 @@ ONNX_ATOL = 1e-3
 def deploy_checkpoint(path: Path) -> tuple[GatedResNet, dict, list[str]]:
     """The gate-free network of checkpoint ``path`` (verified first), with the run's preprocessing
     and class names taken from the run's ``final/`` when it has one."""
+    from system.build import load_checkpoint_network
+    from system.export import CLASSES, PREPROCESS
+    from system.report import deploy
+
     model, method, cfg, info = load_checkpoint_network(path)
     deployed = deploy(model.eval(), method, cfg.run.export_gates)  # as the run deploys its final network
     final = info.path.parent.parent / "final"
@@ -53,6 +57,10 @@ def deploy_checkpoint(path: Path) -> tuple[GatedResNet, dict, list[str]]:
 
 def export(model: GatedResNet, pre: dict, classes: list[str], fmt: str, out: Path) -> dict:
     """Write ``model`` as ``fmt`` into ``out`` (with spec, preprocessing and classes); returns a record."""
+    import torch
+
+    from system.export import WEIGHTS, save_deployed
+
     model = model.eval()
     size = int(pre.get("input_size") or model.spec().input_size)
     example = torch.randn(2, model.conv1.in_channels, size, size)
@@ -79,6 +87,8 @@ def export(model: GatedResNet, pre: dict, classes: list[str], fmt: str, out: Pat
 
 
 def _export_onnx(model: GatedResNet, example: torch.Tensor, ref: torch.Tensor, target: Path) -> float:
+    import torch
+
     try:
         import onnxruntime as ort
     except ImportError as exc:  # a project dependency; say what is missing rather than fail obscurely
@@ -107,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per folded initializer otherwise
+    from system.export import SPEC, load_bundle
+    from system.models.spec import SpecError
+    from system.runtime.checkpoint import CheckpointError, checkpoint_dir
+
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "export" / args.format
     try:

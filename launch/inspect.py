@@ -16,15 +16,17 @@ import socket
 import sys
 from pathlib import Path
 
-from system.export import load_spec
 from system.models.spec import MODEL_NAMES, ArchSpec, SpecError, dense_spec
-from system.pruning.complexity import count, width_table
-from system.runtime.checkpoint import list_checkpoints
 from system.runtime.rundir import LOCK, _pid_alive, holds_run
+
+# what imports torch (the MACs count, the checkpoint and export readers) is imported where it is used:
+# --help answers at once (bench/cli_start.py times it)
 
 
 def describe(spec: ArchSpec) -> dict:
     """The inspect record of one spec (a run's final network or a checkpoint's)."""
+    from system.pruning.complexity import count, width_table
+
     macs, params = count(spec)
     dense = dense_spec(spec.name, num_classes=spec.num_classes, input_size=spec.input_size,
                        shortcut=spec.shortcut, in_channels=spec.in_channels)
@@ -39,6 +41,8 @@ def describe(spec: ArchSpec) -> dict:
 
 def _checkpoints(run_dir: Path) -> list[dict]:
     """The run's complete checkpoints (manifests only), oldest first."""
+    from system.runtime.checkpoint import list_checkpoints
+
     rows = []
     for ck in list_checkpoints(run_dir):
         d = describe(ck.spec)
@@ -48,6 +52,8 @@ def _checkpoints(run_dir: Path) -> list[dict]:
 
 
 def resolve(target: str) -> tuple[ArchSpec, list[dict]]:
+    from system.export import load_spec
+
     p = Path(target)
     if target in MODEL_NAMES and not p.exists():
         return dense_spec(target), []
@@ -96,6 +102,8 @@ def run_status(d: Path) -> dict:
             return row
         except ValueError:
             row["status"] = "damaged summary.json"
+    from system.runtime.checkpoint import list_checkpoints
+
     cks = list_checkpoints(d)
     if cks:
         row.update(status=f"stopped at step {cks[-1].step}", steps=cks[-1].step,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from system.tracking.config import ENV_TRACKING_URI, TrackingConfig, TrackingUnavailable, sqlite_file
-from system.tracking.names import EXPERIMENT_KIND_TAG
+from system.tracking.names import EXPERIMENT_KIND_TAG, RUNS_VIEW_TAG, runs_view_state
 from system.tracking.secrets import split_login
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,11 @@ def _first_open(db: Path | None) -> Iterator[None]:
 
 def _experiment(client: Any, experiment: str, db: Path | None) -> tuple[Any, str]:
     """``client`` and the id of ``experiment`` there (created, or restored if deleted; a local store
-    keeps its artifacts beside its database)."""
+    keeps its artifacts beside its database), with the runs table's shared view
+    (:data:`~system.tracking.names.RUNS_VIEW_TAG`) set."""
     from mlflow.exceptions import MlflowException
 
+    view = runs_view_state()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         # Locally, artifacts live beside the database (not in ./mlruns of whatever cwd).
@@ -116,13 +118,19 @@ def _experiment(client: Any, experiment: str, db: Path | None) -> tuple[Any, str
         try:
             return client, client.create_experiment(
                 experiment, artifact_location=location,
-                tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development", RUNS_VIEW_TAG: view})
         except MlflowException:   # another process created it meanwhile
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if exp.tags.get(RUNS_VIEW_TAG) != view:  # an experiment made elsewhere, or by an older version
+        try:
+            client.set_experiment_tag(exp.experiment_id, RUNS_VIEW_TAG, view)
+        except MlflowException as exc:  # e.g. a login that may not edit the experiment: the run goes on
+            log.warning("MLflow: could not set the runs table's view on experiment %r: %s", experiment,
+                        error_line(exc))
     return client, exp.experiment_id
 
 

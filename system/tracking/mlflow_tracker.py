@@ -29,7 +29,14 @@ from system.tracking.connection import (
     stop_system_metrics,
     ui_base,
 )
-from system.tracking.names import RUN_STATUSES, TAG_FALLBACK, TAG_RESUMED_FROM, UI_WORKFLOW_QUERY, UNSENT_FILE
+from system.tracking.names import (
+    RUN_STATUSES,
+    RUNS_VIEW_KEY,
+    TAG_FALLBACK,
+    TAG_RESUMED_FROM,
+    UI_WORKFLOW_QUERY,
+    UNSENT_FILE,
+)
 from system.tracking.protocol import NullTracker, Tracker
 from system.tracking.secrets import redact_text
 
@@ -158,11 +165,12 @@ class MLflowTracker:
         return self._run_id
 
     def experiment_url(self) -> str | None:
-        """The experiment's page in the MLflow UI, on its runs table (None for a file store)."""
+        """The experiment's page in the MLflow UI, on its runs table in the shared view that shows top-1,
+        MACs and latency (None for a file store)."""
         base = ui_base(self.uri)
         if self._experiment_id is None or base is None:
             return None
-        return f"{base}/#/experiments/{self._experiment_id}/runs{UI_WORKFLOW_QUERY}"
+        return f"{base}/#/experiments/{self._experiment_id}/runs{UI_WORKFLOW_QUERY}&viewStateShareKey={RUNS_VIEW_KEY}"
 
     def run_url(self) -> str | None:
         """The run's page in the MLflow UI (None for a file store)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,11 +29,11 @@ FINAL_PREFIX = "summary/"
 LEGACY_FINAL_PREFIX = "final."  # what runs logged before the sections (launch.compare reads both)
 FINAL_KEYS: tuple[str, ...] = (
     "top1", "macs", "params", "macs_dense", "params_dense", "blocks_removed",
-    "channels_removed", "train_macs", "train_macs_dense", "wall_s",
+    "channels_removed", "train_macs", "train_macs_dense", "wall_s", "macs_pct",
 )
 FINAL_TOP1, FINAL_MACS, FINAL_PARAMS, FINAL_MACS_DENSE, FINAL_PARAMS_DENSE, \
     FINAL_BLOCKS_REMOVED, FINAL_CHANNELS_REMOVED, FINAL_TRAIN_MACS, FINAL_TRAIN_MACS_DENSE, \
-    FINAL_WALL_S = (FINAL_PREFIX + k for k in FINAL_KEYS)
+    FINAL_WALL_S, FINAL_MACS_PCT = (FINAL_PREFIX + k for k in FINAL_KEYS)
 
 # Run tags (plus MLflow's standard ``mlflow.*`` tags and the Slurm ones, see ``standard_tags``).
 TAG_METHOD = "method"
@@ -48,6 +49,25 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # The MLflow UI opens on its GenAI overview unless the link says which workflow (it then remembers).
 UI_WORKFLOW_QUERY = "?workflowType=machine_learning"
 CONFIG_ARTIFACT = "config.json"
+
+# The runs table's columns.  MLflow (3.17) cannot give an experiment default columns: each browser
+# keeps its own choice in local storage, and a new one shows none of the metrics.  It can load a
+# shared view, an experiment tag ``mlflow.sharedViewState.<key>`` that the link
+# ``...?viewStateShareKey=<key>`` opens; every experiment a run uses gets this one, and the links a
+# run prints open it (docs/tracking.md, "The runs table").
+RUNS_VIEW_KEY = "parsimony"
+RUNS_VIEW_TAG = "mlflow.sharedViewState." + RUNS_VIEW_KEY
+RUNS_VIEW_COLUMNS: tuple[str, ...] = (
+    f"metrics.`{FINAL_TOP1}`", f"metrics.`{FINAL_MACS_PCT}`", f"metrics.`{FINAL_PREFIX}latency_ratio_b1`",
+    f"metrics.`{FINAL_PREFIX}steps`", f"metrics.`{FINAL_WALL_S}`",
+    f"tags.`{TAG_METHOD}`",
+)
+
+
+def runs_view_state() -> str:
+    """The shared view's value: the columns above, best top-1 first."""
+    return json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS), "orderByKey": RUNS_VIEW_COLUMNS[0],
+                       "orderByAsc": False}, sort_keys=True)
 
 SUMMARY_ARTIFACT = "summary.json"
 LAYER_WIDTHS_ARTIFACT = "layer_widths.png"

@@ -11,7 +11,7 @@ import pytest
 
 from launch.config import load_job
 from launch.continuing import continue_job, load_resumed
-from launch.submit import prepare
+from launch.submitting import prepare
 from system.config import ConfigError
 from system.tracking.secrets import redact_text
 from system.trainer import Trainer

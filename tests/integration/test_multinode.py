@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import submit as S
+from launch import submitting as S
 from launch.config import load_job
 from launch.slurm_cmd import run_slurm
 from launch.waiting import continued_on_fewer
@@ -41,7 +41,6 @@ PLAN_RE = re.compile(r"step (\d+): pruned \d+ channels and \d+ blocks in \S+ \(p
 def root(tmp_path_factory, slurm_cluster) -> Path:
     multi_partition()
     root = tmp_path_factory.mktemp("multinode")
-    S.init_local_store(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     return root
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import submit as S
+from launch import submitting as S
 from launch.config import LaunchConfig, load_job
 from launch.slurm_cmd import run_slurm
 from launch.slurm_job import same_global_batch
@@ -43,9 +43,8 @@ ONE_TASK = ["engine.kind=local", "launch.tasks_per_node=1", "launch.cpus_per_tas
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, slurm_cluster) -> Path:
-    """Runs root of the module, with its embedded MLflow store created once."""
+    """Runs root of the module (its embedded MLflow store is created by the first run)."""
     root = tmp_path_factory.mktemp("submit")
-    S.init_local_store(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     return root
 
 

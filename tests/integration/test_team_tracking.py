@@ -228,7 +228,7 @@ def cluster_server(tmp_path_factory, slurm_cluster):
 
 
 def _cluster_submit(root: Path, server: TeamServer, name: str, nodes: int, *more: str, sweeps=None):
-    from launch import submit as S
+    from launch import submitting as S
     from launch.config import load_job
     from tests.integration.test_submit import CONFIG, TINY
     from tests.slurm_cluster import multi_partition

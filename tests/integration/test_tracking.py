@@ -85,6 +85,7 @@ def test_make_tracker_picks_once_by_rank(tmp_path):
 def test_final_metrics_names():
     out = final_metrics({"top1": 75.5, "macs": 2e9, "wall_s": 10, "other": 1, "params": None})
     assert out == {"summary/top1": 75.5, "summary/macs": 2e9, "summary/wall_s": 10.0}
+    assert final_metrics({"macs_pct": 48.5}) == {"summary/macs_pct": 48.5}  # the runs table's MACs column
 
 
 def test_log_and_read_back(store):
@@ -312,6 +313,43 @@ def test_mlflow_ui_renders_runs(mlflow_server, tmp_path):
     compare = dom("compare-runs?runs=" + quote(json.dumps(ids)) + "&experiments=" + quote(json.dumps([exp_id])))
     assert "ui-dense-run" in compare and "ui-gate-run" in compare
     assert "76.25" in compare and "74.75" in compare
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (Debian package `chromium`)")
+def test_the_runs_table_shows_top1_and_macs_through_the_printed_link(mlflow_server, tmp_path):
+    """docs/tracking.md, "The runs table": the experiment link a run prints opens the runs table with
+    the columns top-1, MACs %, latency, steps, wall time and method, best top-1 first (a shared view
+    the tracker sets on the experiment); the bare experiment page shows none of them, which is why
+    the view exists. A screenshot of the page is written too (headless Chromium)."""
+    import subprocess
+
+    cfg = _cfg(mlflow_server.uri)
+    for name, top1, pct in (("table-a", 77.25, 31.5), ("table-b", 79.75, 48.5)):
+        tracker = make_tracker(cfg, 0, tmp_path)
+        tracker.start(name, tags={TAG_METHOD: "taylor"})
+        tracker.log_metrics(final_metrics({"top1": top1, "macs_pct": pct, "steps": 310, "wall_s": 12.5,
+                                           "latency_ratio_b1": 0.625}), step=310)
+        link = tracker.experiment_url()
+        tracker.end()
+
+    def chromium(url: str, *mode: str) -> str:
+        out = subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--window-size=1600,900",
+             *mode, url], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    page = chromium(link, "--dump-dom")
+    for column in ("summary/top1", "summary/macs_pct", "summary/latency_ratio_b1", "summary/steps", "method"):
+        assert column in page, column
+    assert "79.75" in page and "48.5" in page and "0.625" in page
+    assert page.index("table-b") < page.index("table-a")   # sorted by top-1, best first
+    bare = chromium(link.split("&viewStateShareKey")[0], "--dump-dom")
+    assert "table-a" in bare and "summary/top1" not in bare
+    shot = tmp_path / "runs-table.png"
+    chromium(link, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
 def _open_store(uri: str, start: float) -> str:
