@@ -19,6 +19,9 @@ LABELS = {
     "pruned_r8": "pruned ~50% MACs, round_to=8",
     "prune_event": "one pruning event (bench_prune_event)",
     "compile": "torch.compile, pruned round_to=8",
+    "step_dense": "Trainer step, dense (method none)",
+    "step_variational": "Trainer step, variational (active phase)",
+    "step_compiled": "Trainer step, variational, train.compile",
 }
 
 
@@ -42,6 +45,16 @@ def _notes(name: str, r: dict) -> str:
                 f"decide {1e3 * (p['reduce'] + p['decide'] + p['agree']):.0f} ms); first step after "
                 f"{1e3 * r['first_step_after_s']:.0f} ms = {r['first_step_after_steps']:.2f} steps; "
                 f"training step {1e3 * r['step_s']:.1f} ms at micro-batch {r['micro_batch']}")
+    if name in ("step_dense", "step_variational"):
+        note = f"{r['ops_per_step']} aten ops, {r['syncs_per_step']} host syncs per step"
+        if name == "step_variational":
+            note += (f"; x{r['vs_dense_step']:.2f} the dense step ({1e3 * r['dense_step_s']:.1f} ms), "
+                     f"x{r['vs_dense_ops']:.2f} its ops")
+        return note
+    if name == "step_compiled":
+        eager = (f"; eager {1e3 * r['eager_step_s']:.1f} ms, compiled x{r['speedup_vs_eager']:.2f} vs eager"
+                 if "eager_step_s" in r else "")
+        return f"compile + first step {r['compile_s']:.1f} s" + eager
     if name == "compile":
         return (f"compile + first step {r['compile_s']:.1f} s; eager {1e3 * r['eager_step_s']:.1f} ms, "
                 f"compiled x{r['speedup_vs_eager']:.2f} vs eager")

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_suite")
 
 #: table rows, in order
-ROWS = ("dense", "dense_dali", "dense_deepspeed", "pruned_r1", "pruned_r8", "prune_event", "compile")
+ROWS = ("dense", "dense_dali", "dense_deepspeed", "pruned_r1", "pruned_r8", "prune_event", "compile",
+        "step_dense", "step_variational", "step_compiled")
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -166,7 +167,7 @@ def row_dali(s: Settings, wanted: tuple[str, ...], shared: dict) -> dict:
     if not s.cuda:
         raise Skip("DALI mixed decode (nvJPEG) needs a CUDA device")
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
-        raise Skip("DALI is not installed (nvidia-dali-cuda130)")
+        raise Skip("DALI is not installed (nvidia-dali-cuda130; too large for bench/wheelhouse.sh's 60 MB)")
     from pipelines.config import DataConfig
     from pipelines.loaders import build_loader
 
@@ -341,6 +342,9 @@ def row_compile(s: Settings, wanted: tuple[str, ...], shared: dict) -> dict:
     return {"compile": row}
 
 
+# the training-step rows (the project's Trainer; they use this module's Settings, Skip, sibling and sync)
+from gpu_suite_trainer import row_trainer_compiled, row_trainer_steps  # noqa: E402
+
 #: (rows it fills, function, rough seconds it needs on a GPU: skipped when less of --budget is left)
 GROUPS: list[tuple[tuple[str, ...], Callable[[Settings, tuple[str, ...], dict], dict], float]] = [
     (("dense",), row_dense, 30),
@@ -349,6 +353,8 @@ GROUPS: list[tuple[tuple[str, ...], Callable[[Settings, tuple[str, ...], dict], 
     (("pruned_r1", "pruned_r8"), row_pruned, 60),
     (("prune_event",), row_prune_event, 120),
     (("compile",), row_compile, 150),
+    (("step_dense", "step_variational"), row_trainer_steps, 60),
+    (("step_compiled",), row_trainer_compiled, 150),
 ]
 
 

@@ -73,7 +73,7 @@ def test_cpu_path_prints_every_row(ds_ops, tmp_path):
     rows = _table(r.stdout)
     assert list(rows) == list(_suite().ROWS)
 
-    measured = ("dense", "dense_deepspeed", "pruned_r1", "pruned_r8", "prune_event")
+    measured = ("dense", "dense_deepspeed", "pruned_r1", "pruned_r8", "prune_event", "step_dense", "step_variational")
     for name in measured:
         step_ms, notes = _number(rows[name][2]), rows[name][-1]
         assert step_ms > 0 and not notes.startswith("skipped"), rows[name]
@@ -86,6 +86,7 @@ def test_cpu_path_prints_every_row(ds_ops, tmp_path):
     assert re.fullmatch(r"skipped: .*CUDA.*", rows["dense_dali"][-1]), rows["dense_dali"]
     assert rows["dense_dali"][2] == "–"
     assert rows["compile"][-1].startswith("skipped: "), rows["compile"]
+    assert rows["step_compiled"][-1].startswith("skipped: "), rows["step_compiled"]
 
     res = json.loads(lines[-1])
     assert res == json.loads(out.read_text())
@@ -95,6 +96,11 @@ def test_cpu_path_prints_every_row(ds_ops, tmp_path):
     assert all(w % 8 == 0 for blk in res["rows"]["pruned_r8"]["inner_widths"] for w in blk)
     ev = res["rows"]["prune_event"]
     assert ev["event_s"] > 0 and ev["first_step_after_s"] > 0 and ev["parts_s"]["rebuild"] > 0
+    # the Trainer's own steps: no host sync in either; the variational step does more than the dense one
+    dense, var = res["rows"]["step_dense"], res["rows"]["step_variational"]
+    assert dense["syncs_per_step"] == 0 and var["syncs_per_step"] == 0
+    assert var["ops_per_step"] > dense["ops_per_step"] > 100
+    assert var["vs_dense_ops"] == pytest.approx(var["ops_per_step"] / dense["ops_per_step"])
 
 
 def test_rows_subset_and_bad_row(tmp_path):
@@ -134,3 +140,81 @@ def test_jpeg_shards_feed_the_project_loaders(tmp_path):
     assert len(batches) == 3
     x, y = batches[0]
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.min() >= 0 and y.max() < 4
+
+
+#: what a GPU machine with "torch preinstalled" has: torch, torchvision and their own requirements
+TORCH_ALONE = ("torch", "torchvision", "triton", "numpy", "pillow", "sympy", "mpmath", "networkx", "jinja2",
+               "markupsafe", "filelock", "fsspec", "typing-extensions", "setuptools", "cuda-bindings",
+               "cuda-pathfinder", "cuda-toolkit", "nvidia-cublas", "nvidia-cuda-nvrtc", "nvidia-cudnn-cu13",
+               "nvidia-cusparselt-cu13", "nvidia-nccl-cu13", "nvidia-nvshmem-cu13")
+
+
+def _torch_alone(site: Path) -> None:
+    """A site dir holding only :data:`TORCH_ALONE` (links to this venv's installed copies: nothing is
+    downloaded), for a fresh venv to see as the machine's preinstalled packages."""
+    import importlib.metadata as md
+    site.mkdir(parents=True)
+    for name in TORCH_ALONE:
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        base = Path(dist.locate_file(""))
+        for top in {f.parts[0] for f in dist.files or []}:
+            src, dst = base / top, site / top
+            if top != "__pycache__" and not top.endswith(".pth") and src.exists() and not dst.exists():
+                dst.symlink_to(src)
+
+
+@pytest.mark.timeout(900)
+def test_the_suite_runs_from_its_wheelhouse_on_a_machine_with_torch_alone(ds_ops, tmp_path):
+    """Issue 24 point 5: bench/wheelhouse.sh builds the wheelhouse here (one Python, to keep it short);
+    on a fresh venv that has only torch and torchvision, bench/gpu_suite.sh installs the rest from it with
+    no index and its CPU path runs: the DeepSpeed rows measure (DeepSpeed came from the wheelhouse), DALI
+    reads skipped with its reason."""
+    house, venv = tmp_path / "house", tmp_path / "machine"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    built = subprocess.run(["bash", "bench/wheelhouse.sh", str(house)], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "WHEELHOUSE_PYTHONS": py, "PYTHON": PY}, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheels = sorted(p.name for p in house.iterdir())
+    assert any(w.startswith("deepspeed-") for w in wheels) and any(w.startswith("parsimony-") for w in wheels)
+    assert not any(w.startswith(("torch-", "torchvision-", "nvidia_dali", "mlflow-")) for w in wheels), wheels
+    assert sum(p.stat().st_size for p in house.iterdir()) < 60e6
+
+    subprocess.run([getattr(sys, "_base_executable", PY), "-m", "venv", str(venv)], check=True, timeout=300)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    _torch_alone(tmp_path / "preinstalled")
+    (site / "preinstalled.pth").write_text(str(tmp_path / "preinstalled") + "\n")
+    machine_py = venv / "bin" / "python"
+    before = subprocess.run([str(machine_py), "-c", "import torch, torchvision\ntry:\n import deepspeed\nexcept "
+                             "ImportError:\n print('no deepspeed')"], capture_output=True, text=True, timeout=120)
+    assert before.stdout.strip() == "no deepspeed", before.stderr[-2000:]
+
+    env = {**_env(), "PYTHON": str(machine_py), "PARSIMONY_WHEELHOUSE": str(house),
+           "GPU_SUITE_SITE": str(tmp_path / "suite-site"), "PIP_INDEX_URL": "http://127.0.0.1:9/nothing"}
+    env.pop("PYTHONPATH")
+    r = subprocess.run(["bash", "bench/gpu_suite.sh", "--iters", "2", "--warmup", "1", "--threads", "1",
+                        "--rows", "dense,dense_dali,dense_deepspeed,pruned_r8"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = _table(r.stdout)
+    for name in ("dense", "dense_deepspeed", "pruned_r8"):
+        assert _number(rows[name][2]) > 0 and not rows[name][-1].startswith("skipped"), rows[name]
+    assert rows["dense_dali"][-1].startswith("skipped: "), rows["dense_dali"]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["torch"] == torch.__version__
+    installed = {p.name.split("-")[0].lower() for p in (tmp_path / "suite-site").glob("*.dist-info")}
+    assert {"deepspeed", "parsimony", "pyyaml"} <= installed and not installed & {"torch", "mlflow", "torchvision"}
+
+
+def test_compiled_trainer_step_row_on_cpu(tmp_path):
+    """--compile runs the step_compiled row on CPU too (inductor): the variational Trainer step compiled,
+    its compile time and its step against the eager one of step_variational."""
+    r = subprocess.run([PY, "bench/gpu_suite.py", "--rows", "step_variational,step_compiled", "--compile",
+                        "--iters", "1", "--warmup", "1", "--threads", "1"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])["rows"]["step_compiled"]
+    assert row["status"] == "ok", row
+    assert row["compile_s"] > row["step_s"] > 0 and row["speedup_vs_eager"] > 0
