@@ -7,6 +7,7 @@ embedded MLflow store of a runs root shared by the module.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -183,8 +184,16 @@ def test_job_array_two_runs_listed_by_compare(root):
     assert got[0]["macs"] < got[1]["macs"]  # keep_ratio 0.5 prunes more than 0.7
 
 
-def _jobs_in_queue() -> int:
-    return int(run_slurm("sacct", "-X", "-n", "-a", "-o", "JobID", "-S", "now-1hour").count("\n"))
+def _jobs_submitted_since(t0: datetime.datetime) -> list[str]:
+    """The jobs Slurm accounts as submitted at or after ``t0`` (by submit time: a job of an earlier test whose
+    record reaches slurmdbd late is not counted, as a plain count of recent jobs did)."""
+    out = run_slurm("sacct", "-X", "-n", "-a", "-P", "-o", "JobID,Submit", "-S", "now-1hour")
+    jobs = (line.split("|") for line in out.splitlines() if "|" in line)
+    return [j for j, submit in jobs if datetime.datetime.fromisoformat(submit) >= t0]
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now().replace(microsecond=0)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -208,11 +217,11 @@ def test_bad_input_fails_before_submission(root, override, key):
     if override == "launch.tasks_per_node=2":
         overrides.append("launch.gpus_per_node=1")
     folder = root / f"bad-{key}"
-    before = _jobs_in_queue()
+    t0 = _now()
     with pytest.raises(ConfigError) as err:
         _submit(root, *ONE_TASK, *overrides, f"launch.folder={folder}")
     assert err.value.key == key, str(err.value)
-    assert _jobs_in_queue() == before and not folder.exists()  # nothing submitted
+    assert _jobs_submitted_since(t0) == [] and not folder.exists()  # nothing submitted
 
 
 @slurm
@@ -370,11 +379,11 @@ def test_stop_request_saves_at_the_agreed_step_and_resume_is_exact(tmp_path):
     (["train.precision=bf16"], "launch.gpus_per_node"),  # the allocation has no GPU
 ])
 def test_dry_run_runs_the_checks_a_job_would_fail_inside(root, overrides, key):
-    before = _jobs_in_queue()
+    t0 = _now()
     out = _cli(*TINY, *ONE_TASK, *overrides, f"run.root={root / 'runs'}", f"launch.folder={root / 'dry' / '%j'}",
                "--dry-run", cwd=root)
     assert out.returncode == 2 and f"config key '{key}'" in out.stderr, out.stdout + out.stderr
-    assert "nothing was submitted" in out.stderr and _jobs_in_queue() == before
+    assert "nothing was submitted" in out.stderr and _jobs_submitted_since(t0) == []
 
 
 @slurm
