@@ -33,8 +33,8 @@ model (ResNet-20 at 32 px): the CI path (tests/integration/test_gpu_suite.py), s
 Progress goes to stderr (logging, and any library output); stdout holds one caption line, one markdown
 table and one JSON line (``--out FILE`` writes the JSON too).
 
-The code: the rows in ``bench/gpu_suite_rows.py``, the table in ``bench/gpu_suite_report.py``, the command
-line here.
+The code: the settings in ``bench/gpu_suite_base.py``, the rows in ``bench/gpu_suite_rows.py`` (the Trainer-step
+rows in ``bench/gpu_suite_trainer.py``), the table in ``bench/gpu_suite_report.py``, the command line here.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this file is loaded
 
 import torch  # noqa: E402
+from gpu_suite_base import Settings  # noqa: E402
 from gpu_suite_report import table  # noqa: E402
-from gpu_suite_rows import ROWS, Settings, make_jpeg_shards, plan_for_macs, run_rows  # noqa: E402
+from gpu_suite_rows import ROWS, make_jpeg_shards, plan_for_macs, run_rows  # noqa: E402
 
 # what tests and other scripts read from this file (the code lives in gpu_suite_rows / gpu_suite_report)
 __all__ = ["ALIASES", "ROWS", "main", "make_jpeg_shards", "parse_rows", "plan_for_macs"]

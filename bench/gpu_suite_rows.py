@@ -1,6 +1,7 @@
-"""The GPU suite's rows (the measurements) for ``bench/gpu_suite.py``: the settings every row reads, the
-uniform pruned specs, one function per group of rows, and :func:`run_rows`, which runs them and turns a
-failure into "skipped: <reason>".  What each row measures is described in ``bench/gpu_suite.py``.
+"""The GPU suite's rows (the measurements) for ``bench/gpu_suite.py``: the uniform pruned specs, one function
+per group of rows (the Trainer-step groups from ``bench/gpu_suite_trainer.py``; the settings every row reads
+in ``bench/gpu_suite_base.py``), and :func:`run_rows`, which runs them and turns a failure into
+"skipped: <reason>".  What each row measures is described in ``bench/gpu_suite.py``.
 
 Imported by ``bench/gpu_suite.py``, which puts the repository root and the bench folder on ``sys.path``
 first.  Example::
@@ -25,75 +26,25 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_suite_base import ROOT, Settings, Skip, sibling, sync
+from gpu_suite_trainer import row_trainer_compiled, row_trainer_steps
 from plans import plan_for_macs, uniform_plan  # noqa: F401  (the shared uniform cut; re-exported)
 
 from system.models.resnet import build_model
-from system.models.spec import ArchSpec, dense_spec
+from system.models.spec import ArchSpec
 from system.pruning.complexity import count
 from system.pruning.surgery import apply_plan
 
-ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_suite")
 
 #: table rows, in order
 ROWS = ("dense", "dense_dali", "dense_deepspeed", "pruned_r1", "pruned_r8", "prune_event", "compile",
         "step_dense", "step_variational", "step_compiled")
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class Skip(Exception):
-    """A row that cannot run here; the message is the reason."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    device: torch.device
-    model: str
-    size: int
-    batch: int
-    precision: str  # fp32 | bf16 | fp16
-    channels_last: bool
-    warmup: int
-    iters: int
-    target: float  # MACs fraction of the pruned rows
-    compile: bool
-    threads: int
-    deadline: float  # time.perf_counter() by which the suite should be done
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def spec(self) -> ArchSpec:
-        return dense_spec(self.model, input_size=self.size)
-
-    def left_s(self) -> float:
-        return self.deadline - time.perf_counter()
-
-
-def sibling(name: str):
-    """Import ``bench/<name>.py`` (the bench folder is no package)."""
-    key = f"_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / "bench" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[key]
-            raise
-    return sys.modules[key]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory() -> None:
@@ -341,9 +292,6 @@ def row_compile(s: Settings, wanted: tuple[str, ...], shared: dict) -> dict:
         row["speedup"] = shared["dense_ref_step_s"] / times["compiled"]
     return {"compile": row}
 
-
-# the training-step rows (the project's Trainer; they use this module's Settings, Skip, sibling and sync)
-from gpu_suite_trainer import row_trainer_compiled, row_trainer_steps  # noqa: E402
 
 #: (rows it fills, function, rough seconds it needs on a GPU: skipped when less of --budget is left)
 GROUPS: list[tuple[tuple[str, ...], Callable[[Settings, tuple[str, ...], dict], dict], float]] = [

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from gpu_suite_rows import Settings, Skip, sibling, sync
+from gpu_suite_base import Settings, Skip, sibling, sync
 
 from system.config import apply_overrides, from_dict
 from system.run_config import RunConfig
