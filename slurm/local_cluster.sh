@@ -463,19 +463,17 @@ state_running() {
 take_claim() {
   (
     flock -w 60 8 || die "another local_cluster.sh holds $CLAIM.lock"
-    local other
-    other="$(claim_field state)"
-    if [ -n "$other" ] && [ "$other" != "$STATE" ] && state_running "$other"; then
+    if others_claim; then
       log "ERROR: this machine's local cluster (ports $CTLD_PORT-$DBD_PORT, $DB_PORT, bridge $BRIDGE) is" \
-          "run by checkout $(claim_field checkout) of user $(claim_field user), state dir $other;" \
-          "it is not taken over. Bring it down with: $(claim_field checkout)/slurm/local_cluster.sh down" \
+          "$(claim_holder); it is not taken over. Bring it down with:" \
+          "$(claim_field checkout)/slurm/local_cluster.sh down" \
           "(or give this cluster other PARSIMONY_SLURM_*_PORT, _SUBNET, _BRIDGE and _NODE_PREFIX)"
       exit "$EXIT_TAKEN"
     fi
-    if { [ -z "$other" ] || [ "$other" != "$STATE" ]; } && ! running slurmctld \
+    if [ "$(claim_field state)" != "$STATE" ] && ! running slurmctld \
         && (exec 3<>"/dev/tcp/127.0.0.1/$CTLD_PORT") 2>/dev/null; then
       log "ERROR: port $CTLD_PORT (slurmctld) is in use by a process this checkout did not start" \
-          "(a local cluster not claimed by this script: ${other:-no claim}); stop that cluster (an older one keeps its state in" \
+          "(a local cluster not claimed by this script); stop that cluster (an older one keeps its state in" \
           "/tmp/parsimony-slurm: PARSIMONY_SLURM_DIR=/tmp/parsimony-slurm $0 down) or set PARSIMONY_SLURM_CTLD_PORT"
       exit "$EXIT_TAKEN"
     fi
@@ -488,6 +486,11 @@ take_claim() {
 others_claim() {
   local other; other="$(claim_field state)"
   [ -n "$other" ] && [ "$other" != "$STATE" ] && state_running "$other"
+}
+
+# Who holds the claim, in words: "run by checkout C of user U, state dir S".
+claim_holder() {
+  echo "run by checkout $(claim_field checkout) of user $(claim_field user), state dir $(claim_field state)"
 }
 
 drop_claim() { [ "$(claim_field state)" = "$STATE" ] && rm -f "$CLAIM"; return 0; }
@@ -555,7 +558,7 @@ cmd_status() {
 # SIGKILLed and its link cut.  The controller marks it DOWN after SlurmdTimeout.  `up --nodes N` restores it.
 cmd_kill_node() {
   local name=$1 k ns pids
-  others_claim && die "this machine's local cluster is checkout $(claim_field checkout)'s (state dir $(claim_field state)), not this one's"
+  others_claim && die "this machine's local cluster is $(claim_holder), not by this one"
   k="$(node_index "$name")"
   [ -n "$k" ] || die "no namespaced node '$name' (the nodes are: $(for ((k = 1; k <= NODES; k++)); do printf '%s ' "$(node_name $k)"; done))"
   ns="$(node_ns $k)"
@@ -578,8 +581,7 @@ our_stepds() {
 cmd_down() {
   if [ ! -d "$STATE/run" ]; then log "nothing to stop ($STATE does not exist)"; return 0; fi
   if others_claim; then
-    log "nothing to stop: this machine's local cluster is checkout $(claim_field checkout)'s" \
-        "(state dir $(claim_field state)), not this one's ($STATE)"
+    log "nothing to stop: this machine's local cluster is $(claim_holder), not by this one ($STATE)"
     return 0
   fi
   local i pids
