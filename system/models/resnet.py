@@ -33,7 +33,7 @@ class Gate(nn.Module):
       (straight-through: forward ``xi``, backward as if the multiplier were ``theta``).
     - ``deterministic``: ``xi = 1[theta > threshold]``; no gradient to theta.  When every unit
       is on (as after hardening, which cuts the rest) the multiply is skipped.
-    - ``mean``: ``xi = theta`` (the mean network; also how Taylor reads ``dL/dz`` at z = 1).
+    - ``mean``: ``xi = theta`` (the mean network; with theta = 1, ``dL/dz`` at z = 1, which Taylor reads off the BatchNorm instead).
     """
 
     def __init__(self, n: int, kind: str):

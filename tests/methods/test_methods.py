@@ -132,3 +132,38 @@ def test_method_refuses_a_model_variant_it_cannot_handle(tmp_path):
         Trainer(cfg)
     # unit-only has no layer gates: the same model variant is fine
     Trainer(tiny_config(tmp_path, "model.zero_init_residual=true", *STRONG["unit_only"]))
+
+
+def test_taylor_score_from_batchnorm_is_the_gates_dl_dz_squared(tmp_path):
+    """Taylor reads (gamma dL/dgamma + beta dL/dbeta)^2 off each unit's BatchNorm in a real training step
+    (its gates off: no multiply in the step); the same batch through the same weights with the unit gates
+    on at z = 1 (mode ``mean``) gives (dL/dz)^2 on theta, and the two agree unit by unit."""
+    from system.models.resnet import set_gate_mode
+
+    cfg = tiny_config(tmp_path, "train.max_steps=4", *STRONG["taylor"], "method.taylor.start_frac=0.0",
+                      "method.taylor.check_every=2")
+    trainer = Trainer(cfg)
+    model, method = trainer.model, trainer.method
+    assert all(g.mode == "off" for g in gates_of(model).values())  # the step runs no gate
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    scores = {}
+    orig = method.batch_scores
+
+    def spy(m, grad_scale):
+        out = orig(m, grad_scale)
+        scores.update({n: s.clone() for n, s in out.items()})
+        return out
+
+    method.batch_scores = spy
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train_step(x, y)
+    assert scores and len(scores) == sum(1 for g in gates_of(model).values() if g.kind == "unit")
+    # the reference: same weights and batch, the gates multiplying by 1, dL/dz read on theta
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    set_gate_mode(model, unit="mean", layer="off")
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for n, s in scores.items():
+        ref = gates_of(model)[n].theta.grad.pow(2)
+        assert float(ref.abs().sum()) > 0
+        torch.testing.assert_close(s, ref, rtol=1e-3, atol=1e-12)

@@ -3,7 +3,9 @@
 A ranking method supplies only its *importance*; this base owns the rest, the part Torch-Pruning
 calls scheduler and pruner:
 
-- gates ``z = 1`` after each inner BN (mode ``mean``, theta held at 1: ``dL/dz`` is theta's gradient);
+- the unit gates name the units (their thetas are the per-unit stores' shapes), but stay ``off`` in
+  training: a score reads the weights (L1) or the BatchNorm gradients (Taylor), so a ranking step
+  runs the dense network's ops and no per-gate multiply;
 - the schedule: dense until ``start_frac``, a pruning step every ``check_every`` steps until
   ``stop_frac``, each removing ``max(per_step, ceil(still needed / pruning steps left))`` gates, so
   the target is reached by ``stop_frac``;
@@ -98,7 +100,7 @@ class Ranking(Method):
 
     # -- set-up and per step ----------------------------------------------------------------
     def attach(self, model: GatedResNet) -> None:
-        set_gate_mode(model, unit="mean", layer="off")
+        set_gate_mode(model, unit="off", layer="off")
         unit, _ = unit_and_layer_gates(model)
         with torch.no_grad():
             for g in unit.values():
@@ -132,14 +134,6 @@ class Ranking(Method):
         if scores:  # an fp16 overflow step adds nothing (the ranking is per window)
             add_finite([self.acc[n] for n in scores], list(scores.values()))
         self.n_acc += 1
-
-    def after_step(self, model: GatedResNet, step: int) -> None:
-        unit, _ = unit_and_layer_gates(model)
-        thetas: list[torch.Tensor] = [g.theta for g in unit.values()]
-        if thetas:
-            with torch.no_grad():  # z stays exactly 1 whatever the optimizer does (an inf gradient x lr 0 is NaN)
-                torch._foreach_mul_(thetas, 0.0)
-                torch._foreach_add_(thetas, 1.0)
 
     def check_due(self, step: int) -> bool:
         return self.start_step < step <= self.stop_step and step % self.cfg.check_every == 0

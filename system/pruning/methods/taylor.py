@@ -1,10 +1,14 @@
 """Taylor-FO-BN importance pruning (Molchanov et al., CVPR 2019), re-implemented from the paper.
 
-Gates ``z = 1`` sit after BN on the same channels as the variational unit gates (mode ``mean``
-with theta fixed at 1, so ``dL/dz`` is theta's gradient; theta's lr is 0).  The score of a gate is
-``(dL/dz)^2``, averaged over the ``check_every`` mini-batches before each pruning step, then smoothed
-across pruning steps with ``momentum``.  Everything else (the schedule, the global ranking, the
-target search, ``round_to``, whole blocks) is the ranking base's: :mod:`system.pruning.methods.ranking`.
+The paper's criterion, read off the BatchNorm that precedes each unit gate: a channel's importance in
+a batch is ``(gamma * dL/dgamma + beta * dL/dbeta)^2``.  It equals ``(dL/dz)^2`` of a gate ``z = 1``
+multiplying that channel after its ReLU (``relu(y) * z = relu(z * y)`` for ``z >= 0``, and
+``z * y = z * gamma * xhat + z * beta``), which is how the unit gates would measure it; reading the
+BN gradients instead needs no gate in the step, so a Taylor step runs the dense network's ops plus a
+few multi-tensor ops after backward (docs/benchmarks.md, "Step budget").  The score is averaged over
+the ``check_every`` mini-batches before each pruning step, then smoothed across pruning steps with
+``momentum``.  Everything else (the schedule, the global ranking, the target search, ``round_to``,
+whole blocks) is the ranking base's: :mod:`system.pruning.methods.ranking`.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from system.models.anatomy import anatomy, split_gate_name
 from system.models.resnet import GatedResNet
-from system.pruning.methods.base import unit_and_layer_gates
 from system.pruning.methods.ranking import Ranking, RankingConfig
 
 
@@ -24,13 +28,31 @@ class TaylorConfig(RankingConfig):
     start_frac 0.2, stop_frac 0.7 by default)."""
 
 
+def unit_bns(model: GatedResNet, names) -> list[torch.nn.BatchNorm2d]:
+    """The BatchNorm of each unit gate in ``names`` (the one its units pass through before the gate)."""
+    blocks = dict(model.named_blocks())
+    anat = anatomy(model.block_kind)
+    out = []
+    for name in names:
+        block, gate = split_gate_name(name)
+        out.append(getattr(blocks[block], anat.unit(gate).bn))
+    return out
+
+
 class Taylor(Ranking):
     name = "taylor"
 
     def batch_scores(self, model: GatedResNet, grad_scale: float) -> dict[str, torch.Tensor]:
-        """``(dL/dz)^2`` of every unit gate in this batch (the loss scale divided out)."""
-        unit, _ = unit_and_layer_gates(model)
-        live = {n: g.theta.grad.detach() for n, g in unit.items() if g.theta.grad is not None}
-        if not live:
+        """``(gamma * dL/dgamma + beta * dL/dbeta)^2`` of every unit in this batch (the loss scale
+        divided out), six multi-tensor ops for the whole network."""
+        names = list(self.acc)
+        bns = unit_bns(model, names)
+        if not names or any(b.weight.grad is None or b.bias.grad is None for b in bns):
             return {}
-        return dict(zip(live, torch._foreach_pow(torch._foreach_div(list(live.values()), grad_scale), 2)))
+        with torch.no_grad():  # (no detach per tensor: each would be an op of its own)
+            dz = torch._foreach_mul([b.weight for b in bns], [b.weight.grad for b in bns])
+            torch._foreach_addcmul_(dz, [b.bias for b in bns], [b.bias.grad for b in bns])
+            if grad_scale != 1.0:
+                torch._foreach_div_(dz, grad_scale)
+            torch._foreach_mul_(dz, dz)
+        return dict(zip(names, dz))
