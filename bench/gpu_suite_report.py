@@ -47,6 +47,8 @@ def _notes(name: str, r: dict) -> str:
                 f"training step {1e3 * r['step_s']:.1f} ms at micro-batch {r['micro_batch']}")
     if name in ("step_dense", "step_variational"):
         note = f"{r['ops_per_step']} aten ops, {r['syncs_per_step']} host syncs per step"
+        if r.get("kernels_per_step") is not None:
+            note += f", {r['kernels_per_step']} GPU kernels"
         if name == "step_variational":
             note += (f"; x{r['vs_dense_step']:.2f} the dense step ({1e3 * r['dense_step_s']:.1f} ms), "
                      f"x{r['vs_dense_ops']:.2f} its ops")
@@ -54,7 +56,8 @@ def _notes(name: str, r: dict) -> str:
     if name == "step_compiled":
         eager = (f"; eager {1e3 * r['eager_step_s']:.1f} ms, compiled x{r['speedup_vs_eager']:.2f} vs eager"
                  if "eager_step_s" in r else "")
-        return f"compile + first step {r['compile_s']:.1f} s" + eager
+        kernels = f"; {r['kernels_per_step']} GPU kernels per step" if r.get("kernels_per_step") is not None else ""
+        return f"compile + first step {r['compile_s']:.1f} s" + eager + kernels
     if name == "compile":
         return (f"compile + first step {r['compile_s']:.1f} s; eager {1e3 * r['eager_step_s']:.1f} ms, "
                 f"compiled x{r['speedup_vs_eager']:.2f} vs eager")

@@ -9,6 +9,10 @@ and engine included, not a plain model. On the suite's model, batch, precision a
 ``step_compiled``     the same variational step with ``train.compile=true`` (inductor): compile time, and
                       the step against the eager one (on by default on a GPU, ``--compile`` on CPU).
 
+On a GPU each row also counts the device kernels one step launches (``kernels_per_step``, from
+``torch.profiler``): the launches as the GPU sees them, fused kernels included, where the aten count
+cannot see inside a compiled graph.
+
 Each trainer is built the way a run builds it (``system.trainer.Trainer`` from a ``RunConfig``), with
 synthetic tensors already on the device, tracking and the latency timing off.
 """
@@ -63,6 +67,18 @@ def _step_s(s: Settings, trainer, x, y) -> float:
     return time.perf_counter() - t
 
 
+def _kernels(s: Settings, trainer, x, y) -> int | None:
+    """Device kernels launched by one step (a GPU only; None elsewhere)."""
+    if not s.cuda:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer.train_step(x, y)
+        sync(s.device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def _measure(s: Settings, method: str, tmp: str) -> dict:
     trainer = _trainer(s, method, tmp)
     try:
@@ -74,10 +90,11 @@ def _measure(s: Settings, method: str, tmp: str) -> dict:
             trainer.train_step(x, y)
         sync(s.device)
         step = statistics.median(_step_s(s, trainer, x, y) for _ in range(s.iters))
+        kernels = _kernels(s, trainer, x, y)
     finally:
         trainer.engine.close()
     return {"step_s": step, "img_s": s.batch / step, "ops_per_step": sum(counter.ops.values()),
-            "syncs_per_step": counter.ops.get("aten._local_scalar_dense", 0)}
+            "syncs_per_step": counter.ops.get("aten._local_scalar_dense", 0), "kernels_per_step": kernels}
 
 
 def row_trainer_steps(s: Settings, wanted: tuple[str, ...], shared: dict) -> dict:
@@ -106,9 +123,10 @@ def row_trainer_compiled(s: Settings, wanted: tuple[str, ...], shared: dict) -> 
             for _ in range(max(1, s.warmup)):
                 trainer.train_step(x, y)
             step = statistics.median(_step_s(s, trainer, x, y) for _ in range(s.iters))
+            kernels = _kernels(s, trainer, x, y)
         finally:
             trainer.engine.close()
-    row = {"step_s": step, "img_s": s.batch / step, "compile_s": compile_s}
+    row = {"step_s": step, "img_s": s.batch / step, "compile_s": compile_s, "kernels_per_step": kernels}
     if "variational_step_s" in shared:
         row["eager_step_s"] = shared["variational_step_s"]
         row["speedup_vs_eager"] = shared["variational_step_s"] / step

@@ -30,7 +30,10 @@ class Gate(nn.Module):
     - ``off``: identity (the gate does nothing).
     - ``sampled``: ``xi ~ Bernoulli(theta)`` per forward (per example if ``per_example``);
       the theta gradient is the derivative of the loss w.r.t. the sampled gate value
-      (straight-through: forward ``xi``, backward as if the multiplier were ``theta``).
+      (straight-through: forward ``xi``, backward as if the multiplier were ``theta``).  Inside a
+      :class:`GatedResNet` the model draws every sampled gate of a forward at once
+      (:func:`draw_gates`: one Bernoulli draw over the concatenated thetas) and hands each gate its
+      slice (``drawn``); a gate used on its own draws for itself.
     - ``deterministic``: ``xi = 1[theta > threshold]``; no gradient to theta.  When every unit
       is on (as after hardening, which cuts the rest) the multiply is skipped.
     - ``mean``: ``xi = theta`` (the mean network; with theta = 1, ``dL/dz`` at z = 1, which Taylor reads off the BatchNorm instead).
@@ -49,6 +52,7 @@ class Gate(nn.Module):
         self.force: float | None = None  # if set, the gate value regardless of mode (exact estimator)
         self.replay = False  # sampled mode: reuse the last draw (common random numbers)
         self.last_xi: torch.Tensor | None = None  # the last sampled draw, shape (B or 1, n)
+        self.drawn: torch.Tensor | None = None  # this forward's multiplier from draw_gates, (B or 1, n, 1, 1)
         self._all_on: tuple[tuple, bool] | None = None  # (theta version key, every unit on) cache
 
     def all_on(self) -> bool:
@@ -76,6 +80,9 @@ class Gate(nn.Module):
         if self.mode == "sampled":
             if self.replay and self.last_xi is not None:
                 return self.last_xi.to(dtype)
+            if self.drawn is not None:  # drawn with the model's other gates (draw_gates): used once
+                drawn, self.drawn = self.drawn, None
+                return drawn.to(dtype)
             p = theta.detach().clamp(0.0, 1.0)
             shape = (batch, p.numel()) if self.per_example else (1, p.numel())
             xi = torch.bernoulli(p.expand(shape))
@@ -91,7 +98,32 @@ class Gate(nn.Module):
         g = self.value(x.shape[0], x.dtype)
         if g is None:
             return x
-        return x * g.reshape(g.shape[0], g.shape[1] if self.kind == "unit" else 1, 1, 1)
+        if g.dim() == 2:  # (B or 1, n) -> broadcast over the channels (unit) or the whole branch (layer)
+            g = g.reshape(g.shape[0], g.shape[1] if self.kind == "unit" else 1, 1, 1)
+        return x * g
+
+
+def draw_gates(gates: list[Gate], batch: int) -> None:
+    """Draw every gate in ``gates`` that samples this forward, with one Bernoulli draw per kind of draw
+    (per example or per batch; straight-through or not) over the concatenated thetas, and give each gate
+    its slice as ``drawn`` (already shaped to multiply a feature map) and ``last_xi``.
+
+    The same distribution as each gate drawing for itself, in a handful of ops for the whole network
+    instead of a handful per gate (docs/benchmarks.md, "Step budget").  Gates that replay their last draw
+    or are forced are left alone."""
+    groups: dict[tuple[bool, bool], list[Gate]] = {}
+    for g in gates:
+        if g.mode == "sampled" and not g.replay and g.force is None:
+            groups.setdefault((g.per_example, g.straight_through), []).append(g)
+    for (per_example, straight_through), members in groups.items():
+        thetas = [g.theta for g in members]
+        flat = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
+        rows = batch if per_example else 1
+        xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0).expand(rows, -1))
+        value = xi + (flat - flat.detach()) if straight_through else xi
+        sizes = [t.numel() for t in thetas]
+        for g, x, v in zip(members, xi.split(sizes, dim=1), value.view(rows, -1, 1, 1).split(sizes, dim=1)):
+            g.last_xi, g.drawn = x, v
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -192,6 +224,7 @@ class GatedResNet(nn.Module):
         self.arch_name, self.input_size, self.has_gates = spec.name, spec.input_size, gates
         self.stage_widths = tuple(spec.stage_widths)
         self._spec: ArchSpec | None = None
+        self._gate_list: list[Gate] | None = None
         # the paired layer estimator's shared prefix: in training mode with ``keep_block_inputs`` the
         # forward keeps (detached) every block's input in ``block_inputs`` (autograd holds those tensors
         # until backward anyway); ``start_at = (i, x)`` makes the next forward skip the stem and the
@@ -262,7 +295,15 @@ class GatedResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.start_at is not None:
             return self._suffix(*self.start_at)
+        if self.has_gates:
+            draw_gates(self._gates(), x.shape[0])
         return self.fc(self.features(x))
+
+    def _gates(self) -> list[Gate]:
+        """Every gate, in module order (kept: the modules of a model never change; surgery builds a new one)."""
+        if self._gate_list is None:
+            self._gate_list = list(gates_of(self).values())
+        return self._gate_list
 
     def _suffix(self, start: int, x: torch.Tensor) -> torch.Tensor:
         """The paired estimator's suffix forward.  Under ``train.compile`` it runs eagerly

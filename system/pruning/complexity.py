@@ -172,6 +172,9 @@ class ExpectedCost:
                                     f11[j] - f10[j] - f01[j] + f00[j]]) for j in (0, 1))
         self.dense_width = [[float(w) for w in blk.inner] + [0.0] * (2 - len(blk.inner)) for _, blk in self.blocks]
         self._k_cast: tuple = (None, None)
+        self._unit_names = [[unit_gate_name(name, i) for name, _ in self.blocks] for i in range(2)]
+        self._layer_names = [layer_gate_name(name) for name, _ in self.blocks]
+        self._segments: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, unit_theta: dict[str, torch.Tensor] | None,
                  layer_theta: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,19 +187,12 @@ class ExpectedCost:
             return (torch.tensor(self.c0[0], dtype=dtype, device=device),
                     torch.tensor(self.c0[1], dtype=dtype, device=device))
 
-        def value(t: torch.Tensor | None, default: float, sum_: bool) -> torch.Tensor:
-            if t is None:
-                return torch.tensor(default, dtype=dtype, device=device)
-            return t.sum() if sum_ else t.reshape(())
-
-        s1 = torch.stack([value(unit_theta.get(unit_gate_name(name, 0)), self.dense_width[j][0], True)
-                          for j, (name, _) in enumerate(self.blocks)])
-        g = torch.stack([value(layer_theta.get(layer_gate_name(name)), 1.0, False) for name, _ in self.blocks])
+        s1 = self._unit_sums(unit_theta, 0, dtype, device)
+        g = self._layer_values(layer_theta, dtype, device)
         if self.spec.block == "basic":  # one unit gate a block: k2 = k12 = 0
             terms, rows = torch.stack([torch.ones_like(s1), s1]), 2
         else:
-            s2 = torch.stack([value(unit_theta.get(unit_gate_name(name, 1)), self.dense_width[j][1], True)
-                              for j, (name, _) in enumerate(self.blocks)])
+            s2 = self._unit_sums(unit_theta, 1, dtype, device)
             terms, rows = torch.stack([torch.ones_like(s1), s1, s2, s1 * s2]), 4
         key = (dtype, g.device)
         if self._k_cast[0] != key:  # the coefficient tables in the thetas' dtype and device, cast once
@@ -204,6 +200,34 @@ class ExpectedCost:
         per_block = (self._k_cast[1] * terms).sum(dim=1)  # (2, blocks): MACs and params of each block at g = 1
         out = (per_block * g).sum(dim=1)
         return self.c0[0] + out[0], self.c0[1] + out[1]
+
+    def _unit_sums(self, unit_theta: dict[str, torch.Tensor], i: int, dtype, device) -> torch.Tensor:
+        """s_i of every live block, (blocks,): when every block has its i-th unit gate (as in training),
+        one concatenation and one matrix-vector product with a 0/1 block-membership matrix (kept per
+        widths, dtype and device); a missing gate counts as on (its dense width)."""
+        ts = [unit_theta.get(n) for n in self._unit_names[i]]
+        if all(t is not None for t in ts):
+            sizes = tuple(t.numel() for t in ts)  # type: ignore[union-attr]
+            key = (i, sizes, dtype, device)
+            seg = self._segments.get(key)
+            if seg is None:
+                seg = torch.zeros(len(ts), sum(sizes), dtype=dtype, device=device)
+                start = 0
+                for row, k in enumerate(sizes):
+                    seg[row, start:start + k] = 1.0
+                    start += k
+                self._segments[key] = seg
+            return seg @ torch.cat([t.reshape(-1) for t in ts])  # type: ignore[union-attr]
+        return torch.stack([t.sum() if t is not None else torch.tensor(self.dense_width[j][i], dtype=dtype, device=device)
+                            for j, t in enumerate(ts)])
+
+    def _layer_values(self, layer_theta: dict[str, torch.Tensor], dtype, device) -> torch.Tensor:
+        """g_B of every live block, (blocks,): the layer thetas concatenated; a missing gate is on (1)."""
+        ts = [layer_theta.get(n) for n in self._layer_names]
+        if all(t is not None and t.dim() == 1 for t in ts):
+            return torch.cat(ts)  # type: ignore[arg-type]
+        return torch.stack([t.reshape(()) if t is not None else torch.ones((), dtype=dtype, device=device)
+                            for t in ts])
 
 
 def width_table(spec: ArchSpec) -> list[dict]:

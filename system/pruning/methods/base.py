@@ -239,11 +239,11 @@ def add_finite(stores: list[torch.Tensor], values: list[torch.Tensor], scale: An
     step, which the loss scaler skips), for none: a method's statistics skip that step too.  A handful
     of multi-tensor ops whatever the number of gates, and no host sync; returns the 0-d bool "all finite"."""
     finite = torch.stack(torch._foreach_norm(values, float("inf"))).isfinite().all()  # max |v|: no overflow
-    flat = torch.cat([v.reshape(-1) for v in values])
+    flat = torch.cat([v if v.dim() == 1 else v.reshape(-1) for v in values])
     if not (isinstance(scale, float) and scale == 1.0):
         flat = flat / scale
     parts = torch.split(torch.where(finite, flat, torch.zeros_like(flat)), [v.numel() for v in values])
-    torch._foreach_add_(stores, [part.view_as(st) for part, st in zip(parts, stores)])
+    torch._foreach_add_(stores, [part if part.shape == st.shape else part.view_as(st) for part, st in zip(parts, stores)])
     return finite
 
 

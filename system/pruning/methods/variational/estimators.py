@@ -72,10 +72,12 @@ def replaying(model) -> Iterator[None]:
     uses the batch statistics but its running statistics and counters are left untouched."""
     gates = gates_of(model)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
+    # momentum 0 keeps the running statistics; the counter is set aside (None: BN skips its increment),
+    # which costs no op, where a copy and a restore would cost two a BatchNorm
+    saved = [(m.momentum, m.num_batches_tracked) for m in bns]
     try:
         for m in bns:
-            m.momentum = 0.0
+            m.momentum, m.num_batches_tracked = 0.0, None
         for g in gates.values():
             g.replay = True
         with torch.no_grad():
@@ -84,9 +86,7 @@ def replaying(model) -> Iterator[None]:
         for g in gates.values():
             g.replay = False
         for m, (mom, nbt) in zip(bns, saved):
-            m.momentum = mom
-            if nbt is not None and m.num_batches_tracked is not None:
-                m.num_batches_tracked.copy_(nbt)
+            m.momentum, m.num_batches_tracked = mom, nbt
 
 
 def paired_differences(model, layer, picks: list[tuple[int, str]], forward, x, y, loss_fn,
@@ -158,8 +158,11 @@ class PairedEstimator:
             new = m * est + (1 - m) * fresh if n in self.seen else fresh
             est.copy_(torch.where(torch.isfinite(fresh), new, est))
             self.seen.add(n)
-        return cast(torch.Tensor, sum(self.est[n].detach().reshape(()) * g.theta.reshape(())
-                                      for n, g in layer.items()))
+        names = list(layer)
+        thetas = [layer[n].theta for n in names]
+        if all(t.dim() == 1 for t in thetas):  # one product for every block (a few ops, not a few per block)
+            return torch.dot(torch.cat([self.est[n] for n in names]).to(thetas[0].dtype), torch.cat(thetas))
+        return cast(torch.Tensor, sum(self.est[n].reshape(()) * t.reshape(()) for n, t in zip(names, thetas)))
 
     def _suffix_fractions(self, model: GatedResNet) -> list[float]:
         """Each block's suffix forward as a fraction of the network's MACs (kept per spec)."""

@@ -195,7 +195,7 @@ class Variational(Method):
             for n in kinds["layer"]:
                 if n not in self.paired.seen:
                     grads[n].zero_()
-        self.rule.accumulate({n: t.detach() for n, t in grads.items()}, grad_scale)
+        self.rule.accumulate(grads, grad_scale)  # (gradients carry no graph: no detach)
         s = self.budget.ramp(step)
         if active and c.drive > 0 and s > 0 and self.budget.positive:
             on = {"unit": c.unit_gates, "layer": c.layer_gates}

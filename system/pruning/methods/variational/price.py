@@ -57,11 +57,13 @@ class Price:
             raise RuntimeError("method 'variational': attach() the model first")
         return self.full
 
-    def thetas(self, model: GatedResNet) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The (unit, layer) thetas of the kinds this method trains, detached."""
+    def thetas(self, model: GatedResNet, detach: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The (unit, layer) thetas of the kinds this method trains, detached (``detach=False``: the
+        parameters themselves, for a caller under ``torch.no_grad``)."""
         unit, layer = unit_and_layer_gates(model)
-        u = {n: g.theta.detach() for n, g in unit.items()} if self.cfg.unit_gates else {}
-        lyr = {n: g.theta.detach() for n, g in layer.items()} if self.cfg.layer_gates else {}
+        get = (lambda g: g.theta.detach()) if detach else (lambda g: g.theta)
+        u = {n: get(g) for n, g in unit.items()} if self.cfg.unit_gates else {}
+        lyr = {n: get(g) for n, g in layer.items()} if self.cfg.layer_gates else {}
         return u, lyr
 
     def cost(self, model: GatedResNet, thetas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -93,8 +95,8 @@ class Price:
     def expected_macs_t(self, model: GatedResNet) -> torch.Tensor:
         """E[MACs] of the current thetas, as a share of the dense network's MACs: a 0-d float64 tensor on
         the thetas' device (no host sync)."""
-        with torch.no_grad():
-            return self.expected(model, *self.thetas(model))[0].double() / self.dense[0]
+        with torch.no_grad():  # the thetas as they are (no detach per gate: each would be an op)
+            return self.expected(model, *self.thetas(model, detach=False))[0].double() / self.dense[0]
 
     def expected_macs(self, model: GatedResNet) -> float:
         """:meth:`expected_macs_t`, read on the host."""

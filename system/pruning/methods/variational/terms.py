@@ -64,9 +64,10 @@ def add_drive(grads: dict[str, torch.Tensor], thetas: dict[str, torch.Tensor], k
             continue
         w = [weight * (1.0 / scale[k])] * len(names) if k in scale else \
             list(torch._foreach_mul([scale[n] for n in names], weight))
-        push = list(torch._foreach_mul([thetas[n].detach() for n in names], -2.0))
-        torch._foreach_add_(push, 1.0)
-        if mode == "down":
-            torch._foreach_clamp_min_(push, 0.0)
-        torch._foreach_mul_(push, w)
-        torch._foreach_add_([grads[n] for n in names], push)
+        with torch.no_grad():  # (no detach per theta: each would be an op)
+            push = list(torch._foreach_mul([thetas[n] for n in names], -2.0))
+            torch._foreach_add_(push, 1.0)
+            if mode == "down":
+                torch._foreach_clamp_min_(push, 0.0)
+            torch._foreach_mul_(push, w)
+            torch._foreach_add_([grads[n] for n in names], push)
