@@ -125,3 +125,50 @@ def test_hardened_gates_skip_the_multiply_and_notice_theta_changes():
         model(x)
         assert not seen["same"] and bool((seen["out"][:, 3] == 0).all())
         assert bool((seen["out"][:, 2] != 0).any())
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_the_models_one_draw_is_each_gates_bernoulli_with_its_straight_through_gradient(per_example):
+    """Inside the model every sampled gate is drawn at once (draw_gates): each unit is still on with
+    probability theta, per example when asked, and theta's gradient is dL/dxi at the drawn value,
+    the gradient the mean network gets with theta set to that draw."""
+    torch.manual_seed(0)
+    model = build_model(dense_spec("resnet20", num_classes=4, input_size=8)).eval()  # eval BN: rows independent
+    set_gate_mode(model, unit="sampled", layer="sampled")
+    gates = gates_of(model)
+    probs = {}
+    with torch.no_grad():
+        for i, (n, g) in enumerate(gates.items()):
+            g.per_example = per_example
+            g.theta.copy_(torch.linspace(0.1, 0.9, g.theta.numel()).roll(i))
+            probs[n] = g.theta.detach().clone()
+    x = torch.randn(4, 3, 8, 8)
+    draws = {n: [] for n in gates}
+    with torch.no_grad():
+        for _ in range(300):
+            model(x)
+            for n, g in gates.items():
+                assert g.last_xi.shape == (4 if per_example else 1, g.theta.numel())
+                draws[n].append(g.last_xi)
+    for n, p in probs.items():
+        mean = torch.cat(draws[n]).mean(0)
+        rows = 300 * (4 if per_example else 1)
+        torch.testing.assert_close(mean, p, atol=4.5 * (0.25 / rows) ** 0.5, rtol=0)  # within 4.5 sd
+    # the gradient: straight-through from one draw == the mean network's at theta = that draw
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    xi = {n: g.last_xi.clone() for n, g in gates.items()}
+    grad = {n: g.theta.grad.clone() for n, g in gates.items()}
+    if per_example:  # a per-example draw has no mean-network twin: check a draw differs across examples
+        assert any(not torch.equal(v[0], v[1]) for v in xi.values())
+        return
+    set_gate_mode(model, unit="mean", layer="mean")
+    with torch.no_grad():
+        for n, g in gates.items():
+            g.theta.copy_(xi[n][0])
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    for n, g in gates.items():
+        torch.testing.assert_close(grad[n], g.theta.grad, rtol=1e-4, atol=1e-5)
+    # (a unit of a block drawn off gets 0; the others carry the data's gradient)
+    assert sum(float(v.abs().sum()) > 0 for v in grad.values()) > len(grad) // 2
