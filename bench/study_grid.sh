@@ -13,8 +13,13 @@ ROOT=${1:-runs/study}
 PY=${PY:-.venv/bin/python}
 COMMON=(launch.cluster=local launch.array_parallelism=2 train.threads=1 "run.root=$ROOT"
         "launch.folder=$ROOT/submitit/%j" data.eval_split=test --sweep train.seed=0,1,2)
-FM=(--sweep data.root=data/fmnist-4k)
-BOTH=(--sweep data.root=data/fmnist-4k,data/mnist-4k)
+# A run is skipped when a FINISHED run of its name exists, and a name is the recipe's run.name plus the
+# swept values: the ResNet-20 stages sweep model.name (one value) so that their names never meet the
+# ResNet-56 stage's, which share recipe, budget, data and seed (its runs keep the names they were made
+# with on 2026-12-05, without the model).
+R20=(--sweep model.name=resnet20)
+FM=(--sweep data.root=data/fmnist-4k "${R20[@]}")
+BOTH=(--sweep data.root=data/fmnist-4k,data/mnist-4k "${R20[@]}")
 # 1. the paired comparison that decides the method's claim: combined vs unit-only (alpha 1) vs Taylor
 for t in 0.3 0.5; do
   $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
@@ -27,16 +32,16 @@ $PY -m launch.submit --config configs/study_dense.yaml "${FM[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
     --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 3. depth: ResNet-56 (1 warm-up epoch, 10 epochs: the schedule where dense ResNet-56 trains), 30% and 50%
-R56=(model.name=resnet56 train.epochs=10 optim.warmup_epochs=1)
+R56=(model.name=resnet56 train.epochs=10 optim.warmup_epochs=1 --sweep data.root=data/fmnist-4k)
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
-    --config configs/study_taylor.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${R56[@]}" "${COMMON[@]}"
-$PY -m launch.submit --config configs/study_dense.yaml "${FM[@]}" "${R56[@]}" "${COMMON[@]}"
+    --config configs/study_taylor.yaml --sweep method.target_macs=0.3,0.5 "${R56[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_dense.yaml "${R56[@]}" "${COMMON[@]}"
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
     --sweep method.target_macs=0.7 "${FM[@]}" "${COMMON[@]}"
-$PY -m launch.submit --config configs/study_dense.yaml --sweep data.root=data/mnist-4k "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_dense.yaml --sweep data.root=data/mnist-4k "${R20[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
-    --sweep method.target_macs=0.3,0.5,0.7 --sweep data.root=data/mnist-4k "${COMMON[@]}"
+    --sweep method.target_macs=0.3,0.5,0.7 --sweep data.root=data/mnist-4k "${R20[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_egp.yaml --sweep method.egp.iterations=1,3 "${BOTH[@]}" "${COMMON[@]}"

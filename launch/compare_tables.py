@@ -118,14 +118,23 @@ class Paired:
     high: float | None
 
 
+def setting_labels(rows: Sequence[RunRow]) -> dict[int, str]:
+    """What a run is compared within, by ``id(row)``: its dataset, and, when the rows hold more than one
+    model, the model too (``fmnist-4k resnet56``), so that runs of two networks on one dataset, which
+    share seeds, budgets and method names, are never averaged or paired together."""
+    several = len({r.model for r in rows}) > 1
+    return {id(r): f"{r.dataset or '-'} {r.model or '-'}" if several else (r.dataset or "-") for r in rows}
+
+
 def paired_differences(rows: Sequence[RunRow], reference: str = "taylor") -> list[Paired]:
     """For every dataset and budget, every method's per-seed top-1 difference to ``reference``
     (the same seed: the same initial weights and data order), with its mean and 95% interval."""
     by: dict[tuple, dict[int, float]] = {}
+    label = setting_labels(rows)
     for r in rows:
         if r.top1 is None or r.target_macs is None or r.seed is None:
             continue
-        by.setdefault((r.dataset or "-", r.target_macs, r.method or "-"), {})[r.seed] = r.top1
+        by.setdefault((label[id(r)], r.target_macs, r.method or "-"), {})[r.seed] = r.top1
     out = []
     for (ds, budget, method), seeds in sorted(by.items()):
         ref = by.get((ds, budget, reference))
@@ -181,12 +190,14 @@ def _aligned(title: str, cells: list[list[str]]) -> list[str]:
 
 
 def group_runs(rows: Sequence[RunRow]) -> list[Group]:
-    """Aggregate runs over seeds: one group per dataset, method and budget (or EGP setting)."""
+    """Aggregate runs over seeds: one group per dataset (and model, :func:`setting_labels`), method and
+    budget (or EGP setting)."""
     keyed: dict[tuple, list[RunRow]] = {}
+    label = setting_labels(rows)
     for r in rows:
         if r.top1 is None or r.macs_removed_pct is None:
             continue
-        keyed.setdefault((r.dataset or "-", r.method or "-", r.target_macs, r.setting), []).append(r)
+        keyed.setdefault((label[id(r)], r.method or "-", r.target_macs, r.setting), []).append(r)
     dense_wall: dict[str, float] = {}
     for (ds, method, target, _), rs in keyed.items():
         if target is None and method in ("dense", "none"):

@@ -204,3 +204,21 @@ def test_paired_differences_pair_by_seed_with_a_t_interval():
     assert "taylor" not in pairs
     text = paired_table(list(pairs.values()))
     assert "+2.00 [-0.48, +4.48] (3)" in text and "-2.00 (1)" in text
+
+
+def test_runs_of_two_networks_on_one_dataset_are_never_averaged_or_paired_together():
+    """ResNet-20 and ResNet-56 runs in one root share the dataset, budgets, seeds and method names (the
+    study's two stages): each network gets its own groups and its own paired differences."""
+    from dataclasses import replace
+
+    from launch.compare import paired_differences
+
+    r20 = [_row("taylor", 0.5, s, 0.80, 50.0) for s in (0, 1)] + [_row("variational", 0.5, s, 0.70, 50.0) for s in (0, 1)]
+    r56 = [replace(_row(m, 0.5, s, top1, 50.0), model="resnet56", run_id=f"56{m}{s}")
+           for m, top1 in (("taylor", 0.84), ("variational", 0.86)) for s in (0, 1)]
+    groups = {(g.dataset, g.method): g for g in group_runs(r20 + r56)}
+    assert groups[("fmnist-4k resnet20", "variational")].top1 == pytest.approx(0.70)
+    assert groups[("fmnist-4k resnet56", "variational")].top1 == pytest.approx(0.86)
+    pairs = {p.dataset: p for p in paired_differences(r20 + r56, "taylor")}
+    assert pairs["fmnist-4k resnet20"].mean == pytest.approx(-0.10) and pairs["fmnist-4k resnet20"].n == 2
+    assert pairs["fmnist-4k resnet56"].mean == pytest.approx(+0.02) and pairs["fmnist-4k resnet56"].n == 2
