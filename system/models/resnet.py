@@ -36,7 +36,8 @@ class Gate(nn.Module):
       slice (``drawn``); a gate used on its own draws for itself.
     - ``deterministic``: ``xi = 1[theta > threshold]``; no gradient to theta.  When every unit
       is on (as after hardening, which cuts the rest) the multiply is skipped.
-    - ``mean``: ``xi = theta`` (the mean network; with theta = 1, ``dL/dz`` at z = 1, which Taylor reads off the BatchNorm instead).
+    - ``mean``: ``xi = theta`` (the mean network; with theta = 1 its theta gradient is ``dL/dz`` at z = 1,
+      which Taylor reads off the BatchNorm instead).
     """
 
     def __init__(self, n: int, kind: str):
@@ -116,7 +117,7 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
         if g.mode == "sampled" and not g.replay and g.force is None:
             groups.setdefault((g.per_example, g.straight_through), []).append(g)
     for (per_example, straight_through), members in groups.items():
-        thetas = [g.theta for g in members]
+        thetas: list[torch.Tensor] = [g.theta for g in members]
         flat = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
         rows = batch if per_example else 1
         xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0).expand(rows, -1))

@@ -218,8 +218,8 @@ class ExpectedCost:
                     start += k
                 self._segments[key] = seg
             return seg @ torch.cat([t.reshape(-1) for t in ts])  # type: ignore[union-attr]
-        return torch.stack([t.sum() if t is not None else torch.tensor(self.dense_width[j][i], dtype=dtype, device=device)
-                            for j, t in enumerate(ts)])
+        return torch.stack([t.sum() if t is not None else
+                            torch.tensor(self.dense_width[j][i], dtype=dtype, device=device) for j, t in enumerate(ts)])
 
     def _layer_values(self, layer_theta: dict[str, torch.Tensor], dtype, device) -> torch.Tensor:
         """g_B of every live block, (blocks,): the layer thetas concatenated; a missing gate is on (1)."""

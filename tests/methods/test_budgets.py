@@ -213,7 +213,7 @@ def test_runs_of_two_networks_on_one_dataset_are_never_averaged_or_paired_togeth
 
     from launch.compare import paired_differences
 
-    r20 = [_row("taylor", 0.5, s, 0.80, 50.0) for s in (0, 1)] + [_row("variational", 0.5, s, 0.70, 50.0) for s in (0, 1)]
+    r20 = [_row(m, 0.5, s, top1, 50.0) for m, top1 in (("taylor", 0.80), ("variational", 0.70)) for s in (0, 1)]
     r56 = [replace(_row(m, 0.5, s, top1, 50.0), model="resnet56", run_id=f"56{m}{s}")
            for m, top1 in (("taylor", 0.84), ("variational", 0.86)) for s in (0, 1)]
     groups = {(g.dataset, g.method): g for g in group_runs(r20 + r56)}

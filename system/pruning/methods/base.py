@@ -243,7 +243,8 @@ def add_finite(stores: list[torch.Tensor], values: list[torch.Tensor], scale: An
     if not (isinstance(scale, float) and scale == 1.0):
         flat = flat / scale
     parts = torch.split(torch.where(finite, flat, torch.zeros_like(flat)), [v.numel() for v in values])
-    torch._foreach_add_(stores, [part if part.shape == st.shape else part.view_as(st) for part, st in zip(parts, stores)])
+    torch._foreach_add_(stores, [part if part.shape == st.shape else part.view_as(st)
+                                 for part, st in zip(parts, stores)])
     return finite
 
 

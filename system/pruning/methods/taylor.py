@@ -14,6 +14,7 @@ whole blocks) is the ranking base's: :mod:`system.pruning.methods.ranking`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -49,9 +50,11 @@ class Taylor(Ranking):
         bns = unit_bns(model, names)
         if not names or any(b.weight.grad is None or b.bias.grad is None for b in bns):
             return {}
+        w_grad = [cast(torch.Tensor, b.weight.grad) for b in bns]
+        b_grad = [cast(torch.Tensor, b.bias.grad) for b in bns]
         with torch.no_grad():  # (no detach per tensor: each would be an op of its own)
-            dz = torch._foreach_mul([b.weight for b in bns], [b.weight.grad for b in bns])
-            torch._foreach_addcmul_(dz, [b.bias for b in bns], [b.bias.grad for b in bns])
+            dz = torch._foreach_mul([b.weight for b in bns], w_grad)
+            torch._foreach_addcmul_(dz, [b.bias for b in bns], b_grad)
             if grad_scale != 1.0:
                 torch._foreach_div_(dz, grad_scale)
             torch._foreach_mul_(dz, dz)

@@ -57,7 +57,8 @@ class Price:
             raise RuntimeError("method 'variational': attach() the model first")
         return self.full
 
-    def thetas(self, model: GatedResNet, detach: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def thetas(self, model: GatedResNet,
+               detach: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The (unit, layer) thetas of the kinds this method trains, detached (``detach=False``: the
         parameters themselves, for a caller under ``torch.no_grad``)."""
         unit, layer = unit_and_layer_gates(model)
