@@ -19,6 +19,7 @@ the block's ``layer_gate`` multiplies the whole branch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -91,6 +92,19 @@ def split_gate_name(name: str) -> tuple[str, str]:
     """``"layer1.0.gate2"`` -> ``("layer1.0", "gate2")``."""
     block, _, gate = name.rpartition(".")
     return block, gate
+
+
+def unit_modules(model, names, part: str) -> list[Any]:
+    """For each unit gate of ``names`` (``layer1.0.gate2``), the module ``part`` of its unit layer in
+    ``model`` (a :class:`~system.models.resnet.GatedResNet`): ``"conv"`` and ``"consumer"`` (``nn.Conv2d``),
+    ``"bn"`` (``nn.BatchNorm2d``) or ``"relu"``."""
+    blocks = dict(model.named_blocks())
+    anat = anatomy(model.block_kind)
+    out = []
+    for name in names:
+        block, gate = split_gate_name(name)
+        out.append(getattr(blocks[block], getattr(anat.unit(gate), part)))
+    return out
 
 
 def block_of(name: str) -> str:

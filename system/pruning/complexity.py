@@ -206,7 +206,7 @@ class ExpectedCost:
         one concatenation and one matrix-vector product with a 0/1 block-membership matrix (kept per
         widths, dtype and device); a missing gate counts as on (its dense width)."""
         ts = [unit_theta.get(n) for n in self._unit_names[i]]
-        if all(t is not None for t in ts):
+        if all(t is not None and t.dim() == 1 for t in ts):
             sizes = tuple(t.numel() for t in ts)  # type: ignore[union-attr]
             key = (i, sizes, dtype, device)
             seg = self._segments.get(key)
@@ -217,7 +217,7 @@ class ExpectedCost:
                     seg[row, start:start + k] = 1.0
                     start += k
                 self._segments[key] = seg
-            return seg @ torch.cat([t.reshape(-1) for t in ts])  # type: ignore[union-attr]
+            return seg @ torch.cat(ts)  # type: ignore[arg-type]
         return torch.stack([t.sum() if t is not None else
                             torch.tensor(self.dense_width[j][i], dtype=dtype, device=device) for j, t in enumerate(ts)])
 

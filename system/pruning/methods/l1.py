@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from system.config import check
-from system.models.anatomy import anatomy, split_gate_name
+from system.models.anatomy import unit_modules
 from system.models.resnet import GatedResNet
 from system.pruning.methods.ranking import Ranking, RankingConfig
 
@@ -37,11 +37,9 @@ class L1(Ranking):
     name = "l1"
 
     def step_scores(self, model: GatedResNet) -> dict[str, torch.Tensor]:
-        blocks = dict(model.named_blocks())
         out = {}
-        for name in self.acc:  # every unit gate (attach fills it; surgery remaps it)
-            block, gate = split_gate_name(name)
-            conv = getattr(blocks[block], anatomy(model.block_kind).unit(gate).conv)
+        names = list(self.acc)  # every unit gate (attach fills it; surgery remaps it)
+        for name, conv in zip(names, unit_modules(model, names, "conv")):
             norms = conv.weight.detach().abs().sum(dim=(1, 2, 3)).float()
             out[name] = norms / norms.mean().clamp_min(1e-12) if self.cfg.normalize == "mean" else norms
         return out

@@ -18,7 +18,7 @@ from typing import cast
 
 import torch
 
-from system.models.anatomy import anatomy, split_gate_name
+from system.models.anatomy import unit_modules
 from system.models.resnet import GatedResNet
 from system.pruning.methods.ranking import Ranking, RankingConfig
 
@@ -29,17 +29,6 @@ class TaylorConfig(RankingConfig):
     start_frac 0.2, stop_frac 0.7 by default)."""
 
 
-def unit_bns(model: GatedResNet, names) -> list[torch.nn.BatchNorm2d]:
-    """The BatchNorm of each unit gate in ``names`` (the one its units pass through before the gate)."""
-    blocks = dict(model.named_blocks())
-    anat = anatomy(model.block_kind)
-    out = []
-    for name in names:
-        block, gate = split_gate_name(name)
-        out.append(getattr(blocks[block], anat.unit(gate).bn))
-    return out
-
-
 class Taylor(Ranking):
     name = "taylor"
 
@@ -47,7 +36,7 @@ class Taylor(Ranking):
         """``(gamma * dL/dgamma + beta * dL/dbeta)^2`` of every unit in this batch (the loss scale
         divided out), six multi-tensor ops for the whole network."""
         names = list(self.acc)
-        bns = unit_bns(model, names)
+        bns = unit_modules(model, names, "bn")  # the BatchNorm each unit passes through before its gate
         if not names or any(b.weight.grad is None or b.bias.grad is None for b in bns):
             return {}
         w_grad = [cast(torch.Tensor, b.weight.grad) for b in bns]

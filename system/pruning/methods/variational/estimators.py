@@ -158,11 +158,9 @@ class PairedEstimator:
             new = m * est + (1 - m) * fresh if n in self.seen else fresh
             est.copy_(torch.where(torch.isfinite(fresh), new, est))
             self.seen.add(n)
-        names = list(layer)
+        names = list(layer)  # (a layer theta has shape (1,)): one product for every block, not a few ops a block
         thetas = [layer[n].theta for n in names]
-        if all(t.dim() == 1 for t in thetas):  # one product for every block (a few ops, not a few per block)
-            return torch.dot(torch.cat([self.est[n] for n in names]).to(thetas[0].dtype), torch.cat(thetas))
-        return cast(torch.Tensor, sum(self.est[n].reshape(()) * t.reshape(()) for n, t in zip(names, thetas)))
+        return torch.dot(torch.cat([self.est[n] for n in names]).to(thetas[0].dtype), torch.cat(thetas))
 
     def _suffix_fractions(self, model: GatedResNet) -> list[float]:
         """Each block's suffix forward as a fraction of the network's MACs (kept per spec)."""

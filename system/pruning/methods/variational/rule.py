@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from system.models.anatomy import LAYER_GATE, anatomy, last_bn, split_gate_name
+from system.models.anatomy import LAYER_GATE, anatomy, last_bn, split_gate_name, unit_modules
 from system.models.resnet import GatedResNet, RemovedBlock, gates_of
 from system.pruning.methods.base import add_finite, remap_stores, round_removal, unit_and_layer_gates
 from system.pruning.methods.variational.config import VariationalConfig
@@ -78,15 +78,14 @@ class Rule:
             # the window mean of data + price (normalised): >= 0 iff importance per cost <= nu
             return mean_grad >= 0
         block, gate = split_gate_name(name)
-        blk = dict(model.named_blocks())[block]
         kind = model.block_kind
         if gate == LAYER_GATE:
-            bn = last_bn(blk, kind)
+            bn = last_bn(dict(model.named_blocks())[block], kind)
             sig = (bn.weight.abs() + bn.bias.abs()).mean().reshape(1)
             ref = torch.stack([(last_bn(b, kind).weight.abs() + last_bn(b, kind).bias.abs()).mean()
                                for _, b in model.named_blocks() if not isinstance(b, RemovedBlock)]).mean()
         else:
-            bn = getattr(blk, anatomy(kind).unit(gate).bn)
+            bn = unit_modules(model, [name], "bn")[0]
             sig = bn.weight.abs() + bn.bias.abs()
             ref = sig.mean()
         return sig.detach() <= c.tau_w * ref.detach()
