@@ -25,6 +25,7 @@ from system.pruning.methods.ranking import Ranking, RankingConfig
 class L1Config(RankingConfig):
     """Section ``method.l1``: the ranking keys, no smoothing by default (the weights are the state)."""
 
+    check_every: int = 30  # steps between pruning steps (the scores are the weights at each; no batches averaged)
     momentum: float = 0.0
     normalize: Literal["mean", "none"] = "mean"  # [ours] per-layer scale before the global ranking
 

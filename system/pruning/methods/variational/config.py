@@ -18,8 +18,8 @@ class VariationalConfig:
     alpha: float = 1.0  # MACs (1) vs parameters (0)
     beta: float = 1.0  # layer vs unit balance (scale of the layer-gate price)
     theta_step: Literal["normalized", "raw"] = "normalized"  # theta gradients divided by their price, or plain
-    theta_travel: float = 0.1  # normalized: the price alone moves theta across [0, 1] in this fraction of the run
-    lr_unit: float = 1.0  # raw: theta learning rates (plain SGD, projected to [0, 1])
+    theta_travel: float = 0.1  # normalized: a normalised gradient of 1 moves theta across [0, 1] in this fraction of the run (under a target: the layer thetas at any nu; the unit thetas at nu, so 1/nu times slower)
+    lr_unit: float = 1.0  # raw: theta learning rates (SGD with theta_momentum, projected to [0, 1])
     lr_layer: float = 0.01  # raw: the layer thetas' learning rate
     # [ours] normalized, under a target: the step of these kinds is divided by nu (>= nu_floor), so a structure
     # whose importance per cost is well below nu leaves at full speed whatever nu's scale (decisions unchanged)
@@ -54,10 +54,11 @@ class VariationalConfig:
     # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by); "down": only
     # below theta 0.5 (it speeds a leaving structure to 0 and moves "back from 0" to importance per cost
     # > nu (1 + d s); "leave 1" stays at < nu); "both": also above 0.5 ("leave 1" at < nu (1 - d s)).
-    # Removal itself is decided by the importance condition, which the drive never enters.
+    # The removal condition (importance) never sees the drive; the drive moves theta, and so when a structure
+    # reaches 0 (patience, revivals) and where the rounding finds it.
     drive: float = 0.9
     drive_mode: Literal["down", "both"] = "down"  # where the drive acts (see drive)
-    harden: Literal["none", "final"] = "final"  # final: round the gates at harden_at; none: never
+    harden: Literal["none", "final"] = "final"  # final: round the gates at harden_at; none: only at the end of the run
     harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
     threshold: float = 0.5  # deterministic gate: xi = 1[theta > threshold]

@@ -12,7 +12,8 @@ structure its marginal cost) and, optionally, the theta-weighted decay of the ga
   it moves at nu minus its importance per cost; under a target the layer thetas' step is also divided
   by nu (``step_per_nu``), so a block with no importance leaves at full speed whatever nu's scale.
 - The drive (``drive``, ``drive_mode``): added in :meth:`Variational.after_backward`, after the window
-  sums the pruning condition reads; it never enters a removal decision.
+  sums the pruning condition reads; it never enters that condition (it moves theta, and so
+  when a structure reaches 0 and where the rounding finds it).
 - Layer-gate estimators (``estimator``; :mod:`.estimators`, the paired one's state in
   :class:`.estimators.PairedEstimator`): ``paired`` (default: CE(on) - CE(off) of
   the batch from a suffix forward, one block a step round-robin, each block's running estimate; every
@@ -24,8 +25,8 @@ structure its marginal cost) and, optionally, the theta-weighted decay of the ga
 - The pruning rule (:class:`.rule.Rule`): at every check, a structure at theta <= ``tau_theta`` for
   ``patience`` checks is removed if its condition holds (``importance``: the window mean of data +
   price >= 0, i.e. importance per cost <= nu; ``signal``; ``none``), or after ``max_revivals``
-  revivals; a unit decision that would empty a branch becomes a block removal if the block's own
-  condition holds.
+  revivals; a unit decision that would empty a branch becomes a block removal if the block's layer
+  theta is at ``tau_theta`` at that check.
 """
 
 from __future__ import annotations
