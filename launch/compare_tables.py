@@ -128,16 +128,17 @@ def setting_labels(rows: Sequence[RunRow]) -> dict[int, str]:
 
 def paired_differences(rows: Sequence[RunRow], reference: str = "taylor") -> list[Paired]:
     """For every dataset and budget, every method's per-seed top-1 difference to ``reference``
-    (the same seed: the same initial weights and data order), with its mean and 95% interval."""
+    (the same seed: the same initial weights and data order), with its mean and 95% interval.  A
+    reference that runs without a target (``dense``) is paired with every budget through its own runs."""
     by: dict[tuple, dict[int, float]] = {}
     label = setting_labels(rows)
     for r in rows:
-        if r.top1 is None or r.target_macs is None or r.seed is None:
+        if r.top1 is None or r.seed is None or (r.target_macs is None and r.method != reference):
             continue
         by.setdefault((label[id(r)], r.target_macs, r.method or "-"), {})[r.seed] = r.top1
     out = []
-    for (ds, budget, method), seeds in sorted(by.items()):
-        ref = by.get((ds, budget, reference))
+    for (ds, budget, method), seeds in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0, kv[0][2])):
+        ref = by.get((ds, budget, reference)) or by.get((ds, None, reference))
         if method == reference or not ref:
             continue
         d = [seeds[s] - ref[s] for s in sorted(seeds) if s in ref]

@@ -206,6 +206,24 @@ def test_paired_differences_pair_by_seed_with_a_t_interval():
     assert "+2.00 [-0.48, +4.48] (3)" in text and "-2.00 (1)" in text
 
 
+def test_a_reference_without_a_target_is_paired_with_every_budget():
+    """``--reference dense``: the dense runs (no target) pair by seed with each budget's runs."""
+    from launch.compare import paired_differences, paired_table
+
+    rows = [_row("dense", None, s, top1, 100.0) for s, top1 in ((0, 0.84), (1, 0.82))]
+    rows += [_row("variational", t, s, top1, t * 100) for t, s, top1 in
+             ((0.5, 0, 0.83), (0.5, 1, 0.82), (0.3, 0, 0.80), (0.3, 1, 0.79))]
+    rows += [_row("taylor", 0.5, 0, 0.85, 50.0)]
+    pairs = {(p.method, p.budget): p for p in paired_differences(rows, "dense")}
+    assert set(pairs) == {("variational", 0.5), ("variational", 0.3), ("taylor", 0.5)}
+    assert pairs[("variational", 0.5)].mean == pytest.approx(-0.005) and pairs[("variational", 0.5)].n == 2
+    assert pairs[("variational", 0.3)].mean == pytest.approx(-0.035)
+    assert pairs[("taylor", 0.5)].n == 1 and pairs[("taylor", 0.5)].mean == pytest.approx(0.01)
+    assert "vs dense at 30%" in paired_table(list(pairs.values()))
+    # an untargeted run of any other method is still never paired
+    assert all(p.method != "egp" for p in paired_differences([*rows, _row("egp", None, 0, 0.9, 80.0)], "taylor"))
+
+
 def test_runs_of_two_networks_on_one_dataset_are_never_averaged_or_paired_together():
     """ResNet-20 and ResNet-56 runs in one root share the dataset, budgets, seeds and method names (the
     study's two stages): each network gets its own groups and its own paired differences."""
