@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="group over seeds: top-1 at matched budgets, per-method Pareto fronts (with --plot)")
     p.add_argument("--reference", default="taylor",
                    help="with --budgets: print every method's top-1 minus this method's, paired by seed, "
-                        "with a 95%% interval (default: taylor; a method without a target, e.g. dense, pairs with every budget)")
+                        "with a 95%% interval (default: taylor; a method without a target, e.g. dense, "
+                        "pairs with every budget)")
     p.add_argument("--plot-x", default="macs", choices=sorted(PLOT_X),
                    help="with --budgets --plot: the x axis (inference MACs, or the measured CPU latency)")
     p.add_argument("--sync", nargs="+", metavar="RUN_DIR", default=None,
