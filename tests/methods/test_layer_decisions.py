@@ -126,7 +126,8 @@ def planted_run(tmp_path_factory):
 
     Why a trained start: from scratch, 150 steps on 16 px images, the blocks of the last stage are still
     untrained when the warm-up ends, and the paired estimates measure them harmful (CE(on) - CE(off) of
-    +0.03 to +0.49 nats over three and more measurements, with 1 or 2 threads and at either theta speed).
+    +0.02 to +0.49 nats, the same sign at every repeated measurement, with 1 or 2 threads and at either
+    theta speed).
     The rule then removes them first, as it should (importance per cost below 0 before a useless block's
     0), they fill the 0.5 budget, and the useless block, at theta 0 before ``target_by``, may not go
     below the target (docs/results.md, "What the planted-block test shows").  From a trained start no

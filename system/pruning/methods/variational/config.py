@@ -18,8 +18,8 @@ class VariationalConfig:
     alpha: float = 1.0  # MACs (1) vs parameters (0)
     beta: float = 1.0  # layer vs unit balance (scale of the layer-gate price)
     theta_step: Literal["normalized", "raw"] = "normalized"  # theta gradients divided by their price, or plain
-    # normalized: a normalised gradient of 1 moves theta across [0, 1] in this fraction of the run (under a target:
-    # the layer thetas at any nu, the unit thetas at nu, so 1/nu times slower); it also sets the dual controller's rate
+    # normalized: a normalised gradient of 1 moves theta across [0, 1] in this fraction of the run (under a target,
+    # the kinds step_per_nu divides by nu at any nu, the others at nu: 1/nu times slower); also the dual rate
     theta_travel: float = 0.05
     lr_unit: float = 1.0  # raw: theta learning rates (SGD with theta_momentum, projected to [0, 1])
     lr_layer: float = 0.01  # raw: the layer thetas' learning rate
