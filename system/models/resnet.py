@@ -3,8 +3,9 @@
 Plain ``nn.Module``s built from an :class:`ArchSpec`.  Unit gates sit after the BatchNorm
 and ReLU of every inner conv of a residual branch (``xi * relu(bn(conv(x)))``: the same forward
 values as a gate before the ReLU, but a unit sampled off still gets a data gradient); one layer
-gate per block multiplies the whole branch: ``out = relu(shortcut(x) + xi_B * branch(x))``.  Parameter and buffer
-names follow torchvision, so a dense model loads a torchvision state_dict.
+gate per block multiplies the whole branch: ``out = relu(shortcut(x) + xi_B * branch(x))``, computed, for a gate
+drawn once per batch, as the branch's last BatchNorm with its weight and bias times ``xi_B`` (:class:`BranchNorm`).
+Parameter and buffer names follow torchvision, so a dense model loads a torchvision state_dict.
 """
 
 from __future__ import annotations
@@ -93,10 +94,15 @@ class Gate(nn.Module):
             return (xi + theta - theta.detach()).to(dtype)
         raise ValueError(f"unknown gate mode {self.mode!r}; use one of {GATE_MODES}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def multiplier(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """:meth:`value`, or None where the gate passes everything: mode ``off``, or ``deterministic`` with
+        every unit on (after hardening every kept gate is: the multiply by ones is skipped)."""
         if self.mode == "deterministic" and self.force is None and self.all_on():
-            return x  # a multiply by ones (after hardening every kept gate is on): skipped
-        g = self.value(x.shape[0], x.dtype)
+            return None
+        return self.value(batch, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.multiplier(x.shape[0], x.dtype)
         if g is None:
             return x
         if g.dim() == 2:  # (B or 1, n) -> broadcast over the channels (unit) or the whole branch (layer)
@@ -135,6 +141,42 @@ def _gate(n: int, kind: str, gates: bool) -> nn.Module:
     return Gate(n, kind) if gates else nn.Identity()
 
 
+class BranchNorm(nn.BatchNorm2d):
+    """The BatchNorm that closes a residual branch.  ``forward(x, scale)`` with a 1-element ``scale`` is
+    ``BatchNorm2d(x) * scale`` computed as a BatchNorm whose weight and bias are multiplied by ``scale``:
+    the block's per-batch layer gate costs two multiplies of ``C`` numbers instead of a pass over the
+    branch's ``B x C x H x W`` output, forward and backward.  Autograd gives the same gradients: the
+    scale's is ``sum_c gamma_c dL/dgamma'_c + beta_c dL/dbeta'_c = sum dL/dout * BN(x)`` (and a branch
+    drawn off, scale 0, still measures it, as the multiply did).  The state dict is a BatchNorm2d's."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is None:
+            return super().forward(x)
+        # nn.BatchNorm2d.forward (torch 2.x) with the affine parameters scaled
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                            self.weight * scale, self.bias * scale, use_batch, factor, self.eps)
+
+
+def _gated_close(gate: nn.Module, bn: BranchNorm, h: torch.Tensor) -> torch.Tensor:
+    """``layer_gate(bn(h))``, the branch's last BatchNorm times the block's layer gate: a per-batch
+    multiplier (how every layer estimator but ``conditional`` draws) is folded into the BatchNorm
+    (:class:`BranchNorm`), a per-example one multiplies the feature map."""
+    z = gate.multiplier(h.shape[0], h.dtype) if isinstance(gate, Gate) else None
+    if z is None:
+        return bn(h)
+    if z.numel() == 1:
+        return bn(h, z.reshape(1))
+    return bn(h) * z.reshape(-1, 1, 1, 1)
+
+
 class ShortcutA(nn.Module):
     """CIFAR option A: subsample by ``stride`` and zero-pad channels (no parameters)."""
 
@@ -163,18 +205,21 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = _conv(cin, width, 3, stride), nn.BatchNorm2d(width)
         self.gate1, self.relu1 = _gate(width, "unit", gates), nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = _conv(width, cout, 3), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = _conv(width, cout, 3), BranchNorm(cout)
         self.layer_gate = _gate(1, "layer", gates)
         self.downsample = _shortcut(spec, cin, cout, stride)
         self.relu = nn.ReLU(inplace=True)
 
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch up to its last conv's output (the last BatchNorm not yet applied)."""
+        return self.conv2(self.gate1(self.relu1(self.bn1(self.conv1(x)))))
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.gate1(self.relu1(self.bn1(self.conv1(x))))
-        return self.bn2(self.conv2(out))
+        return self.bn2(self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(identity + self.layer_gate(self.branch(x)))
+        return self.relu(identity + _gated_close(self.layer_gate, self.bn2, self.body(x)))
 
 
 class Bottleneck(nn.Module):
@@ -187,19 +232,22 @@ class Bottleneck(nn.Module):
         self.gate1, self.relu1 = _gate(w1, "unit", gates), nn.ReLU(inplace=True)
         self.conv2, self.bn2 = _conv(w1, w2, 3, stride), nn.BatchNorm2d(w2)
         self.gate2, self.relu2 = _gate(w2, "unit", gates), nn.ReLU(inplace=True)
-        self.conv3, self.bn3 = _conv(w2, cout, 1), nn.BatchNorm2d(cout)
+        self.conv3, self.bn3 = _conv(w2, cout, 1), BranchNorm(cout)
         self.layer_gate = _gate(1, "layer", gates)
         self.downsample = _shortcut(spec, cin, cout, stride)
         self.relu = nn.ReLU(inplace=True)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch up to its last conv's output (the last BatchNorm not yet applied)."""
         out = self.gate1(self.relu1(self.bn1(self.conv1(x))))
-        out = self.gate2(self.relu2(self.bn2(self.conv2(out))))
-        return self.bn3(self.conv3(out))
+        return self.conv3(self.gate2(self.relu2(self.bn2(self.conv2(out)))))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn3(self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(identity + self.layer_gate(self.branch(x)))
+        return self.relu(identity + _gated_close(self.layer_gate, self.bn3, self.body(x)))
 
 
 class RemovedBlock(nn.Module):

@@ -172,3 +172,65 @@ def test_the_models_one_draw_is_each_gates_bernoulli_with_its_straight_through_g
         torch.testing.assert_close(grad[n], g.theta.grad, rtol=1e-4, atol=1e-5)
     # (a unit of a block drawn off gets 0; the others carry the data's gradient)
     assert sum(float(v.abs().sum()) > 0 for v in grad.values()) > len(grad) // 2
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50"])
+@pytest.mark.parametrize("layer_per_example", [False, True])
+def test_the_layer_gate_folded_into_the_last_batchnorm_is_the_multiply(name, layer_per_example):
+    """A per-batch layer gate scales the branch's last BatchNorm (weight and bias) instead of multiplying
+    its output: in training mode, with straight-through layer gates and some blocks drawn off, the
+    output, every gradient (theta's included) and the running statistics equal the multiply's; the
+    forward multiplies no feature map for a layer gate (only the unit gates' do).  A per-example layer
+    gate (the conditional estimator) still multiplies."""
+    import copy
+    import types
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def multiply_forward(self, x):  # the formula the fold replaces
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(identity + self.layer_gate(self.branch(x)))
+
+    class FeatureMapMuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.mul and out.dim() == 4 and out.shape[2] > 1:
+                FeatureMapMuls.n += 1
+            return out
+
+    torch.manual_seed(0)
+    size = 16 if name == "resnet20" else 64  # every feature map at least 2 x 2
+    model = build_model(dense_spec(name, num_classes=4, input_size=size)).train()
+    set_gate_mode(model, unit="sampled", layer="sampled")
+    with torch.no_grad():
+        for g in gates_of(model).values():
+            g.per_example = g.kind == "unit" or layer_per_example
+            g.theta.fill_(0.5 if g.kind == "layer" else 0.8)
+    ref = copy.deepcopy(model)
+    for _, blk in ref.named_blocks():
+        blk.forward = types.MethodType(multiply_forward, blk)
+    x = torch.randn(6, 3, size, size)
+    torch.manual_seed(1)
+    with FeatureMapMuls():
+        out = model(x)
+    folded_muls, FeatureMapMuls.n = FeatureMapMuls.n, 0
+    torch.manual_seed(1)
+    with FeatureMapMuls():
+        want = ref(x)
+    units = sum(g.kind == "unit" for g in gates_of(model).values())
+    layers = sum(g.kind == "layer" for g in gates_of(model).values())
+    assert FeatureMapMuls.n == units + layers
+    assert folded_muls == units + (layers if layer_per_example else 0)
+    drawn = torch.cat([g.last_xi.reshape(-1) for g in gates_of(model).values() if g.kind == "layer"])
+    assert bool((drawn == 0).any()) and bool((drawn == 1).any())  # some branches off, some on
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    layer_grads = [g.theta.grad for g in gates_of(model).values() if g.kind == "layer"]
+    assert all(float(v.abs().sum()) > 0 for v in layer_grads)  # a branch drawn off still measures dL/dz
+    for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
