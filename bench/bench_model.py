@@ -1,7 +1,8 @@
 """Training-step time: gate overhead and the speed-up of a physically pruned network.
 
-(a) torchvision ResNet vs our gated model with every gate on (sampled gates at theta = 1,
-    the training configuration) — the cost of the gates;
+(a) torchvision ResNet vs our gated model with every gate on (sampled gates at theta = 1, drawn as
+    the variational method draws them: unit gates per example, layer gates once per batch) — the cost
+    of the gates;
 (a') the same model with its gates deterministic and all on (after hardening): the multiply
     forced (``force = 1``, what the gate did before it learned to skip) vs skipped;
 (b) a model physically pruned to about 50% of the MACs (inner channels cut uniformly) vs the
@@ -93,6 +94,8 @@ def main() -> None:
         torch.manual_seed(0)
         gated = build_model(spec)
         set_gate_mode(gated, unit="sampled", layer="sampled")  # theta = 1: every gate on
+        for g in gates_of(gated).values():  # as the variational method draws by default (per_example,
+            g.per_example = g.kind == "unit"  # layer_per_example): units per example, blocks once per batch
         plan, ratio, _ = plan_for_macs(gated.spec(), args.target)
         pruned, pspec, _ = apply_plan(gated, plan)
         row = {"model": name, "input": size, "batch": batch, "device": str(device), "precision": args.precision,

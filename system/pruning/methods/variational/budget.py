@@ -28,6 +28,9 @@ class Budget:
         self.nu_i: Any = self.nu  # the integral part of the dual variable (budget mode)
         self.nu_max: Any = self.nu
         self.expected_macs: Any = 1.0
+        # dual_lead: E[MACs] of the previous step and its velocity (an average over the lead's horizon)
+        self.e_prev: Any = None
+        self.e_vel: Any = 0.0
 
     @property
     def positive(self) -> bool:
@@ -56,10 +59,21 @@ class Budget:
         ``gap = (E[MACs]/MACs_full - m*(t)) / (1 - T)``; ``log nu_I += dual_gain * gap / (theta_travel * steps)``
         (integral: a gap of one full budget held for one theta travel time multiplies nu by e^dual_gain)
         and ``nu = nu_I * exp(dual_kp * gap)`` (proportional: an overshoot relaxes the pressure at once).
+        With ``dual_lead`` L > 0 [ours] the gap is the one expected ``L * steps`` ahead: E[MACs] plus its
+        velocity (averaged over that horizon) times the lead, against the budget due then.  The thetas follow
+        nu with a lag (momentum, travel time), so a controller on the present gap keeps winding nu up while
+        E[MACs] is already falling towards the budget, and overshoots it; on the predicted gap it lets go
+        when the fall will close the gap.
         """
         c = self.cfg
         assert self.target is not None  # budget mode only
         em = torch.as_tensor(self.expected_macs, dtype=torch.float64)
+        if c.dual_lead > 0:
+            lead = c.dual_lead * max(1, self.total_steps)
+            if self.e_prev is not None:
+                self.e_vel = self.e_vel + (em - self.e_prev - self.e_vel) / max(1.0, lead)
+            self.e_prev = em
+            em, step = em + lead * self.e_vel, step + round(lead)
         gap = (em - self.scheduled(step)) / max(1e-6, 1.0 - self.target)
         rate = c.dual_gain / (c.theta_travel * max(1, self.total_steps))
         self.nu_i = (self.nu_i * torch.exp(rate * gap)).clamp(1e-6, 1e6)
@@ -84,10 +98,13 @@ class Budget:
                 "expected_macs": float(self.expected_macs)}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.values()
+        lead = {} if self.e_prev is None else {"e_prev": float(self.e_prev), "e_vel": float(self.e_vel)}
+        return {**self.values(), **lead}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.nu_max = float(state.get("nu_max", self.nu_max))
         self.nu = float(state.get("nu", self.nu))
         self.nu_i = float(state.get("nu_i", self.nu_i))
         self.expected_macs = float(state.get("expected_macs", 1.0))
+        self.e_prev = state.get("e_prev")
+        self.e_vel = float(state.get("e_vel", 0.0))

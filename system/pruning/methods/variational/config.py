@@ -43,6 +43,9 @@ class VariationalConfig:
     nu_start: float = 0.1  # the dual variable's start under a target
     dual_gain: float = 3.0  # the dual variable's integral gain (log space)
     dual_kp: float = 2.0  # the dual variable's proportional gain (log space)
+    # [ours] the controller acts on the gap predicted this fraction of the run ahead (E[MACs] + its velocity x the
+    # lead, against the budget due then), so it stops raising nu while the lagging thetas already close the gap
+    dual_lead: float = 0.0
     # pruning conditions
     check_every: int = 0  # steps between checks; 0 = auto, 2% of the run (at least 1)
     patience: int = 3  # checks a structure spends at theta <= tau_theta before it may leave
@@ -89,6 +92,8 @@ class VariationalConfig:
         check(self.warmup_frac < self.target_by <= 1.0, "target_by", "must be in (warmup_frac, 1]")
         check(self.dual_gain > 0, "dual_gain", "must be > 0")
         check(self.dual_kp >= 0, "dual_kp", "must be >= 0")
+        check(0.0 <= self.dual_lead < 1.0, "dual_lead",
+              f"must be in [0, 1) (a fraction of the run), got {self.dual_lead}")
         check(self.nu_start > 0, "nu_start", "must be > 0")
         check(self.check_every >= 0, "check_every", "must be >= 0 (0 = 2% of the run)")
         check(self.patience >= 1, "patience", "must be >= 1")
