@@ -3,6 +3,7 @@ compare's matched-budget table."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -240,3 +241,40 @@ def test_runs_of_two_networks_on_one_dataset_are_never_averaged_or_paired_togeth
     pairs = {p.dataset: p for p in paired_differences(r20 + r56, "taylor")}
     assert pairs["fmnist-4k resnet20"].mean == pytest.approx(-0.10) and pairs["fmnist-4k resnet20"].n == 2
     assert pairs["fmnist-4k resnet56"].mean == pytest.approx(+0.02) and pairs["fmnist-4k resnet56"].n == 2
+
+
+def test_the_lead_controller_lets_go_while_expected_macs_already_falls_to_the_budget():
+    """``dual_lead``: after ``target_by`` E[MACs] is above the 50% budget but falling fast enough to reach it
+    within the lead (the cascade the rule-share trace of docs/results.md shows).  The plain controller's
+    integral keeps winding nu up on the present gap (and so overshoots); the lead controller's unwinds on
+    the predicted one, and its nu is the lower.
+    Its velocity is state: a controller restored from its state_dict mid-fall steps exactly as the original."""
+    from system.pruning.methods.variational.budget import Budget
+    from system.pruning.methods.variational.config import VariationalConfig
+
+    def run(lead, falls, restore_at=None):
+        b = Budget(VariationalConfig(dual_lead=lead), total_steps=300, target=0.5, warmup_steps=60, target_step=120)
+        nus = []
+        for i, em in enumerate(falls):
+            if i == restore_at:
+                state = b.state_dict()
+                b = Budget(VariationalConfig(dual_lead=lead), total_steps=300, target=0.5, warmup_steps=60,
+                           target_step=120)
+                b.load_state_dict(state)
+            b.expected_macs = em
+            b.dual_step(130 + i)
+            nus.append((float(b.nu), float(b.nu_i)))
+        return nus
+
+    falls = [0.90 - 0.02 * i for i in range(20)]  # 0.90 -> 0.52: at the budget in a few more steps
+    plain, lead = run(0.0, falls), run(0.1, falls)  # a lead of 30 steps
+    assert all(b[1] > a[1] for a, b in itertools.pairwise(plain))  # the present gap stays positive: integral rises
+    peak = max(range(20), key=lambda i: lead[i][1])
+    assert peak < 15 and lead[-1][1] < lead[peak][1]  # the predicted gap turns negative: it unwinds before E gets there
+    assert all(n < m for (n, _), (m, _) in zip(lead[1:], plain[1:]))
+    assert run(0.1, falls, restore_at=12) == lead
+
+
+def test_a_lead_outside_the_run_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="method.variational.dual_lead"):
+        tiny_config(tmp_path, "method.variational.dual_lead=1.5")
