@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from system.models.anatomy import anatomy
+from system.models.anatomy import anatomy, last_bn
 from system.models.spec import ArchSpec, BlockSpec, SpecError
 
 GATE_MODES = ("off", "deterministic", "sampled", "mean")
@@ -198,8 +199,33 @@ def _shortcut(spec: ArchSpec, cin: int, cout: int, stride: int) -> nn.Module | N
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both block kinds share: ``relu(shortcut(x) + layer_gate(branch(x)))``, the branch being the kind's
+    ``body`` closed by its last BatchNorm (the anatomy's ``last_bn``, a :class:`BranchNorm` that takes the
+    layer gate's per-batch multiplier)."""
+
+    kind: str
+    layer_gate: nn.Module
+    downsample: nn.Module | None
+    relu: nn.Module
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch up to its last conv's output (the last BatchNorm not yet applied)."""
+        raise NotImplementedError
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return last_bn(self, self.kind)(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        bn = cast(BranchNorm, last_bn(self, self.kind))
+        return self.relu(identity + _gated_close(self.layer_gate, bn, self.body(x)))
+
+
+class BasicBlock(_ResidualBlock):
     """conv3x3-BN-ReLU-gate1-conv3x3-BN, times the layer gate, plus the shortcut, ReLU."""
+
+    kind = "basic"
 
     def __init__(self, spec: ArchSpec, cin: int, width: int, cout: int, stride: int, gates: bool):
         super().__init__()
@@ -211,19 +237,13 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch up to its last conv's output (the last BatchNorm not yet applied)."""
         return self.conv2(self.gate1(self.relu1(self.bn1(self.conv1(x)))))
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.body(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(identity + _gated_close(self.layer_gate, self.bn2, self.body(x)))
-
-
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """torchvision v1.5 bottleneck (stride on the 3x3) with unit gates after bn1-ReLU and bn2-ReLU."""
+
+    kind = "bottleneck"
 
     def __init__(self, spec: ArchSpec, cin: int, widths: tuple[int, int], cout: int, stride: int, gates: bool):
         super().__init__()
@@ -238,16 +258,8 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch up to its last conv's output (the last BatchNorm not yet applied)."""
         out = self.gate1(self.relu1(self.bn1(self.conv1(x))))
         return self.conv3(self.gate2(self.relu2(self.bn2(self.conv2(out)))))
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn3(self.body(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(identity + _gated_close(self.layer_gate, self.bn3, self.body(x)))
 
 
 class RemovedBlock(nn.Module):
@@ -397,8 +409,6 @@ def build_model(spec: ArchSpec, gates: bool = True) -> GatedResNet:
 
 def zero_init_residual(model: GatedResNet) -> None:
     """Zero the last BatchNorm's scale of every kept branch (``model.zero_init_residual``)."""
-    from system.models.anatomy import last_bn
-
     with torch.no_grad():
         for _, blk in model.named_blocks():
             if not isinstance(blk, RemovedBlock):

@@ -252,14 +252,16 @@ def test_the_lead_controller_lets_go_while_expected_macs_already_falls_to_the_bu
     from system.pruning.methods.variational.budget import Budget
     from system.pruning.methods.variational.config import VariationalConfig
 
+    def budget(lead):
+        return Budget(VariationalConfig(dual_lead=lead), total_steps=300, target=0.5, warmup_steps=60, target_step=120)
+
     def run(lead, falls, restore_at=None):
-        b = Budget(VariationalConfig(dual_lead=lead), total_steps=300, target=0.5, warmup_steps=60, target_step=120)
+        b = budget(lead)
         nus = []
         for i, em in enumerate(falls):
             if i == restore_at:
                 state = b.state_dict()
-                b = Budget(VariationalConfig(dual_lead=lead), total_steps=300, target=0.5, warmup_steps=60,
-                           target_step=120)
+                b = budget(lead)
                 b.load_state_dict(state)
             b.expected_macs = em
             b.dual_step(130 + i)
