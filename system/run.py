@@ -84,7 +84,7 @@ class Run:
                                          per_rank_batch=cfg.data.batch_size, total_steps=self.total_steps)
         start = resume.spec if resume else initial_spec(cfg.model.init_from, self.dense)  # init_from: its shape
         model = build_network(cfg, start, self.device)  # method state: same device
-        if resume is None:
+        if resume is None and cfg.model.init_weights:
             init_network(model, cfg.model.init_from)  # trained weights to start from (model.init_from)
         self.method = build_pruning_method(cfg, self.total_steps, model)
         if resume is not None:

@@ -23,7 +23,13 @@ class ModelConfig:
     #: file of the dense network (torchvision's ImageNet ResNets fit ``resnet18/34/50``); the same model and
     #: class count; gates start fresh; ignored when resuming (system/build.py: initial_spec, init_network)
     init_from: str = ""
+    #: with ``init_from``: load its weights (true) or take only its shape and start from a fresh random init
+    #: (false: a pruned architecture trained from scratch, the "scratch" baseline of Liu et al. 2019, which tells
+    #: the quality of a method's decisions from the cost of its pruning-while-training; docs/results.md)
+    init_weights: bool = True
 
     def __post_init__(self) -> None:
         check(self.name in MODEL_NAMES, "name", f"unknown model {self.name!r}; known: {', '.join(MODEL_NAMES)}")
         check(self.input_size >= 0, "input_size", "must be >= 0")
+        check(self.init_weights or bool(self.init_from), "init_weights",
+              "false takes the shape of model.init_from with fresh weights: set model.init_from too")

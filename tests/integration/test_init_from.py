@@ -87,6 +87,26 @@ def test_a_pruned_run_is_a_start_too_and_every_method_prunes_it(trained, tmp_pat
     assert summary["prune_events"] > 0 and summary["macs"] < start_macs  # it prunes further, from there
 
 
+def test_init_weights_false_takes_the_shape_alone_with_the_fresh_init_of_the_seed(trained, tmp_path):
+    """The "scratch" baseline: the pruned run's shape, none of its weights, the random init a run of that shape
+    and seed gets (so two methods' architectures are retrained alike)."""
+    _, pruned_run = trained
+    start, _, _ = load_bundle(pruned_run / "final")
+    trainer = Trainer(tiny_config(tmp_path / "a", "method.name=none", f"model.init_from={pruned_run}",
+                                  "model.init_weights=false", "train.max_steps=2"))
+    assert [b.inner for _, _, _, b in trainer.spec().iter_blocks()] == \
+        [b.inner for _, _, _, b in start.spec().iter_blocks()]
+    own, src = trainer.model.state_dict(), start.state_dict()
+    convs = [k for k in src if k.endswith("conv1.weight") and k in own]
+    assert convs and all(not torch.equal(own[k].cpu(), src[k]) for k in convs)  # none of the trained weights
+    again = Trainer(tiny_config(tmp_path / "b", "method.name=none", f"model.init_from={pruned_run}",
+                                "model.init_weights=false", "train.max_steps=2"))
+    _same(again.model, {k: v.cpu() for k, v in own.items()})  # the seed's init: the same for any source of that shape
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path / "c", "model.init_weights=false")
+    assert err.value.key == "model.init_weights" and "model.init_from" in str(err.value)
+
+
 @pytest.mark.parametrize("which, needle", [
     ("nowhere", "does not exist"),
     ("pruned_weights", "a pruned network as a bare weights file"),

@@ -262,10 +262,22 @@ class Variational(Method):
         if self.target is None:  # (under a target it is kept current every step)
             b.expected_macs = self.price.expected_macs(model)
         flagged, at0 = self.rule.flag(model)
+        live, drop = self._sampling_noise(model)
         log.info("check at step %d: nu %.4f, E[MACs] %.3f of dense (budget %.3f), %d gates at theta <= %g, "
-                 "%d flagged", self._event_step, float(b.nu), float(b.expected_macs), b.scheduled(self._event_step),
-                 at0, self.cfg.tau_theta, sum(int(f.sum()) for f in flagged.values()))
+                 "%d flagged; %d units between 0 and 1, live units drawn off %.1f%%", self._event_step, float(b.nu),
+                 float(b.expected_macs), b.scheduled(self._event_step), at0, self.cfg.tau_theta,
+                 sum(int(f.sum()) for f in flagged.values()), live, 100.0 * drop)
         return self.rule.decide(model, flagged, self.round_to, self.price, self.target)
+
+    def _sampling_noise(self, model: GatedResNet) -> tuple[int, float]:
+        """How stochastic the network still trains: the unit gates strictly between 0 and 1, and the share of
+        the live units' (theta > 0) draws that are off, mean(1 - theta) (for the check line: one sync a check)."""
+        unit = self.price.thetas(model)[0]
+        if not unit:
+            return 0, 0.0
+        t = torch.cat(list(unit.values()))
+        live = t[t > 0]
+        return int(((t > 0) & (t < 1)).sum()), float((1 - live).mean()) if live.numel() else 0.0
 
     def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
         self.rule.after_prune(plan, slices)
