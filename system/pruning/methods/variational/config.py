@@ -56,13 +56,15 @@ class VariationalConfig:
     tau_w: float = 0.5  # signal condition: the share of the peers' mean BN output
     max_revivals: int = 3  # a structure back from 0 this often leaves at 0 regardless
     # determinism [ours]: a drive to {0, 1}, and a safety-net rounding
-    # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by); "down": only
-    # below theta 0.5 (it speeds a leaving structure to 0 and moves "back from 0" to importance per cost
-    # > nu (1 + d s); "leave 1" stays at < nu); "both": also above 0.5 ("leave 1" at < nu (1 - d s)).
-    # The removal condition (importance) never sees the drive; the drive moves theta, and so when a structure
-    # reaches 0 (patience, revivals) and where the rounding finds it.
+    # weight d of s(t) * nu * c_j theta (1 - theta) (s ramps 0 -> 1 from warm-up to target_by); "both" (default
+    # since 2026-12-05): towards 0 below theta 0.5 and towards 1 above ("leave 1" at importance per cost
+    # < nu (1 - d s), "back from 0" at > nu (1 + d s)): the marginal structures, which the budget leaves
+    # between 0 and 1 and so drawn off at random every step, are settled, and the rule removes them at 0;
+    # "down": only below 0.5 ("leave 1" stays at < nu). The removal condition (importance) never sees the
+    # drive; the drive moves theta, and so when a structure reaches 0 (patience, revivals) and where the
+    # rounding finds it. docs/method.md section 7; docs/results.md, "The training cost".
     drive: float = 0.9
-    drive_mode: Literal["down", "both"] = "down"  # where the drive acts (see drive)
+    drive_mode: Literal["down", "both"] = "both"  # where the drive acts (see drive)
     harden: Literal["none", "final"] = "final"  # final: round the gates at harden_at; none: only at the end of the run
     harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
