@@ -25,6 +25,14 @@ for t in 0.3 0.5; do
   $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
       --config configs/study_taylor.yaml --sweep method.target_macs=$t "${FM[@]}" "${COMMON[@]}"
 done
+# 1c. (2026-12-05, session 8) the variational recipes under the drive on both sides, the default since then
+#     (docs/results.md, "The training cost"): named and labelled with the key, so the earlier default's runs stay
+for t in 0.3 0.5 0.7; do
+  for r in variational unit_only_a1; do
+    $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_both --sweep method.variational.drive_mode=both \
+        --sweep method.target_macs=$t "${FM[@]}" "${COMMON[@]}"
+  done
+done
 # 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
 $PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
