@@ -44,6 +44,11 @@ R56=(model.name=resnet56 train.epochs=10 optim.warmup_epochs=1 --sweep data.root
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --sweep method.target_macs=0.3,0.5 "${R56[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_dense.yaml "${R56[@]}" "${COMMON[@]}"
+# 3b. (session 8) depth under drive_mode both, the new default, at 30% (issue 22's ResNet-56 criterion)
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_both --sweep method.variational.drive_mode=both \
+      --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]}"
+done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
