@@ -19,14 +19,14 @@ one() {  # one RUN_DIR: its architecture from scratch, the run's own seed and da
   local run=$1 name
   name=scratch-$(basename "$run")
   [[ -f "$ROOT/$name/summary.json" ]] && return 0
-  # the run's own model, data, seed and schedule
-  read -r -a same < <(python3 -c "import json,sys; c = json.load(open(sys.argv[1])); print(
-      f\"model.name={c['model']['name']} data.root={c['data']['root']} train.seed={c['train']['seed']}\",
-      f\"train.epochs={c['train']['epochs']} optim.warmup_epochs={c['optim']['warmup_epochs']}\")" "$run/config.json")
+  # the run's own model, data, seed and schedule, and its method in the label
+  read -r -a same < <(python3 -c "import json,sys; c = json.load(open(sys.argv[1])); m = json.load(open(sys.argv[2]))
+print(f\"model.name={c['model']['name']} data.root={c['data']['root']} train.seed={c['train']['seed']}\",
+      f\"train.epochs={c['train']['epochs']} optim.warmup_epochs={c['optim']['warmup_epochs']}\",
+      f\"method.label=scratch-{m['method']}\")" "$run/config.json" "$run/summary.json")
   $PY -m launch.train --config configs/study_dense.yaml "${same[@]}" "model.init_from=$run" \
       model.init_weights=false "data.eval_split=$EVAL" train.threads=1 \
       "run.root=$ROOT" "run.name=$name" "run.dir=$ROOT/$name" run.resume=auto tracking.experiment=scratch \
-      "method.label=scratch-$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['method'])" "$run/summary.json")" \
       > "$ROOT/logs/$name.log" 2>&1 || echo "FAILED $name: see $ROOT/logs/$name.log" >&2
 }
 export -f one; export ROOT PY EVAL

@@ -5,7 +5,7 @@ The resume order (what :class:`system.trainer.Trainer` does with them)::
 
     spec   = checkpoint.spec if resuming else initial_spec(cfg.model.init_from, dense_spec_for(cfg, num_classes))
     model  = build_network(cfg, spec, device)            # zero_init_residual applied
-    init_network(model, cfg.model.init_from)              # a fresh run with model.init_from only
+    init_network(model, cfg.model.init_from)              # a fresh run with model.init_from (and init_weights) only
     method = build_pruning_method(cfg, total_steps, model)   # refuses what it cannot prune, naming the key
     method.load_state_dict(...)                           # resuming: before attach
     method.attach(model)

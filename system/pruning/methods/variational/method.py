@@ -192,15 +192,16 @@ class Variational(Method):
         kinds = {k: [n for n, g in live if g.kind == k] for k in ("unit", "layer")}
         if normalized:  # in place: the optimizer steps on the normalized gradient
             normalize(grads, kinds, price, per_nu)
-        unmeasured = [n for n in kinds["layer"] if n not in self.paired.seen] if self._paired_live() else []
-        for n in unmeasured:  # no step, and no evidence for the rule, before a block's first measurement
-            grads[n].zero_()
+        if self._paired_live():  # no step, no evidence for the rule and no drive before a block's first measurement
+            for n in kinds["layer"]:
+                if n not in self.paired.seen:
+                    grads[n].zero_()
+            kinds["layer"] = [n for n in kinds["layer"] if n in self.paired.seen]
         self.rule.accumulate(grads, grad_scale)  # (gradients carry no graph: no detach)
         s = self.budget.ramp(step)
         if active and c.drive > 0 and s > 0 and self.budget.positive:
             on = {"unit": c.unit_gates, "layer": c.layer_gates}
-            driven = {"unit": kinds["unit"], "layer": [n for n in kinds["layer"] if n not in unmeasured]}
-            add_drive(grads, {n: gates[n].theta for n in grads}, {k: v for k, v in driven.items() if on[k]},
+            add_drive(grads, {n: gates[n].theta for n in grads}, {k: v for k, v in kinds.items() if on[k]},
                       c.drive * s * self.budget.nu * grad_scale, per_nu if normalized else price, c.drive_mode)
 
     def after_step(self, model: GatedResNet, step: int) -> None:
