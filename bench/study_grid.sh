@@ -49,6 +49,11 @@ for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_both --sweep method.variational.drive_mode=both \
       --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]}"
 done
+# 3c. (session 9) depth under drive_mode both at 50%, the budget issue 22 also asks of ResNet-56
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_both --sweep method.variational.drive_mode=both \
+      --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]}"
+done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
