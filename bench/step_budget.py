@@ -10,6 +10,7 @@ leaves out the ops that only make a view or an alias of a tensor (``view``, ``de
 
     python bench/step_budget.py                     # resnet20 @32 and resnet50 @64, batch 16, 3 steps
     python bench/step_budget.py --models resnet20:32 --steps 5 --json
+    python bench/step_budget.py --methods none,variational --steps 8 --extra method.variational.paired_every=4
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(model: str, size: int, method: str, batch: int, steps: int, warm: int) -> dict:
+def measure(model: str, size: int, method: str, batch: int, steps: int, warm: int, extra: tuple = ()) -> dict:
     from system.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +64,7 @@ def measure(model: str, size: int, method: str, batch: int, steps: int, warm: in
                 f"data.batch_size={batch}", f"data.train_size={size}", f"data.val_resize={size}",
                 f"data.val_crop={size}", "data.workers=0", f"model.name={model}", "train.epochs=1",
                 "train.progress=false", "tracking.enabled=false", "latency.enabled=false", "train.threads=1",
-                f"run.root={tmp}", f"run.dir={tmp}/run", *METHODS[method]]
+                f"run.root={tmp}", f"run.dir={tmp}/run", *METHODS[method], *(extra if method != "none" else ())]
         trainer = Trainer(from_dict(RunConfig, apply_overrides({}, over)))
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
@@ -89,13 +90,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="overrides for every method but dense (count a multiple of paired_every as --steps)")
     args = ap.parse_args()
     rows = []
     for spec in args.models:
         name, size = spec.split(":")
         dense: dict | None = None
         for method in args.methods.split(","):
-            r = measure(name, int(size), method, args.batch, args.steps, args.warm)
+            r = measure(name, int(size), method, args.batch, args.steps, args.warm, tuple(args.extra))
             dense = r if method == "none" else dense
             r["vs_dense"] = r["ops_per_step"] / dense["ops_per_step"] if dense else None
             r["launches_vs_dense"] = r["launches_per_step"] / dense["launches_per_step"] if dense else None

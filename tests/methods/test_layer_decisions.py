@@ -101,6 +101,41 @@ def test_paired_estimator_matches_brute_force_with_train_mode_bn(theta):
     assert method.extra_forwards() > 0  # the suffix forwards are counted in the training MACs
 
 
+def test_paired_every_measures_one_step_in_k_and_every_layer_theta_still_steps_on_its_estimate():
+    """``paired_every=3``: the warm-up's priming measures at every step; afterwards a suffix forward
+    runs (and is counted in the training MACs) only at steps divisible by 3, an estimate changes only
+    then, and every measured block's theta gets its estimate as its data gradient at every step."""
+    torch.manual_seed(0)
+    model = build_model(dense_spec("resnet20", num_classes=3, input_size=8)).train()
+    warm = 4
+    method = Variational(VariationalConfig(warmup_frac=warm / 100, paired_blocks=1, paired_every=3, drive=0.0,
+                                           unit_gates=False), total_steps=100, target_macs=0.5)
+    method.attach(model)
+    layer = {n: g for n, g in gates_of(model).items() if g.kind == "layer"}
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    measured, changed = [], []
+    for step in range(warm + 9):  # the priming (the 9 blocks of a ResNet-20 at steps 0-3: the last 4), then 9
+        model.zero_grad(set_to_none=True)
+        before = {n: e.clone() for n, e in method.paired.est.items()}
+        model.keep_block_inputs = True
+        losses = _ce(model(x), y)
+        terms = method.loss_terms(model, step, Batch(x=x, y=y, forward=model, loss_fn=_ce, per_example_loss=losses))
+        sum(terms, losses.mean()).backward()
+        measured.append(method.extra_forwards() > 0)
+        changed.append(sum(not torch.equal(before[n], method.paired.est[n]) for n in before))
+        if step >= warm:
+            for n in method.paired.seen:  # its data gradient: the estimate (plus its price, equal every step)
+                assert layer[n].theta.grad is not None and layer[n].theta.grad.abs().sum() > 0, (step, n)
+    assert measured[:warm] == [True] * warm  # priming: every step
+    assert measured[warm:] == [s % 3 == 0 for s in range(warm, warm + 9)]
+    assert changed[warm:] == [1 if s % 3 == 0 else 0 for s in range(warm, warm + 9)]
+
+
+def test_paired_every_below_one_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="paired_every"):
+        from_dict(RunConfig, apply_overrides({}, ["method.name=variational", "method.variational.paired_every=0"]))
+
+
 # ----------------------------------------------------------------------------- planted blocks
 USELESS, VITAL = "layer2.1", "layer1.2"
 

@@ -14,7 +14,9 @@ class VariationalConfig:
 
     unit_gates: bool = True  # a gate per unit (channel of a block's inner convs)
     layer_gates: bool = True  # a gate per residual block (the block leaves as a whole)
-    nu: float = 1.0  # accuracy vs pruning strength (unused under method.target_macs: nu starts at nu_start)
+    # accuracy vs pruning strength without a target (under method.target_macs nu is the controller's, from nu_start);
+    # 0.3 since 2026-12-06 (was 1: a fifth of the MACs at -3.3 points on the validation split; docs/results.md)
+    nu: float = 0.3
     alpha: float = 1.0  # MACs (1) vs parameters (0)
     beta: float = 1.0  # layer vs unit balance (scale of the layer-gate price)
     theta_step: Literal["normalized", "raw"] = "normalized"  # theta gradients divided by their price, or plain
@@ -34,6 +36,9 @@ class VariationalConfig:
     estimator: Literal["paired", "conditional", "exact", "autograd"] = "paired"
     paired_blocks: int = 1  # paired: blocks differenced per step, round-robin (0 = all)
     paired_memory: float = 0.5  # paired: share of a block's previous estimate kept at each new difference
+    # paired: steps between measurements (1: every step); between them every layer theta still steps on its
+    # running estimate, so only the refresh rate drops (the warm-up's priming measures every step)
+    paired_every: int = 1
     exact_blocks: int = 0  # exact: blocks differenced per step (0 = all)
     per_example: bool = True  # sample unit gates per example
     layer_per_example: bool = False  # sample layer gates per example (conditional needs it; paired refuses it)
@@ -84,6 +89,7 @@ class VariationalConfig:
         check(self.exact_blocks >= 0, "exact_blocks", "must be >= 0")
         check(self.paired_blocks >= 0, "paired_blocks", "must be >= 0")
         check(0.0 <= self.paired_memory < 1.0, "paired_memory", f"must be in [0, 1), got {self.paired_memory}")
+        check(self.paired_every >= 1, "paired_every", f"must be >= 1 (steps between measurements), got {self.paired_every}")
         check(self.estimator != "conditional" or self.layer_per_example or not self.layer_gates, "estimator",
               "'conditional' compares examples with the block on and off in one batch: it needs "
               "method.variational.layer_per_example=true (or use 'paired' / 'exact' / 'autograd')")

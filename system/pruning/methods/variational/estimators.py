@@ -122,11 +122,12 @@ def paired_differences(model, layer, picks: list[tuple[int, str]], forward, x, y
 
 class PairedEstimator:
     """The ``paired`` estimator's state: each block's running estimate of CE(on) - CE(off)
-    (``paired_memory``), the round-robin position (``paired_blocks`` a step), the blocks measured so far,
-    and the suffix forwards of the last step in full-network forwards (counted in the training MACs)."""
+    (``paired_memory``), the round-robin position (``paired_blocks`` a measuring step, one step in
+    ``paired_every``), the blocks measured so far, and the suffix forwards of the last step in
+    full-network forwards (counted in the training MACs)."""
 
-    def __init__(self, blocks: int, memory: float):
-        self.blocks, self.memory = blocks, memory
+    def __init__(self, blocks: int, memory: float, every: int = 1):
+        self.blocks, self.memory, self.every = blocks, memory, every
         self.est: dict[str, torch.Tensor] = {}
         self.picks = 0
         self.seen: set[str] = set()
@@ -138,17 +139,25 @@ class PairedEstimator:
         for n, g in layer.items():
             self.est.setdefault(n, torch.zeros_like(g.theta.detach()))
 
-    def term(self, model: GatedResNet, layer, forward, x, y, loss_fn, per_example_loss) -> torch.Tensor:
+    def measures(self, step: int) -> bool:
+        """Whether ``step`` measures (one step in ``paired_every``)."""
+        return step % self.every == 0
+
+    def term(self, model: GatedResNet, layer, forward, x, y, loss_fn, per_example_loss,
+             measure: bool = True) -> torch.Tensor:
         """Sum_B est_B * theta_B: every block's theta gets its running estimate of CE(on) - CE(off);
-        ``paired_blocks`` blocks (round-robin) get a fresh paired difference this step."""
-        flat = [(i, f"{n}.{LAYER_GATE}") for i, (n, _) in enumerate(model.named_blocks())]
-        live = [(i, n) for i, n in flat if n in layer]
-        k = len(live) if self.blocks == 0 else min(self.blocks, len(live))
-        picks = [live[(self.picks + j) % len(live)] for j in range(k)]
-        self.picks = (self.picks + k) % len(live)
-        diffs = paired_differences(model, layer, picks, forward, x, y, loss_fn, per_example_loss)
+        with ``measure``, ``paired_blocks`` blocks (round-robin) get a fresh paired difference this step
+        (without, no suffix forward runs and the estimates carry over)."""
+        picks: list[tuple[int, str]] = []
+        if measure:
+            flat = [(i, f"{n}.{LAYER_GATE}") for i, (n, _) in enumerate(model.named_blocks())]
+            live = [(i, n) for i, n in flat if n in layer]
+            k = len(live) if self.blocks == 0 else min(self.blocks, len(live))
+            picks = [live[(self.picks + j) % len(live)] for j in range(k)]
+            self.picks = (self.picks + k) % len(live)
+        diffs = paired_differences(model, layer, picks, forward, x, y, loss_fn, per_example_loss) if picks else {}
         model.block_inputs = []
-        suffix = self._suffix_fractions(model)
+        suffix = self._suffix_fractions(model) if picks else []
         self.extra_forwards = sum(suffix[i] for i, _ in picks)
         m = self.memory
         for n, d in diffs.items():
@@ -190,12 +199,13 @@ class LayerEstimator:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.paired = PairedEstimator(cfg.paired_blocks, cfg.paired_memory)
+        self.paired = PairedEstimator(cfg.paired_blocks, cfg.paired_memory, cfg.paired_every)
         self.extra_forwards = 0.0  # this step's, in full-network forwards
 
-    def term(self, model: GatedResNet, layer: dict, batch, active: bool, priming: bool) -> torch.Tensor | None:
+    def term(self, model: GatedResNet, layer: dict, batch, active: bool, priming: bool,
+             step: int = 0) -> torch.Tensor | None:
         """``active``: theta trains this step; ``priming``: the paired estimator measures a block
-        before its theta moves (no term)."""
+        before its theta moves (no term; every priming step measures, whatever ``paired_every``)."""
         c = self.cfg
         self.extra_forwards = 0.0
         if not layer or not (active or priming):
@@ -204,7 +214,7 @@ class LayerEstimator:
             return conditional_term(layer, batch.per_example_loss)
         if c.estimator == "paired":
             term = self.paired.term(model, layer, batch.forward, batch.x, batch.y, batch.loss_fn,
-                                    batch.per_example_loss)
+                                    batch.per_example_loss, measure=priming or self.paired.measures(step))
             self.extra_forwards = self.paired.extra_forwards
             return term if active else None
         names = sorted(layer)

@@ -166,7 +166,7 @@ class Variational(Method):
         # moving on the zero its estimate starts at
         priming = (c.estimator == "paired" and not active and self._paired_live()
                    and self.warmup_steps - len(layer) <= step < self.warmup_steps)
-        return self.layer_estimator.term(model, layer, batch, active, priming)
+        return self.layer_estimator.term(model, layer, batch, active, priming, step)
 
     def extra_forwards(self) -> float:
         """This step's forwards beyond the main one, in full-network forwards (the paired estimator's
