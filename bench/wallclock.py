@@ -11,6 +11,7 @@ read back, not run again, so the bench resumes.
     python -m pipelines.fmnist --out data/fmnist-4k --train 4000     # the data, once
     python bench/wallclock.py                                        # resnet56@32 and resnet18@64
     python bench/wallclock.py --models resnet20:32 --epochs 1 --methods none,taylor
+    python bench/wallclock.py --models resnet18:64 --methods variational --extra method.variational.paired_every=4
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ RECIPES = {"none": "study_dense", "taylor": "study_taylor", "l1": "study_l1", "v
 
 def run(model: str, size: int, method: str, args: argparse.Namespace) -> dict:
     """The run's summary.json (training it first unless it finished)."""
-    name = f"{model}-{size}-{method}-e{args.epochs}"
+    extra = args.extra if method != "none" else []
+    # a run with extra overrides is named by them, so that it never meets (or is read back as) the default's
+    tag = "".join(f"-{o.rsplit('.', 1)[-1].replace('=', '')}" for o in extra)
+    name = f"{model}-{size}-{method}-e{args.epochs}{tag}"
     run_dir = Path(args.root) / name
     summary = run_dir / "summary.json"
     if not summary.is_file():
@@ -40,6 +44,7 @@ def run(model: str, size: int, method: str, args: argparse.Namespace) -> dict:
                f"run.dir={run_dir}", f"run.name={name}", "run.resume=auto", f"train.seed={args.seed}"]
         if method != "none":
             cmd.append(f"method.target_macs={args.target}")
+        cmd += extra
         print(f"training {name} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -60,6 +65,7 @@ def main() -> int:
     ap.add_argument("--data", default="data/fmnist-4k")
     ap.add_argument("--root", default="runs/wallclock")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run but the dense one (in its name)")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if "none" not in methods:
