@@ -89,7 +89,8 @@ class VariationalConfig:
         check(self.exact_blocks >= 0, "exact_blocks", "must be >= 0")
         check(self.paired_blocks >= 0, "paired_blocks", "must be >= 0")
         check(0.0 <= self.paired_memory < 1.0, "paired_memory", f"must be in [0, 1), got {self.paired_memory}")
-        check(self.paired_every >= 1, "paired_every", f"must be >= 1 (steps between measurements), got {self.paired_every}")
+        check(self.paired_every >= 1, "paired_every",
+              f"must be >= 1 (steps between measurements), got {self.paired_every}")
         check(self.estimator != "conditional" or self.layer_per_example or not self.layer_gates, "estimator",
               "'conditional' compares examples with the block on and off in one batch: it needs "
               "method.variational.layer_per_example=true (or use 'paired' / 'exact' / 'autograd')")
