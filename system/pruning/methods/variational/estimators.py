@@ -203,7 +203,7 @@ class LayerEstimator:
         self.extra_forwards = 0.0  # this step's, in full-network forwards
 
     def term(self, model: GatedResNet, layer: dict, batch, active: bool, priming: bool,
-             step: int = 0) -> torch.Tensor | None:
+             step: int) -> torch.Tensor | None:
         """``active``: theta trains this step; ``priming``: the paired estimator measures a block
         before its theta moves (no term; every priming step measures, whatever ``paired_every``)."""
         c = self.cfg
