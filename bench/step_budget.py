@@ -11,6 +11,16 @@ leaves out the ops that only make a view or an alias of a tensor (``view``, ``de
     python bench/step_budget.py                     # resnet20 @32 and resnet50 @64, batch 16, 3 steps
     python bench/step_budget.py --models resnet20:32 --steps 5 --json
     python bench/step_budget.py --methods none,variational --steps 8 --extra method.variational.paired_every=4
+    python bench/step_budget.py --compile --methods none,variational   # the compiled step's launches
+
+``--compile`` counts a ``train.compile=true`` step (inductor) instead.  A ``TorchDispatchMode`` cannot see
+inside a compiled region (dynamo runs the frame eagerly under one), so the compiled step is counted with
+``torch.profiler``: inductor's generated kernels (recorded with ``torch._inductor.config.cpp.
+enable_kernel_profile``), plus every aten op that runs outside them or as an extern kernel (a convolution),
+counted as the dispatch mode counts them: a composite op (``conv2d``, ``to``) by the ops it decomposes into,
+views and allocations as no launch.  On the eager step the two counters agree (``--check-profiler``).
+These are CPU inductor's kernels; a GPU's (Triton) fusion groups are the scheduler's same decisions, but the
+GPU suite's ``step_compiled`` row is the count that a GPU gives.
 """
 
 from __future__ import annotations
@@ -43,7 +53,8 @@ METHODS = {
 VIEW_OPS = {"aten.view", "aten.detach", "aten.expand", "aten.select", "aten.slice", "aten.as_strided",
             "aten._reshape_alias", "aten.reshape", "aten.unsqueeze", "aten.squeeze", "aten.t", "aten.transpose",
             "aten.permute", "aten.alias", "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.view_as",
-            "aten.lift_fresh", "aten._unsafe_view", "aten.empty", "aten.empty_like", "aten.empty_strided"}
+            "aten.lift_fresh", "aten._unsafe_view", "aten.empty", "aten.empty_like", "aten.empty_strided",
+            "aten.new_empty_strided", "aten.new_empty", "aten.narrow", "aten.resolve_conj", "aten.resolve_neg"}
 
 
 class Counter(TorchDispatchMode):
@@ -56,7 +67,57 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(model: str, size: int, method: str, batch: int, steps: int, warm: int, extra: tuple = ()) -> dict:
+def _composite(name: str) -> bool:
+    """True when every overload of the aten op ``name`` (``aten::to``) decomposes before dispatch (a
+    ``TorchDispatchMode`` sees the ops it decomposes into, not it)."""
+    packet = getattr(torch.ops.aten, name.split("::", 1)[1], None)
+    if packet is None:
+        return False
+    found = []
+    for o in packet.overloads():
+        try:  # (some overloads, aten::to.prim_Device, live in TorchScript, not in the dispatcher)
+            found.append(torch._C._dispatch_has_kernel_for_dispatch_key(f"{name}.{o}" if o != "default" else name,
+                                                                        "CompositeImplicitAutograd"))
+        except RuntimeError:
+            continue
+    return bool(found) and all(found)
+
+
+def profiled_launches(events: list) -> tuple[int, collections.Counter]:
+    """Launches in a profiler's events: inductor's kernels, and the aten ops outside them counted as the
+    dispatch mode counts them (a composite op by its parts, a view or an allocation as none)."""
+    composite: dict[str, bool] = {}
+    by_op: collections.Counter = collections.Counter()
+
+    def count(e) -> None:
+        if e.name.replace("::", ".") in VIEW_OPS:
+            return
+        if composite.setdefault(e.name, _composite(e.name)):
+            for child in e.cpu_children:
+                if child.name.startswith("aten::"):
+                    count(child)
+            return
+        by_op[e.name] += 1
+
+    def under_aten(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return True
+            p = p.cpu_parent
+        return False
+
+    for e in events:
+        if e.name.startswith("aten::"):
+            if not under_aten(e):
+                count(e)
+        elif "cpp_fused" in e.name:  # an inductor kernel (cpp.enable_kernel_profile)
+            by_op["inductor kernel"] += 1
+    return sum(by_op.values()), by_op
+
+
+def measure(model: str, size: int, method: str, batch: int, steps: int, warm: int, extra: tuple = (),
+            compiled: bool = False, profiler: bool = False) -> dict:
     from system.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,12 +125,28 @@ def measure(model: str, size: int, method: str, batch: int, steps: int, warm: in
                 f"data.batch_size={batch}", f"data.train_size={size}", f"data.val_resize={size}",
                 f"data.val_crop={size}", "data.workers=0", f"model.name={model}", "train.epochs=1",
                 "train.progress=false", "tracking.enabled=false", "latency.enabled=false", "train.threads=1",
-                f"run.root={tmp}", f"run.dir={tmp}/run", *METHODS[method], *(extra if method != "none" else ())]
+                f"run.root={tmp}", f"run.dir={tmp}/run", f"train.compile={str(compiled).lower()}", *METHODS[method],
+                *(extra if method != "none" else ())]
+        if compiled:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.cpp.enable_kernel_profile = True
         trainer = Trainer(from_dict(RunConfig, apply_overrides({}, over)))
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
         for _ in range(warm):
             trainer.train_step(x, y)
+        if compiled or profiler:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    trainer.train_step(x, y)
+            n, by_op = profiled_launches(list(prof.events()))
+            trainer.engine.close()
+            graphs = trainer.engine.compiler.summary()["graphs"] if compiled else []
+            return {"model": f"{model}@{size}", "method": method, "compiled": compiled, "ops_per_step": None,
+                    "launches_per_step": n / steps, "syncs_per_step": by_op.get("aten::_local_scalar_dense", 0) / steps,
+                    "host_ms": n / steps * LAUNCH_US / 1000.0, "graphs": graphs,
+                    "top_ops": {k: v / steps for k, v in by_op.most_common(12)}}
         counter = Counter()
         with counter:
             for _ in range(steps):
@@ -78,8 +155,8 @@ def measure(model: str, size: int, method: str, batch: int, steps: int, warm: in
     total = sum(counter.ops.values()) / steps
     launches = sum(n for op, n in counter.ops.items() if op not in VIEW_OPS) / steps
     syncs = counter.ops.get("aten._local_scalar_dense", 0) / steps
-    return {"model": f"{model}@{size}", "method": method, "ops_per_step": total, "launches_per_step": launches,
-            "syncs_per_step": syncs, "host_ms": launches * LAUNCH_US / 1000.0}
+    return {"model": f"{model}@{size}", "method": method, "compiled": False, "ops_per_step": total,
+            "launches_per_step": launches, "syncs_per_step": syncs, "host_ms": launches * LAUNCH_US / 1000.0}
 
 
 def main() -> int:
@@ -92,23 +169,32 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--extra", nargs="*", default=[],
                     help="overrides for every method but dense (count a multiple of paired_every as --steps)")
+    ap.add_argument("--compile", action="store_true", help="count the train.compile=true step (see the module doc)")
+    ap.add_argument("--check-profiler", action="store_true",
+                    help="count the eager step with the profiler's counter (to compare it with the dispatch mode's)")
     args = ap.parse_args()
     rows = []
     for spec in args.models:
         name, size = spec.split(":")
         dense: dict | None = None
         for method in args.methods.split(","):
-            r = measure(name, int(size), method, args.batch, args.steps, args.warm, tuple(args.extra))
+            r = measure(name, int(size), method, args.batch, args.steps, args.warm, tuple(args.extra),
+                        compiled=args.compile, profiler=args.check_profiler)
             dense = r if method == "none" else dense
-            r["vs_dense"] = r["ops_per_step"] / dense["ops_per_step"] if dense else None
+            r["vs_dense"] = r["ops_per_step"] / dense["ops_per_step"] if dense and r["ops_per_step"] else None
             r["launches_vs_dense"] = r["launches_per_step"] / dense["launches_per_step"] if dense else None
             rows.append(r)
             ratio = f"{r['vs_dense']:.2f}" if r["vs_dense"] else "-"
             lratio = f"{r['launches_vs_dense']:.2f}" if r["launches_vs_dense"] else "-"
-            print(f"{r['model']:14s} {method:12s} ops/step {r['ops_per_step']:6.0f} x{ratio:>5s} dense  "
+            ops = f"{r['ops_per_step']:6.0f}" if r["ops_per_step"] else "     -"
+            mode = "compiled" if r["compiled"] else "eager"
+            print(f"{r['model']:14s} {method:12s} {mode:8s} ops/step {ops} x{ratio:>5s} dense  "
                   f"launches {r['launches_per_step']:6.0f} x{lratio:>5s}  syncs/step {r['syncs_per_step']:4.1f}  "
                   f"host {r['host_ms']:5.1f} ms of a {STEP_MS:.0f} ms step ({100 * r['host_ms'] / STEP_MS:.0f}%)",
                   flush=True)
+            if "top_ops" in r:
+                print("    most launched:", ", ".join(f"{k} {v:.0f}" for k, v in r["top_ops"].items()),
+                      f"| graphs per network {r['graphs']}" if r["compiled"] else "", flush=True)
     if args.json:
         print(json.dumps(rows))
     return 0
