@@ -53,7 +53,10 @@ class VariationalConfig:
     dual_lead: float = 0.0
     # pruning conditions
     check_every: int = 0  # steps between checks; 0 = auto, 2% of the run (at least 1)
-    patience: int = 3  # checks a structure spends at theta <= tau_theta before it may leave
+    # checks a structure spends at theta <= tau_theta before it may leave (1 since session 10, was 3: with
+    # harden_at 0.5 the rule keeps its share; the importance condition reads the same evidence at any patience,
+    # the mean over the last check window)
+    patience: int = 1
     tau_theta: float = 0.0  # theta at or below this counts as off
     # the removal condition: importance (window mean of data + price >= 0: importance per cost <= nu),
     # signal / grad (its BN output at most tau_w x its peers'), none (theta alone)
@@ -71,7 +74,9 @@ class VariationalConfig:
     drive: float = 0.9
     drive_mode: Literal["down", "both"] = "both"  # where the drive acts (see drive)
     harden: Literal["none", "final"] = "final"  # final: round the gates at harden_at; none: only at the end of the run
-    harden_at: float = 0.6  # "final": round theta to {0, 1} here and prune; the rest fine-tunes
+    # "final": round theta to {0, 1} here and prune; the rest fine-tunes (0.5 since session 10, was 0.6: the
+    # stochastic phase ends sooner; docs/results.md, "Ending the stochastic phase sooner")
+    harden_at: float = 0.5
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
     threshold: float = 0.5  # deterministic gate: xi = 1[theta > threshold]
 
