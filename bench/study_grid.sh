@@ -33,6 +33,11 @@ for t in 0.3 0.5 0.7; do
         --sweep method.target_macs=$t "${FM[@]}" "${COMMON[@]}"
   done
 done
+# 1d. (session 10) the combined recipe under harden_at 0.5 and patience 1, the defaults since then (docs/results.md,
+#     "Ending the stochastic phase sooner"): named and labelled with the keys, so the earlier defaults' runs stay
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 \
+    --sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 \
+    --sweep method.variational.patience=1 --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
 # 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
 $PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
