@@ -34,4 +34,4 @@ def test_print_config_names_every_key_and_parses_back(capsys):
     leaves = [ln for ln in out.splitlines() if not ln.rstrip().endswith(":")]
     assert len(leaves) == len(flatten(to_dict(load(args[1], []))))
     assert all("  # " in ln for ln in leaves), [ln for ln in leaves if "  # " not in ln][:3]
-    assert "patience: 3  # checks a structure spends at theta <= tau_theta" in out
+    assert "patience: 1  # checks a structure spends at theta <= tau_theta" in out
