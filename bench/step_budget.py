@@ -92,7 +92,9 @@ def profiled_launches(events: list) -> tuple[int, collections.Counter]:
     def count(e) -> None:
         if e.name.replace("::", ".") in VIEW_OPS:
             return
-        if composite.setdefault(e.name, _composite(e.name)):
+        if e.name not in composite:  # (one dispatcher lookup per op name, not per event)
+            composite[e.name] = _composite(e.name)
+        if composite[e.name]:
             for child in e.cpu_children:
                 if child.name.startswith("aten::"):
                     count(child)
