@@ -38,6 +38,16 @@ done
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 \
     --sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 \
     --sweep method.variational.patience=1 --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
+# 1e. (session 11) under the same defaults: unit-only (alpha 1) at the three budgets, the combined recipe without a
+#     target (nu 0.3, the untargeted default) and the combined recipe on MNIST, so that every comparison of the
+#     combined method pairs runs under one set of defaults
+H05P1=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1)
+$PY -m launch.submit --config configs/study_unit_only_a1.yaml method.label=unit_only_a1_h05p1 "${H05P1[@]}" \
+    --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h05p1 "${H05P1[@]}" \
+    "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 "${H05P1[@]}" \
+    --sweep method.target_macs=0.3,0.5,0.7 --sweep data.root=data/mnist-4k "${R20[@]}" "${COMMON[@]}"
 # 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
 $PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
@@ -58,6 +68,11 @@ done
 for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_both --sweep method.variational.drive_mode=both \
       --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]}"
+done
+# 3d. (session 11) depth at 30% under the session-10 defaults: the combined recipe and unit-only (alpha 1), paired
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1 "${H05P1[@]}" \
+      --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]}"
 done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
