@@ -6,11 +6,15 @@
 (a') the same model with its gates deterministic and all on (after hardening): the multiply
     forced (``force = 1``, what the gate did before it learned to skip) vs skipped;
 (b) a model physically pruned to about 50% of the MACs (inner channels cut uniformly) vs the
-    dense one — the measured speed-up printed beside the MACs ratio.
+    dense one — the measured speed-up printed beside the MACs ratio;
+(c) ``--specs``: the training step of the networks runs ended with (their exported ``spec.json``), without
+    gates, against the dense network of their family, interleaved: time and MACs against dense, and their
+    quotient, the time a MAC costs in that shape against the dense shape.
 
     python bench/bench_model.py                       # CPU, resnet20 @32 and resnet50 @64
     python bench/bench_model.py --device cuda --precision bf16 --channels-last \
         --models resnet50:224:128 resnet20:32:512
+    python bench/bench_model.py --specs runs/wallclock5/resnet18-64-*-e5/final --batch 64
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from plans import plan_for_macs  # the uniform cut the benches share (bench/plans.py)
 
+from system.export import load_spec
 from system.models.resnet import build_model, gates_of, set_gate_mode
 from system.models.spec import dense_spec
 from system.pruning.complexity import count
@@ -72,6 +77,31 @@ def interleaved(steppers: dict, iters: int, warmup: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_specs(paths: list[str], batch: int, args: argparse.Namespace) -> list[dict]:
+    """(c): each exported network's training step (no gates) against its family's dense one, interleaved."""
+    device = torch.device(args.device)
+    specs = {p: load_spec(p) for p in paths}
+    families = {(s.name, s.input_size, s.num_classes, s.shortcut, s.in_channels) for s in specs.values()}
+    if len(families) != 1:
+        raise SystemExit(f"--specs: one model family, input size and head at a time, got {sorted(families)}")
+    name, size, classes, shortcut, cin = families.pop()
+    dense = dense_spec(name, num_classes=classes, input_size=size, shortcut=shortcut, in_channels=cin)
+    nets = {"dense": dense, **specs}
+    torch.manual_seed(0)
+    steppers = {k: Stepper(build_model(s, gates=False), batch, size, s.num_classes, device, args.precision,
+                           args.channels_last) for k, s in nets.items()}
+    times = interleaved(steppers, args.iters, args.warmup)
+    rows = []
+    for k, s in nets.items():
+        macs = count(s)[0] / count(dense)[0]
+        t = times[k] / times["dense"]
+        rows.append({"spec": k, "model": name, "input": size, "batch": batch, "step_s": times[k], "macs_ratio": macs,
+                     "time_ratio": t, "time_per_mac_vs_dense": t / macs})
+        print(f"{k}: {name}@{size} b{batch} step {times[k] * 1e3:.1f} ms, MACs x{macs:.3f}, time x{t:.3f} of dense, "
+              f"time per MAC x{t / macs:.2f} of dense's", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20:32:128", "resnet50:64:16"],
@@ -83,8 +113,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--target", type=float, default=0.5, help="MACs fraction of the pruned model")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--specs", nargs="+", help="exported networks (a run's final/ or its spec.json) to time, (c)")
+    ap.add_argument("--batch", type=int, default=64, help="the batch of --specs")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.specs:
+        rows = time_specs(args.specs, args.batch, args)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        return
     rows = []
     for item in args.models:
         name, size, batch = item.split(":")
