@@ -12,6 +12,7 @@ leaves out the ops that only make a view or an alias of a tensor (``view``, ``de
     python bench/step_budget.py --models resnet20:32 --steps 5 --json
     python bench/step_budget.py --methods none,variational --steps 8 --extra method.variational.paired_every=4
     python bench/step_budget.py --compile --methods none,variational   # the compiled step's launches
+    python bench/step_budget.py --time --models resnet18:64 --batch 64 --steps 10 --threads 2   # step time
 
 ``--compile`` counts a ``train.compile=true`` step (inductor) instead.  A ``TorchDispatchMode`` cannot see
 inside a compiled region (dynamo runs the frame eagerly under one), so the compiled step is counted with
@@ -28,8 +29,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -118,22 +121,49 @@ def profiled_launches(events: list) -> tuple[int, collections.Counter]:
     return sum(by_op.values()), by_op
 
 
-def measure(model: str, size: int, method: str, batch: int, steps: int, warm: int, extra: tuple = (),
-            compiled: bool = False, profiler: bool = False) -> dict:
+def build_trainer(model: str, size: int, method: str, batch: int, tmp: str, extra: tuple = (),
+                  compiled: bool = False, threads: int = 1):
+    """The real trainer on synthetic data, ``method`` in its active phase from the first step."""
     from system.trainer import Trainer
 
+    over = ["data.loader=synthetic", "data.synthetic_classes=10", "data.synthetic_samples=4096",
+            f"data.batch_size={batch}", f"data.train_size={size}", f"data.val_resize={size}",
+            f"data.val_crop={size}", "data.workers=0", f"model.name={model}", "train.epochs=1",
+            "train.progress=false", "tracking.enabled=false", "latency.enabled=false", f"train.threads={threads}",
+            f"run.root={tmp}", f"run.dir={tmp}/run-{method}", f"train.compile={str(compiled).lower()}",
+            *METHODS[method], *(extra if method != "none" else ())]
+    return Trainer(from_dict(RunConfig, apply_overrides({}, over)))
+
+
+def time_steps(model: str, size: int, methods: list[str], batch: int, steps: int, warm: int, extra: tuple,
+               threads: int) -> dict[str, float]:
+    """``--time``: the median wall-clock of each method's steady-state step at the dense size, the methods'
+    steps interleaved so that the machine's drift hits all alike (a timing, printed, never asserted)."""
     with tempfile.TemporaryDirectory() as tmp:
-        over = ["data.loader=synthetic", "data.synthetic_classes=10", "data.synthetic_samples=4096",
-                f"data.batch_size={batch}", f"data.train_size={size}", f"data.val_resize={size}",
-                f"data.val_crop={size}", "data.workers=0", f"model.name={model}", "train.epochs=1",
-                "train.progress=false", "tracking.enabled=false", "latency.enabled=false", "train.threads=1",
-                f"run.root={tmp}", f"run.dir={tmp}/run", f"train.compile={str(compiled).lower()}", *METHODS[method],
-                *(extra if method != "none" else ())]
+        trainers = {m: build_trainer(model, size, m, batch, tmp, extra, threads=threads) for m in methods}
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+        for tr in trainers.values():
+            for _ in range(warm):
+                tr.train_step(x, y)
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for _ in range(steps):
+            for m, tr in trainers.items():
+                t = time.perf_counter()
+                tr.train_step(x, y)
+                times[m].append(time.perf_counter() - t)
+        for tr in trainers.values():
+            tr.engine.close()
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def measure(model: str, size: int, method: str, batch: int, steps: int, warm: int, extra: tuple = (),
+            compiled: bool = False, profiler: bool = False) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
         if compiled:
             import torch._inductor.config as inductor_config
 
             inductor_config.cpp.enable_kernel_profile = True
-        trainer = Trainer(from_dict(RunConfig, apply_overrides({}, over)))
+        trainer = build_trainer(model, size, method, batch, tmp, extra, compiled)
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
         for _ in range(warm):
@@ -174,7 +204,22 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="count the train.compile=true step (see the module doc)")
     ap.add_argument("--check-profiler", action="store_true",
                     help="count the eager step with the profiler's counter (to compare it with the dispatch mode's)")
+    ap.add_argument("--time", action="store_true",
+                    help="time each method's steady-state step instead (median, interleaved; dense size)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of --time")
     args = ap.parse_args()
+    if args.time:
+        for spec in args.models:
+            name, size = spec.split(":")
+            methods = ["none"] + [m for m in args.methods.split(",") if m != "none"]
+            med = time_steps(name, int(size), methods, args.batch, args.steps, args.warm, tuple(args.extra),
+                             args.threads)
+            for m, t in med.items():
+                print(f"{name}@{size} b{args.batch} {m:12s} step {t * 1e3:7.1f} ms  x{t / med['none']:.2f} dense "
+                      f"(median of {args.steps}, {args.threads} threads)", flush=True)
+            if args.json:
+                print(json.dumps({"model": f"{name}@{size}", "batch": args.batch, "step_s": med}))
+        return 0
     rows = []
     for spec in args.models:
         name, size = spec.split(":")
