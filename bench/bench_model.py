@@ -77,9 +77,9 @@ def interleaved(steppers: dict, iters: int, warmup: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def time_specs(paths: list[str], batch: int, args: argparse.Namespace) -> list[dict]:
+def time_specs(paths: list[str], args: argparse.Namespace) -> list[dict]:
     """(c): each exported network's training step (no gates) against its family's dense one, interleaved."""
-    device = torch.device(args.device)
+    device, batch = torch.device(args.device), args.batch
     specs = {p: load_spec(p) for p in paths}
     families = {(s.name, s.input_size, s.num_classes, s.shortcut, s.in_channels) for s in specs.values()}
     if len(families) != 1:
@@ -118,7 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.specs:
-        rows = time_specs(args.specs, args.batch, args)
+        rows = time_specs(args.specs, args)
         if args.json:
             print(json.dumps(rows, indent=1))
         return

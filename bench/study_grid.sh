@@ -35,13 +35,12 @@ for t in 0.3 0.5 0.7; do
 done
 # 1d. (session 10) the combined recipe under harden_at 0.5 and patience 1, the defaults since then (docs/results.md,
 #     "Ending the stochastic phase sooner"): named and labelled with the keys, so the earlier defaults' runs stay
-$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 \
-    --sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 \
-    --sweep method.variational.patience=1 --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
+H05P1=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1)
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 "${H05P1[@]}" \
+    --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
 # 1e. (session 11) under the same defaults: unit-only (alpha 1) at the three budgets, the combined recipe without a
 #     target (nu 0.3, the untargeted default) and the combined recipe on MNIST, so that every comparison of the
 #     combined method pairs runs under one set of defaults
-H05P1=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1)
 $PY -m launch.submit --config configs/study_unit_only_a1.yaml method.label=unit_only_a1_h05p1 "${H05P1[@]}" \
     --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h05p1 "${H05P1[@]}" \
