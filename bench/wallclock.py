@@ -32,7 +32,8 @@ def run(model: str, size: int, method: str, args: argparse.Namespace) -> dict:
     """The run's summary.json (training it first unless it finished)."""
     extra = args.extra if method != "none" else []
     # a run with extra overrides is named by them, so that it never meets (or is read back as) the default's
-    tag = "".join(f"-{o.rsplit('.', 1)[-1].replace('=', '')}" for o in extra)
+    # (the key's last part and the value: method.variational.alpha=0.5 -> -alpha0.5)
+    tag = "".join(f"-{o.split('=', 1)[0].rsplit('.', 1)[-1]}{o.split('=', 1)[1] if '=' in o else ''}" for o in extra)
     name = f"{model}-{size}-{method}-e{args.epochs}{tag}"
     run_dir = Path(args.root) / name
     summary = run_dir / "summary.json"
