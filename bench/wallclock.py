@@ -3,10 +3,11 @@
 For every model and method: one ``parsimony-train`` run of the study recipe (configs/study_<method>.yaml:
 Fashion-MNIST-4k, batch 64, LR 0.1 cosine) at ``--target`` of the dense MACs, ``--epochs`` epochs, with the
 machine's cores to itself (``--threads``), tracking and the end-of-run latency timing off; then one table:
-wall-clock against the dense run of the same model, training MACs (the share of the dense run's, as the run
-counts them: every forward and backward, an estimator's extra forwards included), the final network's MACs
-and top-1 on the validation split. The target is a wall-clock of at most 0.85 of dense. A run that finished is
-read back, not run again, so the bench resumes.
+wall-clock against the dense run of the same model, the same for the training steps alone (summary.json's
+``time_s``: the wall-clock less evaluation, pruning events and checkpoints), training MACs (the share of the
+dense run's, as the run counts them: every forward and backward, an estimator's extra forwards included), the
+final network's MACs and top-1 on the validation split. The target is a wall-clock of at most 0.85 of dense. A
+run that finished is read back, not run again, so the bench resumes.
 
     python -m pipelines.fmnist --out data/fmnist-4k --train 4000     # the data, once
     python bench/wallclock.py                                        # resnet56@32 and resnet18@64
@@ -78,15 +79,23 @@ def main() -> int:
         for method in methods:
             s = run(model, int(size), method, args)
             dense = s if method == "none" else dense
+            steps_s = s.get("time_s", {}).get("steps")  # the training steps alone (summary.json's time_s)
+            dense_steps = dense.get("time_s", {}).get("steps")
             rows.append({"model": f"{model}@{size}", "method": method, "wall_s": s["wall_s"],
-                         "wall_vs_dense": s["wall_s"] / dense["wall_s"], "train_macs_pct": s["train_macs_pct"],
+                         "wall_vs_dense": s["wall_s"] / dense["wall_s"], "time_s": s.get("time_s"),
+                         "steps_vs_dense": steps_s / dense_steps if steps_s and dense_steps else None,
+                         "train_macs_pct": s["train_macs_pct"],
                          "macs_pct": s["macs_pct"], "top1": 100 * s["top1"], "steps": s["steps"],
                          "blocks_removed": s.get("blocks_removed", 0)})
-    print(f"{'model':14s} {'method':12s} {'wall s':>8s} {'vs dense':>9s} {'train MACs':>11s} {'MACs':>7s} "
-          f"{'top-1':>7s} {'blocks':>6s}  target <= {TARGET_RATIO}")
+    print(f"{'model':14s} {'method':12s} {'wall s':>8s} {'vs dense':>9s} {'steps s':>8s} {'vs dense':>9s} "
+          f"{'eval s':>7s} {'prune s':>8s} {'train MACs':>11s} {'MACs':>7s} {'top-1':>7s} {'blocks':>6s}  "
+          f"target <= {TARGET_RATIO}")
     for r in rows:
         ok = "" if r["method"] == "none" else ("met" if r["wall_vs_dense"] <= TARGET_RATIO else "not met")
-        print(f"{r['model']:14s} {r['method']:12s} {r['wall_s']:8.1f} {r['wall_vs_dense']:9.2f} "
+        t = r["time_s"] or {}  # (a run from before summary.json had time_s: its split is not known)
+        split = (f"{t['steps']:8.1f} {r['steps_vs_dense']:9.2f} {t['eval']:7.1f} {t['prune']:8.1f}"
+                 if t and r["steps_vs_dense"] else f"{'-':>8s} {'-':>9s} {'-':>7s} {'-':>8s}")
+        print(f"{r['model']:14s} {r['method']:12s} {r['wall_s']:8.1f} {r['wall_vs_dense']:9.2f} {split} "
               f"{r['train_macs_pct']:10.1f}% {r['macs_pct']:6.1f}% {r['top1']:7.2f} {r['blocks_removed']:6d}  {ok}")
     if args.json:
         print(json.dumps(rows))

@@ -97,6 +97,13 @@ def target_reached(target: float | None, macs: int, dense_macs: int) -> bool | N
     return reached
 
 
+def time_split(wall_s: float, parts: dict[str, float]) -> dict[str, float]:
+    """Where ``wall_s`` went: ``steps`` (the training steps, the loop's bookkeeping and data loading: the rest)
+    and the parts timed apart (``eval``, ``prune``, ``checkpoint``), each in seconds."""
+    split = {k: round(parts.get(k, 0.0), 3) for k in ("eval", "prune", "checkpoint")}
+    return {"steps": round(max(0.0, wall_s - sum(split.values())), 3), **split}
+
+
 def summary_of(cfg, state, final: ArchSpec, counts: tuple[int, int], dense: tuple[int, int], res: dict[str, Any],
                **extra: Any) -> dict[str, Any]:
     """The ``summary.json`` record of a finished run: ``cfg`` its config, ``state`` its loop state,
@@ -113,7 +120,8 @@ def summary_of(cfg, state, final: ArchSpec, counts: tuple[int, int], dense: tupl
         "channels_removed": s.channels_removed, "prune_events": s.prune_events,
         "train_macs": s.train_macs, "train_macs_dense": s.train_macs_dense,
         "train_macs_pct": 100.0 * s.train_macs / max(1.0, s.train_macs_dense),
-        "wall_s": s.wall_s, "steps": s.step, "epochs_configured": cfg.train.epochs,
+        "wall_s": s.wall_s, "time_s": time_split(s.wall_s, s.time_s), "steps": s.step,
+        "epochs_configured": cfg.train.epochs,
         "target_macs": target, "target_reached": target_reached(target, macs, dense_macs),
         "eval_split": cfg.data.eval_split, "samples_skipped": s.samples_skipped, **extra,
     }

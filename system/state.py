@@ -31,6 +31,8 @@ class LoopState:
     channels_removed: int = 0
     blocks_removed: int = 0
     wall_s: float = 0.0
+    # seconds of wall_s spent outside the training steps: "eval", "prune" (decision events), "checkpoint"
+    time_s: dict = field(default_factory=dict)
     best_top1: float = 0.0
     last_eval: dict = field(default_factory=dict)
     width_history: list = field(default_factory=list)  # [(step, {gate: width})]

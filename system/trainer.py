@@ -8,8 +8,10 @@ Its parts are built once, by :class:`system.run.Run` (resumed ones from their ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,11 +65,24 @@ class Trainer(Run):
         self.state.step += 1
         return loss.detach()
 
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the wall-clock of the block to ``state.time_s[part]`` (summary.json's ``time_s``)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.state.time_s[part] = self.state.time_s.get(part, 0.0) + time.perf_counter() - t
+
     def maybe_prune(self, event: Event) -> None:
         """The decision of ``event`` (sync -> decide -> agree -> apply), for the events the method
         declares: for any other, no collective runs."""
         if event not in self.method.events:
             return
+        with self.timed("prune"):
+            self._prune(event)
+
+    def _prune(self, event: Event) -> None:
         s = self.state
         ctx = StepContext(step=s.step, epoch=s.epoch, total_steps=self.total_steps, model=self.model)
         plan = self.coord.decide(self.method, self.model, lambda: self.method.decide(event, ctx))
@@ -83,6 +98,10 @@ class Trainer(Run):
     def evaluate(self, net: GatedResNet | None = None) -> dict[str, float]:
         """Top-1/top-5/loss on ``data.eval_split``: of the training model under the method's eval
         gates, or of ``net`` (the deployed network) when given."""
+        with self.timed("eval"):
+            return self._evaluate(net)
+
+    def _evaluate(self, net: GatedResNet | None) -> dict[str, float]:
         cfg, s = self.cfg, self.state
         loader = build_loader(cfg.data, cfg.data.eval_split, self.env.rank, self.env.world_size, cfg.train.seed, 0,
                               device=self.device)
@@ -169,7 +188,8 @@ class Trainer(Run):
                     if not eval_every:
                         self.evaluate()
                     if cfg.checkpoint.at_epoch_end:
-                        self.save_checkpoint("epoch_end")
+                        with self.timed("checkpoint"):
+                            self.save_checkpoint("epoch_end")
 
     def _check_skips(self, loader) -> None:
         """Count the unreadable samples (all ranks); over ``data.max_skip_frac``: checkpoint, then stop."""
@@ -186,7 +206,8 @@ class Trainer(Run):
         step = self.state.step
         stop = self.faults.stops_after(step)
         if self.checkpointer.due(step) or stop:
-            self.save_checkpoint("stop" if stop else "every_steps")
+            with self.timed("checkpoint"):
+                self.save_checkpoint("stop" if stop else "every_steps")
         if stop:
             log.warning("%s=%d: stopping after the checkpoint of step %d (fault injection)", ENV_STOP,
                         self.faults.stop_after_step, step)

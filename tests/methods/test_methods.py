@@ -38,6 +38,11 @@ def test_strong_method_removes_structures_and_summary_matches_inspect(tmp_path, 
     for k in ("method", "model", "top1", "macs", "params", "macs_dense", "params_dense", "blocks_removed",
               "channels_removed", "train_macs", "train_macs_dense", "wall_s"):
         assert k in on_disk
+    # where the wall-clock went: the evaluation and the pruning events timed apart, the steps the rest
+    split = on_disk["time_s"]
+    assert set(split) == {"steps", "eval", "prune", "checkpoint"}
+    assert split["eval"] > 0 and split["prune"] > 0 and split["steps"] > 0
+    assert sum(split.values()) == pytest.approx(on_disk["wall_s"], abs=0.01)
 
 
 def test_training_macs_per_step_drop_after_a_removal(tmp_path):
