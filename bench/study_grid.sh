@@ -73,6 +73,11 @@ for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1 "${H05P1[@]}" \
       --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]}"
 done
+# 3e. (session 12) the same at seeds 3-4, so that depth has the 5 paired seeds that dense and Taylor have at 30%
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1 "${H05P1[@]}" \
+      --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=3,4
+done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
