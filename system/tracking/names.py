@@ -84,4 +84,8 @@ def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
                 if k.startswith("latency_") and isinstance(v, (int, float)) and not isinstance(v, bool)})
     if isinstance(summary.get("steps"), int):  # how long the run trained: runs of other lengths compare apart
         out[FINAL_PREFIX + "steps"] = float(summary["steps"])
+    # where wall_s went (summary.json's time_s): summary/time_steps_s, summary/time_eval_s, ...
+    split = summary.get("time_s")
+    if isinstance(split, Mapping):
+        out.update({f"{FINAL_PREFIX}time_{k}_s": float(v) for k, v in split.items() if isinstance(v, (int, float))})
     return out

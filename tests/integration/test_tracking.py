@@ -86,6 +86,9 @@ def test_final_metrics_names():
     out = final_metrics({"top1": 75.5, "macs": 2e9, "wall_s": 10, "other": 1, "params": None})
     assert out == {"summary/top1": 75.5, "summary/macs": 2e9, "summary/wall_s": 10.0}
     assert final_metrics({"macs_pct": 48.5}) == {"summary/macs_pct": 48.5}  # the runs table's MACs column
+    # summary.json's time_s: one metric per part of the wall-clock
+    assert final_metrics({"time_s": {"steps": 8.0, "eval": 1.5}}) == {"summary/time_steps_s": 8.0,
+                                                                     "summary/time_eval_s": 1.5}
 
 
 def test_log_and_read_back(store):

@@ -138,9 +138,14 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     latency = {k for k, v in on_disk.items() if k.startswith("latency_") and isinstance(v, (int, float))}
     assert {"latency_ratio_b1", "latency_ratio_b64", "latency_ms_b1"} <= latency
     # ... and the steps it trained (runs of other lengths compare apart)
-    assert set(finals) == {T.FINAL_PREFIX + k for k in (*T.FINAL_KEYS, *latency, "steps")}
+    # ... and where the wall-clock went (summary.json's time_s)
+    split = {f"time_{k}_s": v for k, v in on_disk["time_s"].items()}
+    assert set(split) == {"time_steps_s", "time_eval_s", "time_prune_s", "time_checkpoint_s"}
+    assert set(finals) == {T.FINAL_PREFIX + k for k in (*T.FINAL_KEYS, *latency, *split, "steps")}
     for k in (*T.FINAL_KEYS, *latency, "steps"):
         assert finals[T.FINAL_PREFIX + k] == pytest.approx(float(on_disk[k]), rel=1e-6), k
+    for k, v in split.items():
+        assert finals[T.FINAL_PREFIX + k] == pytest.approx(float(v), rel=1e-6), k
 
     # params: the whole resolved config, flattened
     p = run.data.params
