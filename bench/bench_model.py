@@ -91,9 +91,10 @@ def time_specs(paths: list[str], args: argparse.Namespace) -> list[dict]:
     steppers = {k: Stepper(build_model(s, gates=False), batch, size, s.num_classes, device, args.precision,
                            args.channels_last) for k, s in nets.items()}
     times = interleaved(steppers, args.iters, args.warmup)
+    dense_macs = count(dense)[0]
     rows = []
     for k, s in nets.items():
-        macs = count(s)[0] / count(dense)[0]
+        macs = count(s)[0] / dense_macs
         t = times[k] / times["dense"]
         rows.append({"spec": k, "model": name, "input": size, "batch": batch, "step_s": times[k], "macs_ratio": macs,
                      "time_ratio": t, "time_per_mac_vs_dense": t / macs})

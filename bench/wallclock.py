@@ -40,7 +40,7 @@ def run(model: str, size: int, method: str, args: argparse.Namespace, rep: int =
     extra = args.extra if method != "none" else []
     # a run with extra overrides is named by them, so that it never meets (or is read back as) the default's
     # (the key's last part and the value: method.variational.alpha=0.5 -> -alpha0.5)
-    tag = "".join(f"-{o.split('=', 1)[0].rsplit('.', 1)[-1]}{o.split('=', 1)[1] if '=' in o else ''}" for o in extra)
+    tag = "".join(f"-{key.rsplit('.', 1)[-1]}{value}" for key, _, value in (o.partition("=") for o in extra))
     name = f"{model}-{size}-{method}-e{args.epochs}{tag}" + (f"-r{rep}" if rep else "")
     run_dir = Path(args.root) / name
     summary = run_dir / "summary.json"
