@@ -47,6 +47,7 @@ class Trainer(Run):
         model.train()
         self._lr = set_lrs(self.engine.optimizer, cfg.optim, step, self.total_steps, self.steps_per_epoch,
                            self.method.theta_active(step))
+        self.method.before_step(model, step)
         logits = self.engine.forward(x)
 
         def per_example(lg: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,11 @@ class Gate(nn.Module):
       is on (as after hardening, which cuts the rest) the multiply is skipped.
     - ``mean``: ``xi = theta`` (the mean network; with theta = 1 its theta gradient is ``dL/dz`` at z = 1,
       which Taylor reads off the BatchNorm instead).
+
+    ``idle`` (sampled mode; the method sets it while theta is held at 1, as in its warm-up): the gate passes
+    its input unchanged, which is what ``xi ~ Bernoulli(1) = 1`` multiplies by, bit for bit, with no multiply
+    and no theta gradient.  Inside a :class:`GatedResNet` the draw is still made (:func:`draw_gates`), so the
+    random stream, and the run, are those of a drawing gate.
     """
 
     def __init__(self, n: int, kind: str):
@@ -56,6 +61,7 @@ class Gate(nn.Module):
         self.replay = False  # sampled mode: reuse the last draw (common random numbers)
         self.last_xi: torch.Tensor | None = None  # the last sampled draw, shape (B or 1, n)
         self.drawn: torch.Tensor | None = None  # this forward's multiplier from draw_gates, (B or 1, n, 1, 1)
+        self.idle = False  # sampled mode with theta held at 1: pass the input (see the class docstring)
         self._all_on: tuple[tuple, bool] | None = None  # (theta version key, every unit on) cache
 
     def all_on(self) -> bool:
@@ -97,8 +103,11 @@ class Gate(nn.Module):
 
     def multiplier(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         """:meth:`value`, or None where the gate passes everything: mode ``off``, or ``deterministic`` with
-        every unit on (after hardening every kept gate is: the multiply by ones is skipped)."""
-        if self.mode == "deterministic" and self.force is None and self.all_on():
+        every unit on (after hardening every kept gate is: the multiply by ones is skipped), or ``sampled``
+        and ``idle``."""
+        if self.force is None and ((self.mode == "deterministic" and self.all_on())
+                                   or (self.mode == "sampled" and self.idle)):
+            self.drawn = None
             return None
         return self.value(batch, dtype)
 
@@ -118,7 +127,8 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
 
     The same distribution as each gate drawing for itself, in a handful of ops for the whole network
     instead of a handful per gate (docs/benchmarks.md, "Step budget").  Gates that replay their last draw
-    or are forced are left alone."""
+    or are forced are left alone; ``idle`` gates are drawn (the random stream stays that of every gate
+    drawing) and get no multiplier, and a group of idle gates skips the straight-through arithmetic."""
     groups: dict[tuple[bool, bool], list[Gate]] = {}
     for g in gates:
         if g.mode == "sampled" and not g.replay and g.force is None:
@@ -128,10 +138,14 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
         flat = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
         rows = batch if per_example else 1
         xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0).expand(rows, -1))
-        value = xi + (flat - flat.detach()) if straight_through else xi
         sizes = [t.numel() for t in thetas]
+        if all(g.idle for g in members):
+            for g, x in zip(members, xi.split(sizes, dim=1)):
+                g.last_xi, g.drawn = x, None
+            continue
+        value = xi + (flat - flat.detach()) if straight_through else xi
         for g, x, v in zip(members, xi.split(sizes, dim=1), value.view(rows, -1, 1, 1).split(sizes, dim=1)):
-            g.last_xi, g.drawn = x, v
+            g.last_xi, g.drawn = x, None if g.idle else v
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -443,6 +457,12 @@ def set_gate_mode(model: nn.Module, unit: str | None = None, layer: str | None =
             g.mode = mode
         if per_example is not None:
             g.per_example = per_example
+
+
+def set_gates_idle(model: nn.Module, idle: bool) -> None:
+    """Mark every gate ``idle`` or not (:class:`Gate`: sampled gates with theta held at 1 pass their input)."""
+    for g in gates_of(model).values():
+        g.idle = idle
 
 
 def gate_modes(model: nn.Module) -> dict[str, tuple[str, bool]]:

@@ -8,6 +8,7 @@ decides on identical inputs.
 
 What the loop asks of a method, in order:
 
+- ``before_step(model, step)``  the step's forward comes next (what its gates do)
 - ``loss_terms(model, step, batch)``  extra loss terms (prices, estimator surrogates, own decay)
 - ``after_backward(model, step, grad_scale)``  gradients of this micro-batch are there
 - ``after_step(model, step)``  the optimizer stepped (variational projects theta to [0, 1])
@@ -146,6 +147,10 @@ class Method:
         return "mean"
 
     # -- per step ---------------------------------------------------------------------------
+    def before_step(self, model: GatedResNet, step: int) -> None:
+        """Step ``step``'s forward comes next (set what its gates do; no collective, no host sync)."""
+        pass
+
     def loss_terms(self, model: GatedResNet, step: int, batch: Batch) -> list[torch.Tensor]:
         """Terms added to the loss before backward, in order (prices, estimator surrogates whose
         gradient carries what autograd cannot, the method's own weight decay)."""
@@ -287,3 +292,16 @@ def unit_and_layer_gates(model: GatedResNet):
     unit = {n: g for n, g in gates.items() if g.kind == "unit"}
     layer = {n: g for n, g in gates.items() if g.kind == "layer"}
     return unit, layer
+
+
+def gate_grads_at_one(bns: list) -> list[torch.Tensor] | None:
+    """``dL/dz`` of a gate ``z = 1`` that multiplies the output of each BatchNorm of ``bns`` (after its ReLU,
+    or directly), per channel, read off the BatchNorm's gradients: ``gamma * dL/dgamma + beta * dL/dbeta``
+    (``relu(y) z = relu(z y)`` for ``z >= 0``, and ``z y = z gamma xhat + z beta``); two multi-tensor ops
+    for all of them.  None if a BatchNorm has no gradient; the loss scale stays in."""
+    if any(b.weight.grad is None or b.bias.grad is None for b in bns):
+        return None
+    with torch.no_grad():  # (no detach per tensor: each would be an op of its own)
+        dz = torch._foreach_mul([b.weight for b in bns], [b.weight.grad for b in bns])
+        torch._foreach_addcmul_(dz, [b.bias for b in bns], [b.bias.grad for b in bns])
+    return list(dz)

@@ -14,12 +14,12 @@ whole blocks) is the ranking base's: :mod:`system.pruning.methods.ranking`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
 from system.models.anatomy import unit_modules
 from system.models.resnet import GatedResNet
+from system.pruning.methods.base import gate_grads_at_one
 from system.pruning.methods.ranking import Ranking, RankingConfig
 
 
@@ -36,14 +36,11 @@ class Taylor(Ranking):
         """``(gamma * dL/dgamma + beta * dL/dbeta)^2`` of every unit in this batch (the loss scale
         divided out), six multi-tensor ops for the whole network."""
         names = list(self.acc)
-        bns = unit_modules(model, names, "bn")  # the BatchNorm each unit passes through before its gate
-        if not names or any(b.weight.grad is None or b.bias.grad is None for b in bns):
+        # the BatchNorm each unit passes through before its gate
+        dz = gate_grads_at_one(unit_modules(model, names, "bn")) if names else None
+        if dz is None:
             return {}
-        w_grad = [cast(torch.Tensor, b.weight.grad) for b in bns]
-        b_grad = [cast(torch.Tensor, b.bias.grad) for b in bns]
-        with torch.no_grad():  # (no detach per tensor: each would be an op of its own)
-            dz = torch._foreach_mul([b.weight for b in bns], w_grad)
-            torch._foreach_addcmul_(dz, [b.bias for b in bns], b_grad)
+        with torch.no_grad():
             if grad_scale != 1.0:
                 torch._foreach_div_(dz, grad_scale)
             torch._foreach_mul_(dz, dz)

@@ -37,10 +37,10 @@ from typing import Any, cast
 
 import torch
 
-from system.models.anatomy import last_bn
-from system.models.resnet import GatedResNet, RemovedBlock, gates_of, set_gate_mode, with_gate_modes
+from system.models.anatomy import block_of, last_bn, unit_modules
+from system.models.resnet import GatedResNet, RemovedBlock, gates_of, set_gate_mode, set_gates_idle, with_gate_modes
 from system.pruning.complexity import count
-from system.pruning.methods.base import Batch, Event, Method, StepContext, unit_and_layer_gates
+from system.pruning.methods.base import Batch, Event, Method, StepContext, gate_grads_at_one, unit_and_layer_gates
 from system.pruning.methods.variational.budget import Budget
 from system.pruning.methods.variational.config import VariationalConfig
 from system.pruning.methods.variational.estimators import LayerEstimator
@@ -79,6 +79,7 @@ class Variational(Method):
         self.expected_macs_at_harden: float | None = None
         self._rounding = False  # the plan in flight comes from the rounding step
         self._event_step = 0  # the step of the decision in flight (its log lines and removal_steps)
+        self._idle: bool | None = None  # whether the attached model's gates are idle (None: not set yet)
 
     # -- set-up -------------------------------------------------------------------------
     def check_model(self, model: GatedResNet) -> None:
@@ -108,6 +109,7 @@ class Variational(Method):
         self.rule.attach(model)
         self.paired.attach(unit_and_layer_gates(model)[1])
         model.keep_block_inputs = self._paired_live()
+        self._idle = None  # before_step sets the new model's gates
 
     def _paired_live(self) -> bool:
         c = self.cfg
@@ -136,6 +138,29 @@ class Variational(Method):
     def export_gates(self) -> str:
         return "deterministic" if self.hardened else "mean"
 
+    def gates_idle(self, step: int) -> bool:
+        """Whether the sampled gates of ``step`` are idle (:class:`~system.models.resnet.Gate`): theta is held
+        at 1 and nothing reads its gradient, i.e. theta does not train (the warm-up, or a run without a
+        price) and the paired estimator does not prime.  theta is 1 then: it starts at 1 (``model.init_from``
+        never loads gates), its lr is 0 until :meth:`theta_active`, which stays true once true until the
+        hardening, and the hardened gates are deterministic.  An idle step's forward and weight gradients are
+        the sampled step's bit for bit (xi = 1), its random stream too (the draw is still made), its theta
+        gradients are read off the BatchNorms (:meth:`_idle_theta_grads`), and it costs the dense step plus the
+        draw and a few multi-tensor ops."""
+        return not self.hardened and not self.theta_active(step) and not self._priming(step)
+
+    def _priming(self, step: int) -> bool:
+        """The paired estimator measures every block once in the last steps of the warm-up, so that no theta
+        starts moving on the zero its estimate starts at."""
+        n = len(self.paired.est)
+        return self._paired_live() and not self.theta_active(step) and self.warmup_steps - n <= step < self.warmup_steps
+
+    def before_step(self, model: GatedResNet, step: int) -> None:
+        idle = self.gates_idle(step)
+        if idle != self._idle:
+            set_gates_idle(model, idle)
+            self._idle = idle
+
     # -- loss ---------------------------------------------------------------------------
     def loss_terms(self, model: GatedResNet, step: int, batch: Batch) -> list[torch.Tensor]:
         c, live = self.cfg, not self.hardened
@@ -161,12 +186,7 @@ class Variational(Method):
             self.layer_estimator.extra_forwards = 0.0
             return None
         _, layer = unit_and_layer_gates(model)
-        active = self.theta_active(step)
-        # paired: the last steps of the warm-up measure every block once, so that no theta starts
-        # moving on the zero its estimate starts at
-        priming = (c.estimator == "paired" and not active and self._paired_live()
-                   and self.warmup_steps - len(layer) <= step < self.warmup_steps)
-        return self.layer_estimator.term(model, layer, batch, active, priming, step)
+        return self.layer_estimator.term(model, layer, batch, self.theta_active(step), self._priming(step), step)
 
     def extra_forwards(self) -> float:
         """This step's forwards beyond the main one, in full-network forwards (the paired estimator's
@@ -180,6 +200,8 @@ class Variational(Method):
         gradient, which the rule never sees."""
         c = self.cfg
         model.block_inputs = []  # the paired estimator's kept inputs are spent by now
+        if self._idle:
+            self._idle_theta_grads(model)
         active = self.theta_active(step)
         normalized = c.theta_step == "normalized" and active
         price = self.price.prices(model) if normalized or (active and c.drive > 0) else {}
@@ -203,6 +225,31 @@ class Variational(Method):
             on = {"unit": c.unit_gates, "layer": c.layer_gates}
             add_drive(grads, {n: gates[n].theta for n in grads}, {k: v for k, v in kinds.items() if on[k]},
                       c.drive * s * self.budget.nu * grad_scale, per_nu if normalized else price, c.drive_mode)
+
+    @staticmethod
+    def _idle_theta_grads(model: GatedResNet) -> None:
+        """The theta gradients that idle gates did not compute, read off the BatchNorms they follow: what a
+        drawn gate at xi = 1 gives its theta (straight-through), equal up to float rounding
+        (:func:`~system.pruning.methods.base.gate_grads_at_one`).  Nothing trains on them (theta's lr is 0
+        while the gates idle), but theta's momentum averages them, as it did when the warm-up drew its gates,
+        and the rule's first window sums them: the warm-up then leaves the method in the state it always did."""
+        gates = gates_of(model)
+        names = [n for n, g in gates.items() if g.mode == "sampled" and g.straight_through]
+        units = [n for n in names if gates[n].kind == "unit"]
+        layers = [n for n in names if gates[n].kind == "layer"]  # (the autograd layer estimator only)
+        blocks = dict(model.named_blocks())
+        bns = unit_modules(model, units, "bn") + [last_bn(blocks[block_of(n)], model.block_kind) for n in layers]
+        dz = gate_grads_at_one(bns) if bns else None
+        if dz is None:
+            return
+        with torch.no_grad():
+            for n, d in zip(units + layers, dz):
+                theta = gates[n].theta
+                d = d if gates[n].kind == "unit" else d.sum().reshape(theta.shape)  # a branch's gate: every channel
+                if theta.grad is None:
+                    theta.grad = d.to(theta.dtype)
+                else:  # (a gated decay term reached theta through the loss)
+                    theta.grad.add_(d)
 
     def after_step(self, model: GatedResNet, step: int) -> None:
         with torch.no_grad():  # the projection to [0, 1], one multi-tensor op each way
