@@ -459,10 +459,11 @@ def set_gate_mode(model: nn.Module, unit: str | None = None, layer: str | None =
             g.per_example = per_example
 
 
-def set_gates_idle(model: nn.Module, idle: bool) -> None:
-    """Mark every gate ``idle`` or not (:class:`Gate`: sampled gates with theta held at 1 pass their input)."""
+def set_gates_idle(model: nn.Module, unit: bool, layer: bool) -> None:
+    """Mark the unit and the layer gates ``idle`` or not (:class:`Gate`: sampled gates with theta held at 1
+    pass their input)."""
     for g in gates_of(model).values():
-        g.idle = idle
+        g.idle = unit if g.kind == "unit" else layer
 
 
 def gate_modes(model: nn.Module) -> dict[str, tuple[str, bool]]:

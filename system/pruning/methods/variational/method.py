@@ -79,7 +79,7 @@ class Variational(Method):
         self.expected_macs_at_harden: float | None = None
         self._rounding = False  # the plan in flight comes from the rounding step
         self._event_step = 0  # the step of the decision in flight (its log lines and removal_steps)
-        self._idle: bool | None = None  # whether the attached model's gates are idle (None: not set yet)
+        self._idle: tuple[bool, bool] | None = None  # the attached model's (unit, layer) gates idle (None: not set)
 
     # -- set-up -------------------------------------------------------------------------
     def check_model(self, model: GatedResNet) -> None:
@@ -138,16 +138,17 @@ class Variational(Method):
     def export_gates(self) -> str:
         return "deterministic" if self.hardened else "mean"
 
-    def gates_idle(self, step: int) -> bool:
-        """Whether the sampled gates of ``step`` are idle (:class:`~system.models.resnet.Gate`): theta is held
-        at 1 and nothing reads its gradient, i.e. theta does not train (the warm-up, or a run without a
-        price) and the paired estimator does not prime.  theta is 1 then: it starts at 1 (``model.init_from``
-        never loads gates), its lr is 0 until :meth:`theta_active`, which stays true once true until the
-        hardening, and the hardened gates are deterministic.  An idle step's forward and weight gradients are
-        the sampled step's bit for bit (xi = 1), its random stream too (the draw is still made), its theta
-        gradients are read off the BatchNorms (:meth:`_idle_theta_grads`), and it costs the dense step plus the
-        draw and a few multi-tensor ops."""
-        return not self.hardened and not self.theta_active(step) and not self._priming(step)
+    def gates_idle(self, step: int) -> tuple[bool, bool]:
+        """Whether the sampled (unit, layer) gates of ``step`` are idle (:class:`~system.models.resnet.Gate`):
+        theta is held at 1 (it does not train: the warm-up, or a run without a price), and for the layer gates
+        the paired estimator does not prime (it draws them).  theta is 1 then: it starts at 1
+        (``model.init_from`` never loads gates), its lr is 0 until :meth:`theta_active`, which stays true once
+        true until the hardening, and the hardened gates are deterministic.  An idle step's forward and weight
+        gradients are the drawing step's bit for bit (xi = 1), its random stream too (the draw is still made),
+        its theta gradients are read off the BatchNorms (:meth:`_idle_theta_grads`), and its gates cost the
+        draw and a few multi-tensor ops instead of a few ops each."""
+        unit = not self.hardened and not self.theta_active(step)
+        return unit, unit and not self._priming(step)
 
     def _priming(self, step: int) -> bool:
         """The paired estimator measures every block once in the last steps of the warm-up, so that no theta
@@ -158,7 +159,7 @@ class Variational(Method):
     def before_step(self, model: GatedResNet, step: int) -> None:
         idle = self.gates_idle(step)
         if idle != self._idle:
-            set_gates_idle(model, idle)
+            set_gates_idle(model, unit=idle[0], layer=idle[1])
             self._idle = idle
 
     # -- loss ---------------------------------------------------------------------------
@@ -200,7 +201,7 @@ class Variational(Method):
         gradient, which the rule never sees."""
         c = self.cfg
         model.block_inputs = []  # the paired estimator's kept inputs are spent by now
-        if self._idle:
+        if self._idle and any(self._idle):
             self._idle_theta_grads(model)
         active = self.theta_active(step)
         normalized = c.theta_step == "normalized" and active
@@ -234,7 +235,7 @@ class Variational(Method):
         while the gates idle), but theta's momentum averages them, as it did when the warm-up drew its gates,
         and the rule's first window sums them: the warm-up then leaves the method in the state it always did."""
         gates = gates_of(model)
-        names = [n for n, g in gates.items() if g.mode == "sampled" and g.straight_through]
+        names = [n for n, g in gates.items() if g.mode == "sampled" and g.idle and g.straight_through]
         units = [n for n in names if gates[n].kind == "unit"]
         layers = [n for n in names if gates[n].kind == "layer"]  # (the autograd layer estimator only)
         blocks = dict(model.named_blocks())
