@@ -13,7 +13,8 @@ event) to :class:`Compiler`, which
 What a compile costs in wall-clock (the first step after an event) is measured by ``bench/compile_step.py``.
 
 A network compiles a few graphs, not one per step: the training forward, the evaluation forward (other
-BN and gate modes), the training forward that keeps the block inputs for the paired layer estimator.  The
+BN and gate modes), the training forward that keeps the block inputs for the paired layer estimator, and
+in the variational warm-up one per phase of its gates (idle, then the layer gates drawn to prime).  The
 estimator's suffix forwards run eagerly (:meth:`system.models.resnet.GatedResNet.forward`), so its
 round-robin over blocks adds no graph.  ``tests/methods/test_compile.py`` counts them.
 """

@@ -22,8 +22,9 @@ LATE = {"variational": ["method.variational.warmup_frac=0.45", "method.variation
         "egp": ["method.egp.start_frac=0.5"]}
 RUN = ["train.max_steps=24", "train.eval_every_steps=6", "checkpoint.every_steps=0"]
 COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
-#: graphs one network may compile: training, training keeping block inputs (paired estimator), evaluation
-MAX_GRAPHS = 3
+#: graphs one network may compile: training, training keeping block inputs (paired estimator), evaluation, and
+#: for the variational warm-up's network the gates' phases (every gate idle, the layer gates drawn to prime)
+MAX_GRAPHS = 4
 
 
 def test_every_method_is_covered():
