@@ -13,6 +13,7 @@ leaves out the ops that only make a view or an alias of a tensor (``view``, ``de
     python bench/step_budget.py --methods none,variational --steps 8 --extra method.variational.paired_every=4
     python bench/step_budget.py --compile --methods none,variational   # the compiled step's launches
     python bench/step_budget.py --time --models resnet18:64 --batch 64 --steps 10 --threads 2   # step time
+    python bench/step_budget.py --time --methods none,variational-warmup,variational-warmup-drawn,variational
 
 ``--compile`` counts a ``train.compile=true`` step (inductor) instead.  A ``TorchDispatchMode`` cannot see
 inside a compiled region (dynamo runs the frame eagerly under one), so the compiled step is counted with
@@ -44,6 +45,8 @@ from system.config import apply_overrides, from_dict
 from system.run_config import RunConfig
 
 LAUNCH_US, STEP_MS = 5.0, 50.0
+_WARMUP = ["method.name=variational", "method.variational.warmup_frac=0.9", "method.variational.target_by=0.95",
+           "method.variational.harden_at=0.97", "method.target_macs=0.5"]
 METHODS = {
     "none": ["method.name=none"],
     "taylor": ["method.name=taylor", "method.taylor.start_frac=0.0", "method.taylor.check_every=1000"],
@@ -51,6 +54,9 @@ METHODS = {
     "egp": ["method.name=egp", "method.egp.start_frac=0.0"],
     "variational": ["method.name=variational", "method.variational.warmup_frac=0.0",
                     "method.variational.check_every=1000", "method.target_macs=0.5"],
+    # the warm-up's steps (theta held at 1): its gates idle, or drawn and multiplied (idle_gates=false)
+    "variational-warmup": _WARMUP,
+    "variational-warmup-drawn": [*_WARMUP, "method.variational.idle_gates=false"],
 }
 #: ops that make a view or alias (no kernel launch on a GPU)
 VIEW_OPS = {"aten.view", "aten.detach", "aten.expand", "aten.select", "aten.slice", "aten.as_strided",
@@ -194,7 +200,8 @@ def measure(model: str, size: int, method: str, batch: int, steps: int, warm: in
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20:32", "resnet50:64"])
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default="none,taylor,l1,egp,variational",
+                    help=f"of {', '.join(METHODS)}")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=3)

@@ -11,7 +11,6 @@ import collections
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from system.pruning.methods.variational.method import Variational
 from system.trainer import Trainer
 from tests.methods_util import TARGETED, tiny_config
 
@@ -53,13 +52,12 @@ def _run(path, *over: str) -> tuple[Trainer, dict, StepOps]:
     return trainer, trainer.run(), counter
 
 
-def test_idle_warm_up_gates_change_nothing_but_the_cost(tmp_path, monkeypatch):
+def test_idle_warm_up_gates_change_nothing_but_the_cost(tmp_path):
     var = TARGETED["variational"]
     idle, s_idle, ops_idle = _run(tmp_path / "idle", *var)
     _, _, ops_dense = _run(tmp_path / "dense", "method.name=none", "method.target_macs=null")
-    with monkeypatch.context() as m:  # the same run with every warm-up gate drawn and multiplied
-        m.setattr(Variational, "gates_idle", lambda self, step: (False, False))
-        drawn, s_drawn, ops_drawn = _run(tmp_path / "drawn", *var)
+    # the same run with every warm-up gate drawn and multiplied
+    drawn, s_drawn, ops_drawn = _run(tmp_path / "drawn", *var, "method.variational.idle_gates=false")
 
     assert s_idle["prune_events"] >= 1 and s_idle["macs"] == s_drawn["macs"]
     assert s_idle["channels_removed"] == s_drawn["channels_removed"]

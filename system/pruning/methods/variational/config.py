@@ -79,6 +79,9 @@ class VariationalConfig:
     harden_at: float = 0.5
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
     threshold: float = 0.5  # deterministic gate: xi = 1[theta > threshold]
+    # while theta is held at 1 (the warm-up) the gates pass their input and theta's gradient is read off the
+    # BatchNorms: the same run, cheaper (docs/method.md, "Idle gates"); false draws and multiplies them (to measure)
+    idle_gates: bool = True
 
     def __post_init__(self) -> None:
         check(self.nu >= 0, "nu", "must be >= 0")
