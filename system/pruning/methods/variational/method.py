@@ -80,6 +80,7 @@ class Variational(Method):
         self._rounding = False  # the plan in flight comes from the rounding step
         self._event_step = 0  # the step of the decision in flight (its log lines and removal_steps)
         self._idle: tuple[bool, bool] | None = None  # the attached model's (unit, layer) gates idle (None: not set)
+        self._blocks = 0  # the attached model's layer gates (the paired estimator primes one a step)
 
     # -- set-up -------------------------------------------------------------------------
     def check_model(self, model: GatedResNet) -> None:
@@ -110,6 +111,7 @@ class Variational(Method):
         self.paired.attach(unit_and_layer_gates(model)[1])
         model.keep_block_inputs = self._paired_live()
         self._idle = None  # before_step sets the new model's gates
+        self._blocks = len(unit_and_layer_gates(model)[1])
 
     def _paired_live(self) -> bool:
         c = self.cfg
@@ -153,8 +155,8 @@ class Variational(Method):
     def _priming(self, step: int) -> bool:
         """The paired estimator measures every block once in the last steps of the warm-up, so that no theta
         starts moving on the zero its estimate starts at."""
-        n = len(self.paired.est)
-        return self._paired_live() and not self.theta_active(step) and self.warmup_steps - n <= step < self.warmup_steps
+        return (self._paired_live() and not self.theta_active(step)
+                and self.warmup_steps - self._blocks <= step < self.warmup_steps)
 
     def before_step(self, model: GatedResNet, step: int) -> None:
         idle = self.gates_idle(step)
