@@ -147,8 +147,9 @@ class Variational(Method):
         (``model.init_from`` never loads gates), its lr is 0 until :meth:`theta_active`, which stays true once
         true until the hardening, and the hardened gates are deterministic.  An idle step's forward and weight
         gradients are the drawing step's bit for bit (xi = 1), its random stream too (the draw is still made),
-        its theta gradients are read off the BatchNorms (:meth:`_idle_theta_grads`), and its gates cost the
-        draw and a few multi-tensor ops instead of a few ops each.  ``idle_gates: false``: never."""
+        its theta gradients are read off the BatchNorms (:meth:`_idle_theta_grads`; equal up to float rounding),
+        and its gates cost the draw and a few multi-tensor ops instead of a few ops each.  ``idle_gates: false``:
+        never."""
         unit = self.cfg.idle_gates and not self.hardened and not self.theta_active(step)
         return unit, unit and not self._priming(step)
 
