@@ -200,8 +200,8 @@ def measure(model: str, size: int, method: str, batch: int, steps: int, warm: in
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20:32", "resnet50:64"])
-    ap.add_argument("--methods", default="none,taylor,l1,egp,variational",
-                    help=f"of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(m for m in METHODS if "-warmup" not in m),
+                    help=f"of {', '.join(METHODS)} (default: all but the warm-up variants)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=3)

@@ -139,12 +139,11 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
         rows = batch if per_example else 1
         xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0).expand(rows, -1))
         sizes = [t.numel() for t in thetas]
-        if all(g.idle for g in members):
-            for g, x in zip(members, xi.split(sizes, dim=1)):
-                g.last_xi, g.drawn = x, None
-            continue
-        value = xi + (flat - flat.detach()) if straight_through else xi
-        for g, x, v in zip(members, xi.split(sizes, dim=1), value.view(rows, -1, 1, 1).split(sizes, dim=1)):
+        values: list | tuple = [None] * len(members)  # (an all-idle group multiplies nothing)
+        if not all(g.idle for g in members):
+            value = xi + (flat - flat.detach()) if straight_through else xi
+            values = value.view(rows, -1, 1, 1).split(sizes, dim=1)
+        for g, x, v in zip(members, xi.split(sizes, dim=1), values):
             g.last_xi, g.drawn = x, None if g.idle else v
 
 
