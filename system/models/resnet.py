@@ -62,6 +62,9 @@ class Gate(nn.Module):
         self.last_xi: torch.Tensor | None = None  # the last sampled draw, shape (B or 1, n)
         self.drawn: torch.Tensor | None = None  # this forward's multiplier from draw_gates, (B or 1, n, 1, 1)
         self.idle = False  # sampled mode with theta held at 1: pass the input (see the class docstring)
+        # sampled per example, inside a GatedResNet: the share of the batch's examples that draw; the others
+        # multiply by theta, the gate's mean (see draw_gates)
+        self.sampled_frac = 1.0
         self._all_on: tuple[tuple, bool] | None = None  # (theta version key, every unit on) cache
 
     def all_on(self) -> bool:
@@ -128,16 +131,27 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
     The same distribution as each gate drawing for itself, in a handful of ops for the whole network
     instead of a handful per gate (docs/benchmarks.md, "Step budget").  Gates that replay their last draw
     or are forced are left alone; ``idle`` gates are drawn (the random stream stays that of every gate
-    drawing) and get no multiplier, and a group of idle gates skips the straight-through arithmetic."""
-    groups: dict[tuple[bool, bool], list[Gate]] = {}
+    drawing) and get no multiplier, and a group of idle gates skips the straight-through arithmetic.
+
+    A per-example group with ``sampled_frac`` f < 1 draws for every example (the random stream is the same at
+    any f) and keeps the draws of the first ``max(1, round(f B))`` examples; the others get theta itself, the
+    gate's mean (straight-through: value theta, gradient 1, as a drawn example's), and ``last_xi`` holds the
+    mixed values, which the estimators' replayed forwards reuse.  The batch's order is the loader's shuffle,
+    so which examples draw is random."""
+    groups: dict[tuple[bool, bool, float], list[Gate]] = {}
     for g in gates:
         if g.mode == "sampled" and not g.replay and g.force is None:
-            groups.setdefault((g.per_example, g.straight_through), []).append(g)
-    for (per_example, straight_through), members in groups.items():
+            frac = g.sampled_frac if g.per_example else 1.0
+            groups.setdefault((g.per_example, g.straight_through, frac), []).append(g)
+    for (per_example, straight_through, frac), members in groups.items():
         thetas: list[torch.Tensor] = [g.theta for g in members]
         flat = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
         rows = batch if per_example else 1
-        xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0).expand(rows, -1))
+        p = flat.detach().clamp(0.0, 1.0)
+        xi = torch.bernoulli(p.expand(rows, -1))
+        drawn_rows = max(1, round(frac * rows))
+        if drawn_rows < rows:  # the other examples multiply by theta (the mean gate)
+            xi = torch.cat([xi[:drawn_rows], p.expand(rows - drawn_rows, -1)])
         sizes = [t.numel() for t in thetas]
         values: list | tuple = [None] * len(members)  # (an all-idle group multiplies nothing)
         if not all(g.idle for g in members):

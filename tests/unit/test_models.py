@@ -174,6 +174,55 @@ def test_the_models_one_draw_is_each_gates_bernoulli_with_its_straight_through_g
     assert sum(float(v.abs().sum()) > 0 for v in grad.values()) > len(grad) // 2
 
 
+def test_a_share_of_the_examples_draws_the_others_multiply_by_theta():
+    """``sampled_frac`` (method.variational.unit_sampled_frac): the first round(f B) examples of a batch draw
+    their unit gates, the same draws as with f = 1 under the same seed; the others multiply by theta (the mean
+    gate), so their output is the mean network's; theta's gradient is the sum over examples of dL/dz at each
+    example's value (eval BatchNorm: the examples are independent and the loss is a sum over them)."""
+    torch.manual_seed(0)
+    model = build_model(dense_spec("resnet20", num_classes=4, input_size=8)).eval()
+    set_gate_mode(model, unit="sampled", layer="off")
+    gates = {n: g for n, g in gates_of(model).items() if g.kind == "unit"}
+    with torch.no_grad():
+        for i, g in enumerate(gates.values()):
+            g.per_example = True
+            g.theta.copy_(torch.linspace(0.2, 0.8, g.theta.numel()).roll(i))
+    x = torch.randn(8, 3, 8, 8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model(x)
+    full = {n: g.last_xi.clone() for n, g in gates.items()}
+    for g in gates.values():
+        g.sampled_frac = 0.25
+    torch.manual_seed(1)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    mixed = {n: g.last_xi.clone() for n, g in gates.items()}
+    grad = {n: g.theta.grad.clone() for n, g in gates.items()}
+    for n, g in gates.items():
+        assert torch.equal(mixed[n][:2], full[n][:2])  # the drawn examples: the f = 1 draws
+        assert torch.equal(mixed[n][2:], g.theta.detach().expand(6, -1))  # the others: theta
+    assert any(not torch.equal(full[n][2:], mixed[n][2:]) for n in gates)
+    # the undrawn examples' output is the mean network's
+    set_gate_mode(model, unit="mean", layer="off")
+    with torch.no_grad():
+        torch.testing.assert_close(out[2:], model(x[2:]), rtol=1e-5, atol=1e-5)
+    # theta's gradient: per example, the mean network's at theta = that example's value, summed
+    saved = {n: g.theta.detach().clone() for n, g in gates.items()}
+    total = {n: torch.zeros_like(v) for n, v in saved.items()}
+    for r in range(8):
+        with torch.no_grad():
+            for n, g in gates.items():
+                g.theta.copy_(mixed[n][r])
+        model.zero_grad(set_to_none=True)
+        model(x[r:r + 1]).square().sum().backward()
+        for n, g in gates.items():
+            total[n] += g.theta.grad
+    for n in gates:
+        torch.testing.assert_close(grad[n], total[n], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
 @pytest.mark.parametrize("layer_per_example", [False, True])
 def test_the_layer_gate_folded_into_the_last_batchnorm_is_the_multiply(name, layer_per_example):

@@ -41,6 +41,9 @@ class VariationalConfig:
     paired_every: int = 1
     exact_blocks: int = 0  # exact: blocks differenced per step (0 = all)
     per_example: bool = True  # sample unit gates per example
+    # [ours] per example: the share of a batch's examples whose unit gates draw; the others multiply by theta (the
+    # gate's mean), so the weights train under less random dropout while theta still sees drawn gates (1: all draw)
+    unit_sampled_frac: float = 1.0
     layer_per_example: bool = False  # sample layer gates per example (conditional needs it; paired refuses it)
     gated_decay: bool = False  # weight decay of gated weights scaled by theta (in the loss)
     # budget mode (method.target_macs): dual ascent on nu
@@ -94,6 +97,11 @@ class VariationalConfig:
         check(0.0 <= self.theta_momentum < 1.0, "theta_momentum", f"must be in [0, 1), got {self.theta_momentum}")
         check(0.0 <= self.warmup_frac < 1.0, "warmup_frac", "must be in [0, 1)")
         check(self.unit_gates or self.layer_gates, "unit_gates", "at least one of unit_gates/layer_gates must be on")
+        check(0.0 < self.unit_sampled_frac <= 1.0, "unit_sampled_frac",
+              f"must be in (0, 1] (a share of the batch's examples), got {self.unit_sampled_frac}")
+        check(self.unit_sampled_frac == 1.0 or self.per_example, "unit_sampled_frac",
+              "a share of the examples draws only when the unit gates are drawn per example: set "
+              "method.variational.per_example=true or unit_sampled_frac=1")
         check(self.exact_blocks >= 0, "exact_blocks", "must be >= 0")
         check(self.paired_blocks >= 0, "paired_blocks", "must be >= 0")
         check(0.0 <= self.paired_memory < 1.0, "paired_memory", f"must be in [0, 1), got {self.paired_memory}")
