@@ -41,6 +41,28 @@ def test_unit_gate_sampled_off_still_gets_a_data_gradient():
     assert int((g.theta.grad != 0).sum()) >= g.theta.numel() - 2
 
 
+def test_a_share_of_the_examples_draws_in_the_trainers_steps(tmp_path):
+    """``unit_sampled_frac: 0.25`` through the real trainer (a targeted run, theta training from the first
+    step): in every step a quarter of the batch's examples draw each unit gate (0 or 1) and the others
+    multiply by theta as it stood at that forward; theta trains."""
+    trainer = Trainer(tiny_config(tmp_path, "method.name=variational", "method.target_macs=0.5",
+                                  "method.variational.warmup_frac=0", "method.variational.unit_sampled_frac=0.25",
+                                  "train.max_steps=40"))
+    units = {n: g for n, g in gates_of(trainer.model).items() if g.kind == "unit"}
+    start = {n: g.theta.detach().clone() for n, g in units.items()}
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    for _ in range(6):
+        before = {n: g.theta.detach().clone() for n, g in units.items()}
+        trainer.train_step(x, y)
+        for n, g in units.items():
+            assert g.last_xi.shape == (16, before[n].numel())
+            assert bool(((g.last_xi[:4] == 0) | (g.last_xi[:4] == 1)).all())
+            assert torch.equal(g.last_xi[4:], before[n].expand(12, -1))
+    assert any(not torch.equal(g.theta.detach(), start[n]) for n, g in units.items())
+    trainer.engine.close()
+
+
 def test_ranks_draw_different_gate_samples_from_identical_weights():
     draws, weights = [], []
     for rank in (0, 1):
