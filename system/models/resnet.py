@@ -65,6 +65,7 @@ class Gate(nn.Module):
         # sampled per example, inside a GatedResNet: the share of the batch's examples that draw; the others
         # multiply by theta, the gate's mean (see draw_gates)
         self.sampled_frac = 1.0
+        self.undrawn_grad = True  # sampled_frac < 1: the undrawn examples' dL/dz at theta enters theta's gradient
         self._all_on: tuple[tuple, bool] | None = None  # (theta version key, every unit on) cache
 
     def all_on(self) -> bool:
@@ -137,13 +138,14 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
     any f) and keeps the draws of the first ``max(1, round(f B))`` examples; the others get theta itself, the
     gate's mean (straight-through: value theta, gradient 1, as a drawn example's), and ``last_xi`` holds the
     mixed values, which the estimators' replayed forwards reuse.  The batch's order is the loader's shuffle,
-    so which examples draw is random."""
-    groups: dict[tuple[bool, bool, float], list[Gate]] = {}
+    so which examples draw is random.  With ``undrawn_grad`` false the undrawn examples' multiplier is a
+    constant: theta's gradient is the drawn examples' straight-through sum alone."""
+    groups: dict[tuple[bool, bool, float, bool], list[Gate]] = {}
     for g in gates:
         if g.mode == "sampled" and not g.replay and g.force is None:
             frac = g.sampled_frac if g.per_example else 1.0
-            groups.setdefault((g.per_example, g.straight_through, frac), []).append(g)
-    for (per_example, straight_through, frac), members in groups.items():
+            groups.setdefault((g.per_example, g.straight_through, frac, g.undrawn_grad or frac == 1.0), []).append(g)
+    for (per_example, straight_through, frac, undrawn_grad), members in groups.items():
         thetas: list[torch.Tensor] = [g.theta for g in members]
         flat = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
         rows = batch if per_example else 1
@@ -155,7 +157,11 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
         sizes = [t.numel() for t in thetas]
         values: list | tuple = [None] * len(members)  # (an all-idle group multiplies nothing)
         if not all(g.idle for g in members):
-            value = xi + (flat - flat.detach()) if straight_through else xi
+            value = xi
+            if straight_through and undrawn_grad:
+                value = xi + (flat - flat.detach())
+            elif straight_through:  # (drawn_rows < rows) the straight-through gradient of the drawn rows only
+                value = torch.cat([xi[:drawn_rows] + (flat - flat.detach()), xi[drawn_rows:]])
             values = value.view(rows, -1, 1, 1).split(sizes, dim=1)
         for g, x, v in zip(members, xi.split(sizes, dim=1), values):
             g.last_xi, g.drawn = x, None if g.idle else v

@@ -178,7 +178,8 @@ def test_a_share_of_the_examples_draws_the_others_multiply_by_theta():
     """``sampled_frac`` (method.variational.unit_sampled_frac): the first round(f B) examples of a batch draw
     their unit gates, the same draws as with f = 1 under the same seed; the others multiply by theta (the mean
     gate), so their output is the mean network's; theta's gradient is the sum over examples of dL/dz at each
-    example's value (eval BatchNorm: the examples are independent and the loss is a sum over them)."""
+    example's value, or over the drawn examples alone with ``undrawn_grad`` false (eval BatchNorm: the examples
+    are independent and the loss is a sum over them)."""
     torch.manual_seed(0)
     model = build_model(dense_spec("resnet20", num_classes=4, input_size=8)).eval()
     set_gate_mode(model, unit="sampled", layer="off")
@@ -192,14 +193,18 @@ def test_a_share_of_the_examples_draws_the_others_multiply_by_theta():
     with torch.no_grad():
         model(x)
     full = {n: g.last_xi.clone() for n, g in gates.items()}
-    for g in gates.values():
-        g.sampled_frac = 0.25
-    torch.manual_seed(1)
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    out.square().sum().backward()
+    grads, outs = {}, {}
+    for undrawn_grad in (True, False):
+        for g in gates.values():
+            g.sampled_frac, g.undrawn_grad = 0.25, undrawn_grad
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        outs[undrawn_grad] = model(x)
+        outs[undrawn_grad].square().sum().backward()
+        grads[undrawn_grad] = {n: g.theta.grad.clone() for n, g in gates.items()}
+    out = outs[True]
+    torch.testing.assert_close(outs[False], out, rtol=0, atol=0)  # the same forward either way
     mixed = {n: g.last_xi.clone() for n, g in gates.items()}
-    grad = {n: g.theta.grad.clone() for n, g in gates.items()}
     for n, g in gates.items():
         assert torch.equal(mixed[n][:2], full[n][:2])  # the drawn examples: the f = 1 draws
         assert torch.equal(mixed[n][2:], g.theta.detach().expand(6, -1))  # the others: theta
@@ -209,18 +214,18 @@ def test_a_share_of_the_examples_draws_the_others_multiply_by_theta():
     with torch.no_grad():
         torch.testing.assert_close(out[2:], model(x[2:]), rtol=1e-5, atol=1e-5)
     # theta's gradient: per example, the mean network's at theta = that example's value, summed
-    saved = {n: g.theta.detach().clone() for n, g in gates.items()}
-    total = {n: torch.zeros_like(v) for n, v in saved.items()}
+    per_row = []
     for r in range(8):
         with torch.no_grad():
             for n, g in gates.items():
                 g.theta.copy_(mixed[n][r])
         model.zero_grad(set_to_none=True)
         model(x[r:r + 1]).square().sum().backward()
-        for n, g in gates.items():
-            total[n] += g.theta.grad
+        per_row.append({n: g.theta.grad.clone() for n, g in gates.items()})
     for n in gates:
-        torch.testing.assert_close(grad[n], total[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[True][n], sum(pr[n] for pr in per_row), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[False][n], sum(pr[n] for pr in per_row[:2]), rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(grads[True][n], grads[False][n]) for n in gates)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])

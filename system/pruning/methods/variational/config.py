@@ -44,6 +44,9 @@ class VariationalConfig:
     # [ours] per example: the share of a batch's examples whose unit gates draw; the others multiply by theta (the
     # gate's mean), so the weights train under less random dropout while theta still sees drawn gates (1: all draw)
     unit_sampled_frac: float = 1.0
+    # [ours] unit_sampled_frac < 1: the undrawn examples' dL/dz at z = theta enters theta's gradient (true), or theta
+    # learns from the drawn examples' straight-through gradient alone (false)
+    unit_undrawn_grad: bool = True
     layer_per_example: bool = False  # sample layer gates per example (conditional needs it; paired refuses it)
     gated_decay: bool = False  # weight decay of gated weights scaled by theta (in the loss)
     # budget mode (method.target_macs): dual ascent on nu

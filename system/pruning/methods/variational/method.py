@@ -101,6 +101,7 @@ class Variational(Method):
         for g in gates_of(model).values():
             g.per_example = c.per_example if g.kind == "unit" else c.layer_per_example
             g.sampled_frac = c.unit_sampled_frac if g.kind == "unit" else 1.0
+            g.undrawn_grad = c.unit_undrawn_grad
             g.threshold = c.threshold
             # the layer thetas get E[CE(xi=1) - CE(xi=0)] through surrogate_loss instead
             g.straight_through = not (g.kind == "layer" and c.estimator != "autograd")
