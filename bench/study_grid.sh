@@ -35,7 +35,10 @@ for t in 0.3 0.5 0.7; do
 done
 # 1d. (session 10) the combined recipe under harden_at 0.5 and patience 1, the defaults since then (docs/results.md,
 #     "Ending the stochastic phase sooner"): named and labelled with the keys, so the earlier defaults' runs stay
-H05P1=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1)
+# (unit_sampled_frac=1 as a plain override: these stages ran before session 14 made 0.5 the default; their names and
+# tables stay theirs)
+H05P1=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1
+       method.variational.unit_sampled_frac=1)
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 "${H05P1[@]}" \
     --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
 # 1e. (session 11) under the same defaults: unit-only (alpha 1) at the three budgets, the combined recipe without a
@@ -47,6 +50,19 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
     "${FM[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 "${H05P1[@]}" \
     --sweep method.target_macs=0.3,0.5,0.7 --sweep data.root=data/mnist-4k "${R20[@]}" "${COMMON[@]}"
+# 1f. (session 14) half of the examples draw their unit gates (unit_sampled_frac 0.5, the default since, chosen on
+#     the validation split: docs/results.md, "Fewer drawn examples"): the combined recipe at the three budgets and
+#     without a target, unit-only at 30/50%, named with the key
+F05=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1
+     --sweep method.variational.unit_sampled_frac=0.5)
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1_f0.5 "${F05[@]}" \
+    --sweep method.target_macs=0.5,0.3 "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_unit_only_a1.yaml method.label=unit_only_a1_h05p1_f0.5 "${F05[@]}" \
+    --sweep method.target_macs=0.5,0.3 "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h05p1_f0.5 "${F05[@]}" \
+    "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1_f0.5 "${F05[@]}" \
+    --sweep method.target_macs=0.7 "${FM[@]}" "${COMMON[@]}"
 # 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
 $PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
@@ -77,6 +93,12 @@ done
 for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1 "${H05P1[@]}" \
       --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=3,4
+done
+# 3f. (session 14) depth at 50% under the session-10 defaults (unit_sampled_frac 1, the default then), paired with 3c's
+#     dense and Taylor rows
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1 "${H05P1[@]}" \
+      --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]}"
 done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \

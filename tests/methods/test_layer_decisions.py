@@ -314,8 +314,6 @@ def test_an_overflow_step_adds_nothing_to_method_statistics():
     (["method.variational.estimator=conditional"], "method.variational.estimator"),
     (["method.variational.layer_per_example=true"], "method.variational.layer_per_example"),
     (["method.variational.drive=1.5"], "method.variational.drive"),
-    (["method.variational.per_example=false", "method.variational.unit_sampled_frac=0.5"],
-     "method.variational.unit_sampled_frac"),
     (["method.variational.unit_sampled_frac=0"], "method.variational.unit_sampled_frac"),
     (["optim.name=adamw"], "optim.name"),
 ])

@@ -18,7 +18,9 @@ structure its marginal cost) and, optionally, the theta-weighted decay of the ga
   :class:`.estimators.PairedEstimator`): ``paired`` (default: CE(on) - CE(off) of
   the batch from a suffix forward, one block a step round-robin, each block's running estimate; every
   block measured once at the end of the warm-up before its theta moves; the suffix forwards counted in
-  the training MACs), ``conditional``, ``exact``, ``autograd``.  Unit gates use the autograd estimator.
+  the training MACs), ``conditional``, ``exact``, ``autograd``.  Unit gates use the autograd estimator;
+  per example, a share of the batch's examples draws them and the others multiply by theta
+  (``unit_sampled_frac``, :func:`~system.models.resnet.draw_gates`).
 - Budget mode (``method.target_macs``): nu is a dual variable, a PI controller on the gap between
   E[MACs] and a schedule falling to the target at ``target_by`` (:class:`.budget.Budget`); the
   rounding at ``harden_at`` lands the deterministic network at or under the target.
