@@ -52,7 +52,7 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
     --sweep method.target_macs=0.3,0.5,0.7 --sweep data.root=data/mnist-4k "${R20[@]}" "${COMMON[@]}"
 # 1f. (session 14) half of the examples draw their unit gates (unit_sampled_frac 0.5, the default since, chosen on
 #     the validation split: docs/results.md, "Fewer drawn examples"): the combined recipe at the three budgets and
-#     without a target, unit-only at 30/50%, named with the key
+#     without a target, unit-only at 30/50%, the combined recipe on MNIST at 50%, named with the key
 F05=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1
      --sweep method.variational.unit_sampled_frac=0.5)
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1_f0.5 "${F05[@]}" \
@@ -63,6 +63,8 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
     "${FM[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1_f0.5 "${F05[@]}" \
     --sweep method.target_macs=0.7 "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1_f0.5 "${F05[@]}" \
+    --sweep method.target_macs=0.5 --sweep data.root=data/mnist-4k "${R20[@]}" "${COMMON[@]}"
 # 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
 $PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
