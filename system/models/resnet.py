@@ -144,7 +144,7 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
     for g in gates:
         if g.mode == "sampled" and not g.replay and g.force is None:
             frac = g.sampled_frac if g.per_example else 1.0
-            groups.setdefault((g.per_example, g.straight_through, frac, g.undrawn_grad or frac == 1.0), []).append(g)
+            groups.setdefault((g.per_example, g.straight_through, frac, g.undrawn_grad), []).append(g)
     for (per_example, straight_through, frac, undrawn_grad), members in groups.items():
         thetas: list[torch.Tensor] = [g.theta for g in members]
         flat = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
@@ -158,9 +158,9 @@ def draw_gates(gates: list[Gate], batch: int) -> None:
         values: list | tuple = [None] * len(members)  # (an all-idle group multiplies nothing)
         if not all(g.idle for g in members):
             value = xi
-            if straight_through and undrawn_grad:
+            if straight_through and (undrawn_grad or drawn_rows == rows):
                 value = xi + (flat - flat.detach())
-            elif straight_through:  # (drawn_rows < rows) the straight-through gradient of the drawn rows only
+            elif straight_through:  # the straight-through gradient of the drawn rows only
                 value = torch.cat([xi[:drawn_rows] + (flat - flat.detach()), xi[drawn_rows:]])
             values = value.view(rows, -1, 1, 1).split(sizes, dim=1)
         for g, x, v in zip(members, xi.split(sizes, dim=1), values):

@@ -328,13 +328,15 @@ class Variational(Method):
     def _sampling_noise(self, model: GatedResNet) -> tuple[int, float]:
         """How stochastic the network still trains: the unit gates strictly between 0 and 1, and the share of
         the live units' (theta > 0) values that are draws of 0, ``unit_sampled_frac`` x mean(1 - theta) (the
-        undrawn examples multiply by theta; for the check line: one sync a check)."""
+        undrawn examples multiply by theta; drawn per batch, every value is a draw; for the check line: one sync
+        a check)."""
         unit = self.price.thetas(model)[0]
         if not unit:
             return 0, 0.0
         t = torch.cat(list(unit.values()))
         live = t[t > 0]
-        off = self.cfg.unit_sampled_frac * float((1 - live).mean()) if live.numel() else 0.0
+        drawn = self.cfg.unit_sampled_frac if self.cfg.per_example else 1.0  # (per batch the key does nothing)
+        off = drawn * float((1 - live).mean()) if live.numel() else 0.0
         return int(((t > 0) & (t < 1)).sum()), off
 
     def after_prune(self, plan: PrunePlan, slices: Slices, model: GatedResNet) -> None:
