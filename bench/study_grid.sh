@@ -102,6 +102,14 @@ for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1 "${H05P1[@]}" \
       --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]}"
 done
+# 3g. (session 15) depth under the session-14 defaults (unit_sampled_frac 0.5): the combined recipe and unit-only
+#     (alpha 1) at 30% over the 5 seeds dense and Taylor have there, and at 50% over 3, paired with 3c-3f's rows
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1_f0.5 "${F05[@]}" \
+      --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=0,1,2,3,4
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1_f0.5 "${F05[@]}" \
+      --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]}"
+done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
