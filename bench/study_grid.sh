@@ -37,8 +37,9 @@ done
 #     "Ending the stochastic phase sooner"): named and labelled with the keys, so the earlier defaults' runs stay
 # (unit_sampled_frac=1 as a plain override: these stages ran before session 14 made 0.5 the default; their names and
 # tables stay theirs)
-H05P1=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1
-       method.variational.unit_sampled_frac=1)
+# the session-10 defaults as sweep keys (in run names), shared by the stages below
+S10=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1)
+H05P1=("${S10[@]}" method.variational.unit_sampled_frac=1)
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1 "${H05P1[@]}" \
     --sweep method.target_macs=0.3,0.5,0.7 "${FM[@]}" "${COMMON[@]}"
 # 1e. (session 11) under the same defaults: unit-only (alpha 1) at the three budgets, the combined recipe without a
@@ -53,8 +54,7 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
 # 1f. (session 14) half of the examples draw their unit gates (unit_sampled_frac 0.5, the default since, chosen on
 #     the validation split: docs/results.md, "Fewer drawn examples"): the combined recipe at the three budgets and
 #     without a target, unit-only at 30/50%, the combined recipe on MNIST at 50%, named with the key
-F05=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.5 --sweep method.variational.patience=1
-     --sweep method.variational.unit_sampled_frac=0.5)
+F05=("${S10[@]}" --sweep method.variational.unit_sampled_frac=0.5)
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1_f0.5 "${F05[@]}" \
     --sweep method.target_macs=0.5,0.3 "${FM[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_unit_only_a1.yaml method.label=unit_only_a1_h05p1_f0.5 "${F05[@]}" \
