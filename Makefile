@@ -34,8 +34,12 @@ install: apt $(VENV)/.installed
 demo: install
 	$(PY) -m launch.train --config configs/demo.yaml
 
+# The suite on TEST_WORKERS pytest-xdist workers, one test module per unit of work, the Slurm tests
+# together on one worker (tests/conftest.py says why). Most of the suite waits on services and
+# subprocesses, so 3 workers on 2 cores; TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 3
 test: install
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # ruff (line length 120, pyproject.toml) over the code and its tests, then mypy over the package
 lint: install

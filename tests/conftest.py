@@ -6,6 +6,13 @@
 Layout: ``unit/`` (pure functions and single components), ``methods/`` (the pruning methods in
 in-process training runs), ``distributed/`` (several processes: DeepSpeed on gloo, checkpoints,
 resume), ``integration/`` (data pipelines, MLflow, Slurm, the benchmark suite, the GPU).
+
+``make test`` runs the suite on several pytest-xdist workers (``--dist loadgroup``); the hook below
+decides what may run apart.  A test module is one unit of work, so its module-scoped fixtures (a
+trained run, a 2-node job, a server) are built once, on one worker.  Every module that uses the
+``slurm_cluster`` fixture joins one group, ``slurm``: the cluster holds this machine's Slurm ports and
+namespaces (``slurm/local_cluster.sh`` refuses a second one), so one worker brings it up, runs every
+Slurm test and takes it down.  Each worker starts its own MLflow server on a free port.
 """
 
 import os
@@ -18,6 +25,25 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401
 #: read by the product as defaults (tracking.uri / tracking.experiment); ``mlflow.set_tracking_uri``
 #: writes the first, so a test that calls it would steer every later test's runs elsewhere
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+
+
+#: the pytest-xdist group of the tests that need the session's Slurm cluster (one worker runs them all)
+SLURM_GROUP = "slurm"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test its xdist group: its module's, or ``slurm`` for modules that use the cluster.
+
+    Without xdist the marks are inert.  The group is per module, not per test, so that a module's
+    tests never share a fixture across two workers; a module joins ``slurm`` when any of its tests
+    asks for ``slurm_cluster`` (directly or through another fixture).
+    """
+    def module(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    slurm_modules = {module(item) for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SLURM_GROUP if module(item) in slurm_modules else module(item)))
 
 
 @pytest.fixture(autouse=True)
