@@ -65,6 +65,19 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
     --sweep method.target_macs=0.7 "${FM[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h05p1_f0.5 "${F05[@]}" \
     --sweep method.target_macs=0.5 --sweep data.root=data/mnist-4k "${R20[@]}" "${COMMON[@]}"
+# 1g. (session 16) harden_at 0.55, the default since (chosen on the validation split: docs/results.md, "The rule's
+#     share under unit_sampled_frac 0.5"): the combined recipe at the three budgets and without a target, unit-only
+#     (alpha 1) at 30/50%, named with the keys
+S16=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.55
+     --sweep method.variational.patience=1 --sweep method.variational.unit_sampled_frac=0.5)
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
+      --sweep method.target_macs=0.5,0.3 "${FM[@]}" "${COMMON[@]}"
+done
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
+    --sweep method.target_macs=0.7 "${FM[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h055 "${S16[@]}" "${FM[@]}" \
+    "${COMMON[@]}"
 # 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
 $PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
@@ -109,6 +122,12 @@ for r in variational unit_only_a1; do
       --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=0,1,2,3,4
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h05p1_f0.5 "${F05[@]}" \
       --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]}"
+done
+# 3h. (session 16) depth under harden_at 0.55 (stage 1g's keys): the combined recipe and unit-only (alpha 1) at 30%
+#     over the 5 seeds dense and Taylor have there
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
+      --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=0,1,2,3,4
 done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \

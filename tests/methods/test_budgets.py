@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.compare import RunRow, group_runs, matched_table
 from system.config import ConfigError
@@ -64,6 +65,35 @@ def test_variational_budget_is_met_during_training(tmp_path):
     assert rule and all(r[0] < 36 for r in rule)
     assert summary["method_details"]["macs_removed_by_rule_frac"] > 0.5
     assert abs(summary["macs"] / summary["macs_dense"] - 0.4) <= 0.05
+
+
+def test_the_rounding_reports_the_units_it_cut_by_their_theta(tmp_path, monkeypatch):
+    """summary.json says which thetas the safety-net rounding cut (at 0 but not taken by the rule, under 0.2,
+    under 0.5, above): counted here again from the thetas the rounding was handed and the gates it left."""
+    import system.pruning.methods.variational.method as vm
+    from system.models.anatomy import block_of
+    from system.models.resnet import gates_of
+
+    seen = {}
+    real = vm.apply_rounding
+
+    def spy(model, unit, layer, *args):
+        seen["before"] = {n: t.clone() for n, t in unit.items()}
+        real(model, unit, layer, *args)
+        seen["after"] = {n: g.theta.detach().clone() for n, g in gates_of(model).items()}
+
+    monkeypatch.setattr(vm, "apply_rounding", spy)
+    cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.4", *TARGETED["variational"],
+                      "method.variational.harden_at=0.3")  # early: the cut thetas spread over the bins
+    details = Trainer(cfg).run()["method_details"]
+    after = seen["after"]
+    gone = {block_of(n) for n, t in after.items() if not bool(t.gt(0.5).any())}  # layer off, or a branch emptied
+    cut = torch.cat([t[after[n] <= 0.5] for n, t in seen["before"].items() if block_of(n) not in gone])
+    expected = {"theta_0": int((cut <= 0).sum()), "under_0.2": int(((cut > 0) & (cut <= 0.2)).sum()),
+                "under_0.5": int(((cut > 0.2) & (cut <= 0.5)).sum()), "from_0.5": int((cut > 0.5).sum())}
+    assert details["rounding_cut_units"] == expected
+    (rounding,) = [r for r in details["removal_steps"] if r[3] == "rounding"]
+    assert sum(expected.values()) == rounding[1] > 0
 
 
 @pytest.mark.parametrize("method", ["taylor", "l1"])

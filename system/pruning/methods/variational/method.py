@@ -47,7 +47,7 @@ from system.pruning.methods.variational.budget import Budget
 from system.pruning.methods.variational.config import VariationalConfig
 from system.pruning.methods.variational.estimators import LayerEstimator
 from system.pruning.methods.variational.price import Price
-from system.pruning.methods.variational.rounding import apply_rounding
+from system.pruning.methods.variational.rounding import apply_rounding, cut_by_theta
 from system.pruning.methods.variational.rule import Removals, Rule
 from system.pruning.methods.variational.terms import add_drive, gated_conv_weights, gated_decay_term, normalize
 from system.pruning.surgery import PrunePlan, Slices, plan_from_gates
@@ -79,6 +79,7 @@ class Variational(Method):
         self.removals = Removals()
         self.check_every = cfg.check_every or max(1, round(0.02 * total_steps))
         self.expected_macs_at_harden: float | None = None
+        self.rounding_cut: dict[str, int] | None = None  # the units the rounding cut, by theta before it
         self._rounding = False  # the plan in flight comes from the rounding step
         self._event_step = 0  # the step of the decision in flight (its log lines and removal_steps)
         self._idle: tuple[bool, bool] | None = None  # the attached model's (unit, layer) gates idle (None: not set)
@@ -303,13 +304,16 @@ class Variational(Method):
         c = self.cfg
         self.budget.expected_macs = self.price.expected_macs(model)
         self.expected_macs_at_harden = self.budget.expected_macs  # where the theta dynamics got before rounding
+        before = {n: t.clone() for n, t in self.price.thetas(model)[0].items()}
         apply_rounding(model, *self.price.thetas(model), c.threshold, self.round_to, self.target, self.price.dense[0])
         self.hardened = True
         self.attach(model)
         plan = plan_from_gates(model, threshold=c.threshold)
         self._rounding = not plan.empty
-        log.info("hardening at step %d: theta rounded, %d channels and %d blocks cut", self._event_step,
-                 plan.n_channels, len(plan.blocks))
+        self.rounding_cut = cut_by_theta(plan, before)
+        log.info("hardening at step %d: theta rounded, %d channels and %d blocks cut; the channels by theta before "
+                 "the rounding: %s", self._event_step, plan.n_channels, len(plan.blocks),
+                 ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.rounding_cut.items()))
         return plan
 
     def _check(self, model: GatedResNet) -> PrunePlan | None:
@@ -361,7 +365,8 @@ class Variational(Method):
     def state_dict(self) -> dict[str, Any]:
         return {"hardened": self.hardened, "full": list(self.price.full) if self.price.full else None,
                 **self.rule.state_dict(), **self.paired.state_dict(), **self.budget.state_dict(),
-                **self.removals.state_dict(), "expected_macs_at_harden": self.expected_macs_at_harden}
+                **self.removals.state_dict(), "expected_macs_at_harden": self.expected_macs_at_harden,
+                "rounding_cut": self.rounding_cut}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.hardened = bool(state["hardened"])
@@ -371,12 +376,14 @@ class Variational(Method):
         self.budget.load_state_dict(state)
         self.removals.load_state_dict(state)
         self.expected_macs_at_harden = state.get("expected_macs_at_harden")
+        self.rounding_cut = state.get("rounding_cut")
 
     def summary(self) -> dict[str, Any]:
-        """nu, E[MACs], the removal events and the share of the removed MACs the rule took
-        (:meth:`Removals.shares`)."""
+        """nu, E[MACs], the removal events, the share of the removed MACs the rule took
+        (:meth:`Removals.shares`) and the units the rounding cut by their theta before it (:func:`cut_by_theta`)."""
         b, r = self.budget.values(), self.removals
         return {"hardened": self.hardened, "nu_final": b["nu"], "nu_max": b["nu_max"],
                 "expected_macs_frac": b["expected_macs"], "check_every": self.check_every,
                 "expected_macs_at_harden": self.expected_macs_at_harden, "removal_steps": [list(x) for x in r.steps],
+                "rounding_cut_units": self.rounding_cut,
                 **(r.shares(self.price.dense[0], self.total_steps) if self.price.full else {})}

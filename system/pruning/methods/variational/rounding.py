@@ -12,6 +12,10 @@ from system.models.resnet import GatedResNet, gates_of
 from system.models.spec import ArchSpec
 from system.pruning.complexity import expected
 from system.pruning.methods.base import round_removal
+from system.pruning.surgery import PrunePlan
+
+#: the bins of :func:`cut_by_theta`, by theta before the rounding: (name, low, high), low < theta <= high
+CUT_BINS = (("theta_0", -math.inf, 0.0), ("under_0.2", 0.0, 0.2), ("under_0.5", 0.2, 0.5), ("from_0.5", 0.5, math.inf))
 
 
 def round_thetas(spec: ArchSpec, unit: dict[str, torch.Tensor], layer: dict[str, torch.Tensor], threshold: float,
@@ -139,3 +143,13 @@ def apply_rounding(model: GatedResNet, unit: dict[str, torch.Tensor], layer: dic
     with torch.no_grad():
         for n, v in rounded.items():
             gates[n].theta.copy_(v)
+
+
+def cut_by_theta(plan: PrunePlan, before: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The units ``plan`` cuts, counted by their theta before the rounding (:data:`CUT_BINS`): at 0 (off, but
+    not taken by the rule: its importance per cost was above nu, or the check had not come), in (0, 0.2],
+    (0.2, 0.5], and above 0.5 (cut only to land on a target).  The units of a block cut whole are not in
+    ``plan.units`` and not counted; the counts sum to ``plan.n_channels``."""
+    parts = [before[n][list(idx)] for n, idx in plan.units.items() if idx]
+    t = torch.cat(parts) if parts else torch.zeros(0)
+    return {name: int(((t > lo) & (t <= hi)).sum()) for name, lo, hi in CUT_BINS}
