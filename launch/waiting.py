@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from submitit.local.local import LocalJob
+
 from system.tracking.secrets import redact_text
 
 
@@ -73,22 +75,51 @@ def report(sub: list[Submitted]) -> None:
             print(f"  continue  {s.continue_cmd}   (after a cancel or a failure)")
 
 
-def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
-    """Wait for every job, printing each state change (PENDING, RUNNING, ...); then its summary or
-    its error and log path; 1 if any failed."""
-    last: dict[str, str] = {}
+#: submitit's states of a job that has not ended (``InfoWatcher.is_done``)
+UNFINISHED = ("READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED")
+
+
+def job_state(job, force: bool = False) -> str:
+    """The job's state: submitit's cached scheduler state, or (``force``) a fresh ``sacct`` read; a
+    local job's is always its process's."""
+    try:
+        if force and not isinstance(job, LocalJob):
+            return str(job.watcher.get_state(job.job_id, mode="force"))
+        return str(job.state)
+    except Exception:
+        return "UNKNOWN"
+
+
+def final_state(job, settle_s: float = 60.0, poll_s: float = 1.0) -> str:
+    """The state of a job that is done, read from the scheduler until it says the job ended.
+
+    ``done()`` trusts the job's result file, which the job writes before it exits, and the cached state
+    lags the scheduler by up to minutes; so a job seen done may still read PENDING or RUNNING.  Gives up
+    after ``settle_s`` (the state it has then)."""
+    deadline = time.monotonic() + settle_s
     while True:
-        for s in sub:
-            try:
-                state = s.job.state
-            except Exception:
-                state = "UNKNOWN"
-            if last.get(str(s.job.job_id)) != state:
-                last[str(s.job.job_id)] = state
-                print(f"job {s.job.job_id} ({s.run_name}): {state}", flush=True)
-        if all(s.job.done() for s in sub):
-            break
+        state = job_state(job, force=True)
+        if state.upper() not in UNFINISHED or time.monotonic() >= deadline:
+            return state
         time.sleep(poll_s)
+
+
+def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
+    """Wait for every job, printing each state change (PENDING, RUNNING, ...) and, once all are done,
+    each job's final state; then its summary or its error and log path; 1 if any failed."""
+    last: dict[str, str] = {}
+
+    def show(s: Submitted, state: str) -> None:
+        if last.get(str(s.job.job_id)) != state:
+            last[str(s.job.job_id)] = state
+            print(f"job {s.job.job_id} ({s.run_name}): {state}", flush=True)
+
+    while not all(s.job.done() for s in sub):
+        for s in sub:
+            show(s, job_state(s.job))
+        time.sleep(poll_s)
+    for s in sub:
+        show(s, final_state(s.job))
     failed = 0
     for s in sub:
         try:
