@@ -34,10 +34,11 @@ install: apt $(VENV)/.installed
 demo: install
 	$(PY) -m launch.train --config configs/demo.yaml
 
-# The suite on TEST_WORKERS pytest-xdist workers, one test module per unit of work, the Slurm tests
-# together on one worker (tests/conftest.py says why). Most of the suite waits on services and
-# subprocesses, so 3 workers on 2 cores; TEST_WORKERS=0 runs it in this one process.
-TEST_WORKERS ?= 3
+# The suite in this one process (TEST_WORKERS=0), or on TEST_WORKERS pytest-xdist workers: one test module
+# per unit of work, the Slurm tests together on one worker (tests/conftest.py says why). 3 workers take
+# 26 minutes on 2 cores against 37 in one process, but at a load average near 7 timing-sensitive tests
+# failed in both parallel runs (a 2-node job lost a rank), so CI's default stays one process for now.
+TEST_WORKERS ?= 0
 test: install
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
