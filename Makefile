@@ -36,8 +36,8 @@ demo: install
 
 # The suite in this one process (TEST_WORKERS=0), or on TEST_WORKERS pytest-xdist workers: one test module
 # per unit of work, the Slurm tests together on one worker (tests/conftest.py says why). 3 workers take
-# 26 minutes on 2 cores against 37 in one process, but at a load average near 7 timing-sensitive tests
-# failed in both parallel runs (a 2-node job lost a rank), so CI's default stays one process for now.
+# 26 minutes on 2 cores against 37 in one process, but at a load average near 7 each parallel run had one
+# failure (a race in submit --wait, since fixed; a 2-node job that lost a rank), so the default stays one process.
 TEST_WORKERS ?= 0
 test: install
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=25

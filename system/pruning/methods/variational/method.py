@@ -304,8 +304,9 @@ class Variational(Method):
         c = self.cfg
         self.budget.expected_macs = self.price.expected_macs(model)
         self.expected_macs_at_harden = self.budget.expected_macs  # where the theta dynamics got before rounding
-        before = {n: t.clone() for n, t in self.price.thetas(model)[0].items()}
-        apply_rounding(model, *self.price.thetas(model), c.threshold, self.round_to, self.target, self.price.dense[0])
+        unit, layer = self.price.thetas(model)
+        before = {n: t.clone() for n, t in unit.items()}  # (the rounding writes the gates these views read)
+        apply_rounding(model, unit, layer, c.threshold, self.round_to, self.target, self.price.dense[0])
         self.hardened = True
         self.attach(model)
         plan = plan_from_gates(model, threshold=c.threshold)
