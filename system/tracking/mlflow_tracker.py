@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from system.io import atomic_write_json
 from system.tracking import registry
 from system.tracking.backlog import Backlog
 from system.tracking.config import TrackingConfig, TrackingUnavailable, experiment_name, local_store_uri, resolve_uri
@@ -30,6 +31,7 @@ from system.tracking.connection import (
     ui_base,
 )
 from system.tracking.names import (
+    RUN_RECORD_FILE,
     RUN_STATUSES,
     RUNS_VIEW_KEY,
     TAG_FALLBACK,
@@ -104,9 +106,38 @@ class MLflowTracker:
         return self._run_dir / UNSENT_FILE
 
     # -- start ------------------------------------------------------------------------------
+    def _recorded_run_id(self) -> str | None:
+        """The run id this run directory recorded for the store in use, if any."""
+        path = self.spool_path.with_name(RUN_RECORD_FILE)
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("%s cannot be read (%s); starting a new MLflow run", path, exc)
+            return None
+        if record.get("uri") != redact_text(self.uri):
+            return None   # recorded in another store: nothing to continue here
+        log.info("%s: continuing MLflow run %s (this run directory opened it before any checkpoint)",
+                 path.name, record.get("run_id"))
+        return str(record.get("run_id") or "") or None
+
+    def _record_run(self) -> None:
+        try:
+            atomic_write_json(self.spool_path.with_name(RUN_RECORD_FILE),
+                              {"run_id": self._run_id, "uri": redact_text(self.uri), "experiment": self.experiment})
+        except OSError as exc:   # the record only saves a duplicate run on an early restart
+            log.warning("could not record MLflow run %s in %s: %s", self._run_id, self._run_dir, exc)
+
     def start(self, run_name: str, params: Mapping[str, Any] | None = None,
               tags: Mapping[str, Any] | None = None, run_id: str | None = None) -> str:
         """Open run ``run_name`` (or resume ``run_id``) and return its id.
+
+        Without ``run_id`` (no checkpoint carried one), the run directory's record of an earlier start in
+        the same store (:data:`RUN_RECORD_FILE`, written here) names the run to continue: a job killed or
+        requeued before its first checkpoint goes on in the MLflow run it opened.  A fresh run never
+        finds one, since it never writes into a directory that holds a run
+        (:func:`system.runtime.rundir.resolve_run_dir`).
 
         Raises:
             TrackingUnavailable: the store cannot be reached and ``fallback_local`` is False.
@@ -132,6 +163,8 @@ class MLflowTracker:
         if self.fell_back:
             tags[TAG_FALLBACK] = self.asked_uri
         run = None
+        if not run_id:
+            run_id = self._recorded_run_id()
         if run_id:
             run = find_run(self._client, run_id)
             if run is None and not self.fell_back:
@@ -144,10 +177,12 @@ class MLflowTracker:
         if run is not None:
             self._client.update_run(run.info.run_id, status="RUNNING")
             self._run_id = run.info.run_id
+            self._record_run()
             log.info("resumed MLflow run %s (%s) in %s", self._run_id, run.info.run_name, self.uri)
         else:
             created = self._client.create_run(exp_id, run_name=run_name)
             self._run_id = created.info.run_id
+            self._record_run()   # before anything else can fail or be killed
             log.info("MLflow run %s (%s) in %s, experiment %r", self._run_id, run_name, self.uri,
                      self.experiment)
         assert self._run_id is not None

@@ -72,6 +72,9 @@ def runs_view_state() -> str:
 SUMMARY_ARTIFACT = "summary.json"
 LAYER_WIDTHS_ARTIFACT = "layer_widths.png"
 UNSENT_FILE = "mlflow_unsent.jsonl"
+#: the run directory's record of its tracking run (store and run id), written when the run starts: a
+#: job restarted before its first checkpoint continues that run instead of opening a second one
+RUN_RECORD_FILE = "mlflow_run.json"
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 

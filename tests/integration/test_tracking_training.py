@@ -4,7 +4,7 @@
   sqlite store: metric names, params, tags, artifacts, ``final.*`` metrics == ``summary.json``;
 * ``launch.compare`` on the embedded store lists the run and draws the Pareto plot;
 * a run stopped mid-way (``PARSIMONY_STOP_AFTER_STEP``, exit 75) and resumed with ``run.resume=auto``
-  continues the SAME MLflow run;
+  continues the SAME MLflow run; so does a run SIGKILLed before its first checkpoint and restarted;
 * an unreachable server at start: ``launch.train`` fails before training, naming the URI; with
   ``tracking.fallback_local=true`` the fallback is announced and the run lands in the local store;
 * a server SIGKILLed mid-run: training finishes, ``summary.json`` says how many items were not
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -271,6 +272,52 @@ def test_stopped_and_resumed_run_continues_the_same_mlflow_run(mlflow_server, tm
     assert "resumed MLflow run " + rid in second.stderr
     # the final network is logged as a (pickled) MLflow Model without MLflow's pickle caution on every run
     assert "logged the final network as MLflow Model" in second.stderr and "CloudPickle" not in second.stderr
+
+
+def test_a_run_killed_before_its_first_checkpoint_continues_its_mlflow_run(mlflow_server, tmp_path):
+    """SIGKILL after the MLflow run opened and before any checkpoint (as a lost node does to a job that
+    Slurm then requeues): the restart trains from scratch in the same run directory and goes on in the
+    SAME MLflow run (the run directory's record), not a second one; in another store it opens its own."""
+    exp = _exp()
+    common = [*FAST, f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={exp}",
+              "checkpoint.at_epoch_end=false", "checkpoint.every_steps=1000", "run.resume=auto"]
+    first = subprocess.Popen(_cli_args(tmp_path, *common, "train.max_steps=100000"), cwd=REPO, env=_cli_env(),
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        err = ""
+        deadline = time.monotonic() + 180
+        while "MLflow run " not in err and time.monotonic() < deadline:
+            line = first.stderr.readline()
+            if not line:
+                break
+            err += line
+        assert "MLflow run " in err, err[-3000:]
+    finally:
+        first.kill()   # SIGKILL: no checkpoint, no end of the run
+        first.wait()
+        first.stderr.close()
+    client = _client(mlflow_server.uri)
+    (killed,) = _runs(client, exp)
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
+    record = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())
+    assert record["run_id"] == killed.info.run_id
+
+    second = _train_cli(tmp_path, *common, f"train.max_steps={STEPS}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "starting from scratch" in second.stderr and "resumed MLflow run " + killed.info.run_id in second.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r.info.run_id for r in _runs(client, exp)] == [killed.info.run_id] == [summary["run_id"]]
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    assert summary["steps"] == STEPS
+
+    # the record names its store: the same directory continued against another store opens a run there
+    (tmp_path / "run" / "summary.json").unlink()
+    shutil.rmtree(tmp_path / "run" / "checkpoints", ignore_errors=True)
+    local = _train_cli(tmp_path, *[c for c in common if not c.startswith("tracking.uri=")],
+                       f"tracking.uri=sqlite:///{tmp_path / 'other.db'}", f"train.max_steps={STEPS}")
+    assert local.returncode == 0, local.stderr[-3000:]
+    other = json.loads((tmp_path / "run" / "summary.json").read_text())["run_id"]
+    assert other != killed.info.run_id and "resumed MLflow run" not in local.stderr
 
 
 # ------------------------------------------------------------------------------------------ 4
