@@ -34,11 +34,10 @@ install: apt $(VENV)/.installed
 demo: install
 	$(PY) -m launch.train --config configs/demo.yaml
 
-# The suite in this one process (TEST_WORKERS=0), or on TEST_WORKERS pytest-xdist workers: one test module
-# per unit of work, the Slurm tests together on one worker (tests/conftest.py says why). 3 workers take
-# 26 minutes on 2 cores against 37 in one process, but at a load average near 7 each parallel run had one
-# failure (a race in submit --wait, since fixed; a 2-node job that lost a rank), so the default stays one process.
-TEST_WORKERS ?= 0
+# The suite on TEST_WORKERS pytest-xdist workers (TEST_WORKERS=0: in this one process): one test module per
+# unit of work, the Slurm tests together on one worker and first in line for the CPU (tests/conftest.py says
+# why). On 2 cores: 3 workers, measured in docs/benchmarks.md ("The test suite"); one process takes 34-37 min.
+TEST_WORKERS ?= 3
 test: install
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=25
 

@@ -13,6 +13,12 @@ trained run, a 2-node job, a server) are built once, on one worker.  Every modul
 ``slurm_cluster`` fixture joins one group, ``slurm``: the cluster holds this machine's Slurm ports and
 namespaces (``slurm/local_cluster.sh`` refuses a second one), so one worker brings it up, runs every
 Slurm test and takes it down.  Each worker starts its own MLflow server on a free port.
+
+The Slurm group is the suite's longest path (its jobs run one after another on the cluster), so under
+xdist it runs first in line for the CPU: a worker lowers its own priority (``nice`` +NICE_OTHERS, inherited
+by the processes its tests start) when it runs a test outside that group, and the ``slurm_cluster``
+fixture raises it back before it starts the cluster's daemons, whose jobs inherit the daemons' priority.
+Without xdist nothing is reniced.
 """
 
 import os
@@ -29,6 +35,24 @@ MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 
 #: the pytest-xdist group of the tests that need the session's Slurm cluster (one worker runs them all)
 SLURM_GROUP = "slurm"
+
+
+#: the niceness of a worker running tests outside the Slurm group (xdist only): enough for the Slurm jobs
+#: to win a contended core (nice 4 weighs 423 against nice 0's 1024), little enough that the other tests'
+#: processes still get a share their own timeouts (8 s collectives and up) allow
+NICE_OTHERS = 4
+
+
+def _group(item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0] if mark and mark.args else None
+
+
+def pytest_runtest_setup(item):
+    if os.environ.get("PYTEST_XDIST_WORKER") and _group(item) != SLURM_GROUP:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if current < NICE_OTHERS:
+            os.setpriority(os.PRIO_PROCESS, 0, NICE_OTHERS)
 
 
 def pytest_collection_modifyitems(config, items):
