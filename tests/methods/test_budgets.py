@@ -307,6 +307,35 @@ def test_the_lead_controller_lets_go_while_expected_macs_already_falls_to_the_bu
     assert run(0.1, falls, restore_at=12) == lead
 
 
+
+def test_the_held_integral_does_not_unwind_while_expected_macs_is_above_the_target():
+    """``dual_hold``: blocks leave ahead of the schedule, so E[MACs] falls far under it while still above the
+    30% target (ResNet-56, test seed 3: E[MACs] 0.61 at a scheduled 0.85, nu 0.1 -> 0.009).  The plain
+    integral unwinds; the held one stays at nu_start until E[MACs] is under the target itself, where it falls
+    again, by the smaller of the two gaps.  Above the schedule both integrate alike."""
+    from system.pruning.methods.variational.budget import Budget
+    from system.pruning.methods.variational.config import VariationalConfig
+
+    def run(hold, ems, start=130):
+        b = Budget(VariationalConfig(dual_hold=hold), total_steps=620, target=0.3, warmup_steps=124, target_step=248)
+        out = []
+        for i, em in enumerate(ems):
+            b.expected_macs = em
+            b.dual_step(start + i)
+            out.append((float(b.nu), float(b.nu_i)))
+        return out
+
+    early = [0.95 - 0.02 * i for i in range(20)]   # 0.95 -> 0.57, under the schedule (0.97 -> 0.86) from the start
+    plain, held = run(False, early), run(True, early)
+    assert plain[-1][1] < 0.09 and all(b[1] < a[1] for a, b in itertools.pairwise(plain))  # unwinds every step
+    assert all(n_i == pytest.approx(0.1) for _, n_i in held)       # held at nu_start
+    assert all(n < 0.1 for n, _ in held[3:])                       # the proportional part relaxes at once
+    under = run(True, [0.25] * 10)                                 # under the target itself: it unwinds again
+    assert under[-1][1] < under[0][1] < 0.1
+    above = [0.99] * 10                                            # above the schedule: no difference
+    assert run(True, above) == run(False, above)
+
+
 def test_a_lead_outside_the_run_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="method.variational.dual_lead"):
         tiny_config(tmp_path, "method.variational.dual_lead=1.5")

@@ -64,6 +64,9 @@ class Budget:
         nu with a lag (momentum, travel time), so a controller on the present gap keeps winding nu up while
         E[MACs] is already falling towards the budget, and overshoots it; on the predicted gap it lets go
         when the fall will close the gap.
+        With ``dual_hold`` [ours] (anti-windup) a negative gap moves the integral only by as much as E[MACs] is
+        under the target itself, ``max(gap, min(0, (E - T) / (1 - T)))``: structures that leave ahead of the
+        schedule do not unwind the price that the final budget will need (the proportional part still relaxes).
         """
         c = self.cfg
         assert self.target is not None  # budget mode only
@@ -74,9 +77,13 @@ class Budget:
                 self.e_vel = self.e_vel + (em - self.e_prev - self.e_vel) / max(1.0, lead)
             self.e_prev = em
             em, step = em + lead * self.e_vel, step + round(lead)
-        gap = (em - self.scheduled(step)) / max(1e-6, 1.0 - self.target)
+        span = max(1e-6, 1.0 - self.target)
+        gap = (em - self.scheduled(step)) / span
         rate = c.dual_gain / (c.theta_travel * max(1, self.total_steps))
-        self.nu_i = (self.nu_i * torch.exp(rate * gap)).clamp(1e-6, 1e6)
+        igap = gap
+        if c.dual_hold:  # below the schedule, the integral falls only as far as E[MACs] is below the target itself
+            igap = torch.where(gap < 0, torch.maximum(gap, ((em - self.target) / span).clamp(max=0.0)), gap)
+        self.nu_i = (self.nu_i * torch.exp(rate * igap)).clamp(1e-6, 1e6)
         self.nu = self.nu_i * torch.exp(c.dual_kp * gap.clamp(-5.0, 5.0))
         self.nu_max = torch.maximum(torch.as_tensor(self.nu_max, dtype=torch.float64, device=em.device), self.nu)
 

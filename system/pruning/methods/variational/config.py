@@ -60,6 +60,11 @@ class VariationalConfig:
     # [ours] the controller acts on the gap predicted this fraction of the run ahead (E[MACs] + its velocity x the
     # lead, against the budget due then), so it stops raising nu while the lagging thetas already close the gap
     dual_lead: float = 0.0
+    # [ours] anti-windup: the integral part of nu does not fall while E[MACs] is above the target itself (below the
+    # schedule, but short of the budget): blocks that leave early put E[MACs] far under the schedule, the integral
+    # then unwinds nu (ResNet-56, one seed: 0.1 -> 0.009) and the schedule, once it catches up, finds the price too
+    # low to reach the target before the rounding; the proportional part still relaxes at once
+    dual_hold: bool = False
     # pruning conditions
     check_every: int = 0  # steps between checks; 0 = auto, 2% of the run (at least 1)
     # checks a structure spends at theta <= tau_theta before it may leave (1 since session 10, was 3: with
