@@ -63,7 +63,8 @@ class VariationalConfig:
     # [ours] anti-windup: the integral part of nu does not fall while E[MACs] is above the target itself (below the
     # schedule, but short of the budget): blocks that leave early put E[MACs] far under the schedule, the integral
     # then unwinds nu (ResNet-56, one seed: 0.1 -> 0.009) and the schedule, once it catches up, finds the price too
-    # low to reach the target before the rounding; the proportional part still relaxes at once
+    # low to reach the target before the rounding; the proportional part still relaxes at once. Off: on the validation
+    # split it gave the rule its share (0.90) at -0.47 / -0.28 points (docs/results.md, "The dual controller's windup")
     dual_hold: bool = False
     # pruning conditions
     check_every: int = 0  # steps between checks; 0 = auto, 2% of the run (at least 1)
