@@ -7,21 +7,24 @@ Layout: ``unit/`` (pure functions and single components), ``methods/`` (the prun
 in-process training runs), ``distributed/`` (several processes: DeepSpeed on gloo, checkpoints,
 resume), ``integration/`` (data pipelines, MLflow, Slurm, the benchmark suite, the GPU).
 
-``make test TEST_WORKERS=N`` runs the suite on N pytest-xdist workers (``--dist loadgroup``); the hook below
-decides what may run apart.  A test module is one unit of work, so its module-scoped fixtures (a
-trained run, a 2-node job, a server) are built once, on one worker.  Every module that uses the
-``slurm_cluster`` fixture joins one group, ``slurm``: the cluster holds this machine's Slurm ports and
-namespaces (``slurm/local_cluster.sh`` refuses a second one), so one worker brings it up, runs every
-Slurm test and takes it down.  Each worker starts its own MLflow server on a free port.
+``make test`` runs the suite on TEST_WORKERS pytest-xdist workers (``--dist loadgroup``, 3 by default), with
+the scheduler below: a test module is one unit of work, so its module-scoped fixtures (a trained run, a
+2-node job, a server) are built once, on one worker; every module that uses the ``slurm_cluster`` fixture
+joins one unit, ``slurm``: the cluster holds this machine's Slurm ports and namespaces
+(``slurm/local_cluster.sh`` refuses a second one) and its tests kill nodes, so one worker brings it up, runs
+every Slurm test and takes it down.  (xdist's own ``xdist_group`` marks do not group under pytest 9: xdist
+3.8 writes the group into ``item._nodeid``, which pytest 9 no longer reads.)  Each worker starts its own
+MLflow server on a free port.
 
-The Slurm group is the suite's longest path (its jobs run one after another on the cluster), so under
-xdist it runs first in line for the CPU: a worker lowers its own priority (``nice`` +NICE_OTHERS, inherited
-by the processes its tests start) when it runs a test outside that group, and the ``slurm_cluster``
-fixture raises it back before it starts the cluster's daemons, whose jobs inherit the daemons' priority.
-Without xdist nothing is reniced.
+The Slurm unit is the suite's longest path, so it goes first for the CPU: a worker lowers its own priority
+(``nice`` +NICE_OTHERS, inherited by the processes its tests start) when it runs a test outside that unit,
+and the ``slurm_cluster`` fixture raises it back before it starts the cluster's daemons, whose jobs inherit
+the daemons' priority.  Without xdist nothing is reniced.
 """
 
 import os
+from functools import cache
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +36,7 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 
 
-#: the pytest-xdist group of the tests that need the session's Slurm cluster (one worker runs them all)
+#: the unit of work of the tests that need the session's Slurm cluster (one worker runs them all)
 SLURM_GROUP = "slurm"
 
 
@@ -43,31 +46,53 @@ SLURM_GROUP = "slurm"
 NICE_OTHERS = 4
 
 
-def _group(item) -> str | None:
-    mark = item.get_closest_marker("xdist_group")
-    return mark.args[0] if mark and mark.args else None
+TESTS = Path(__file__).resolve().parent
 
 
-def pytest_runtest_setup(item):
-    if os.environ.get("PYTEST_XDIST_WORKER") and _group(item) != SLURM_GROUP:
-        current = os.getpriority(os.PRIO_PROCESS, 0)
-        if current < NICE_OTHERS:
-            os.setpriority(os.PRIO_PROCESS, 0, NICE_OTHERS)
+@cache
+def slurm_modules() -> frozenset[str]:
+    """The test modules (node-id paths, ``tests/...``) whose source names the ``slurm_cluster`` fixture:
+    read from the files, since xdist's controller schedules before any worker has collected a test.
+    ``pytest_collection_modifyitems`` checks it against the fixtures each test really uses."""
+    return frozenset(str(p.relative_to(TESTS.parent)) for p in TESTS.rglob("test_*.py")
+                     if "slurm_cluster" in p.read_text())
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: one unit of work per test module, the Slurm modules together."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    slurm = slurm_modules()
+
+    class ModuleOrSlurm(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return SLURM_GROUP if module in slurm else module
+
+    return ModuleOrSlurm(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Give every test its xdist group: its module's, or ``slurm`` for modules that use the cluster.
+    """A test that uses the Slurm cluster must be in a module the scheduler puts in the Slurm unit."""
+    slurm = slurm_modules()
+    stray = sorted({_module(i.nodeid) for i in items if "slurm_cluster" in getattr(i, "fixturenames", ())} - slurm)
+    if stray:
+        raise pytest.UsageError(f"{', '.join(stray)}: its tests use the slurm_cluster fixture through another "
+                                "fixture; name slurm_cluster in the module (tests/conftest.py: slurm_modules)")
 
-    Without xdist the marks are inert.  The group is per module, not per test, so that a module's
-    tests never share a fixture across two workers; a module joins ``slurm`` when any of its tests
-    asks for ``slurm_cluster`` (directly or through another fixture).
-    """
-    def module(item) -> str:
-        return item.nodeid.split("::", 1)[0]
 
-    slurm_modules = {module(item) for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SLURM_GROUP if module(item) in slurm_modules else module(item)))
+def pytest_runtest_setup(item):
+    if os.environ.get("PYTEST_XDIST_WORKER") and _module(item.nodeid) not in slurm_modules():
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if current < NICE_OTHERS:
+            os.setpriority(os.PRIO_PROCESS, 0, NICE_OTHERS)
 
 
 @pytest.fixture(autouse=True)
