@@ -129,6 +129,12 @@ for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
       --sweep method.target_macs=0.3 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=0,1,2,3,4
 done
+# 3j. (session 17) ResNet-56 at 50% under the current defaults (stage 3h's keys): the combined recipe and unit-only
+#     (alpha 1), seeds 0-2, paired with dense and Taylor (stage 3c)
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
+      --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=0,1,2
+done
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
