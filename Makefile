@@ -34,10 +34,11 @@ install: apt $(VENV)/.installed
 demo: install
 	$(PY) -m launch.train --config configs/demo.yaml
 
-# The suite on TEST_WORKERS pytest-xdist workers (TEST_WORKERS=0: in this one process): one test module per
+# The suite in this one process (TEST_WORKERS=0), or on TEST_WORKERS pytest-xdist workers: one test module per
 # unit of work, the Slurm tests together on one worker and first in line for the CPU (tests/conftest.py says
-# why). On 2 cores: 3 workers, measured in docs/benchmarks.md ("The test suite"); one process takes 34-37 min.
-TEST_WORKERS ?= 3
+# why). On 2 cores 3 workers gain nothing (35 min, measured from a clean checkout in session 17 against 34-37 min): the Slurm tests, a third of the suite, are
+# its longest path and their 2-node jobs want both cores; the default stays one process.
+TEST_WORKERS ?= 0
 test: install
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=25
 

@@ -7,7 +7,7 @@ Layout: ``unit/`` (pure functions and single components), ``methods/`` (the prun
 in-process training runs), ``distributed/`` (several processes: DeepSpeed on gloo, checkpoints,
 resume), ``integration/`` (data pipelines, MLflow, Slurm, the benchmark suite, the GPU).
 
-``make test`` runs the suite on TEST_WORKERS pytest-xdist workers (``--dist loadgroup``, 3 by default), with
+``make test TEST_WORKERS=N`` runs the suite on N pytest-xdist workers (``--dist loadgroup``; 0 by default), with
 the scheduler below: a test module is one unit of work, so its module-scoped fixtures (a trained run, a
 2-node job, a server) are built once, on one worker; every module that uses the ``slurm_cluster`` fixture
 joins one unit, ``slurm``: the cluster holds this machine's Slurm ports and namespaces
