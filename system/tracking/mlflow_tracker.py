@@ -105,10 +105,16 @@ class MLflowTracker:
         assert self._run_dir is not None, "spool_path is known once the run has started"
         return self._run_dir / UNSENT_FILE
 
+    @property
+    def record_path(self) -> Path:
+        """The run directory's record of its MLflow run (:data:`RUN_RECORD_FILE`)."""
+        assert self._run_dir is not None, "record_path is known once the run has started"
+        return self._run_dir / RUN_RECORD_FILE
+
     # -- start ------------------------------------------------------------------------------
     def _recorded_run_id(self) -> str | None:
         """The run id this run directory recorded for the store in use, if any."""
-        path = self.spool_path.with_name(RUN_RECORD_FILE)
+        path = self.record_path
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:
@@ -120,11 +126,11 @@ class MLflowTracker:
             return None   # recorded in another store: nothing to continue here
         log.info("%s: continuing MLflow run %s (this run directory opened it before any checkpoint)",
                  path.name, record.get("run_id"))
-        return str(record.get("run_id") or "") or None
+        return record.get("run_id") or None
 
     def _record_run(self) -> None:
         try:
-            atomic_write_json(self.spool_path.with_name(RUN_RECORD_FILE),
+            atomic_write_json(self.record_path,
                               {"run_id": self._run_id, "uri": redact_text(self.uri), "experiment": self.experiment})
         except OSError as exc:   # the record only saves a duplicate run on an early restart
             log.warning("could not record MLflow run %s in %s: %s", self._run_id, self._run_dir, exc)

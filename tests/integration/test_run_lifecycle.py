@@ -18,6 +18,7 @@ import pytest
 from system.runtime.rundir import LOCK, RunDirError, RunLock
 from system.trainer import Trainer
 from tests.methods_util import tiny_config
+from tests.procs import wait_for_stderr
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CLI = ["model.name=resnet20", "data.loader=synthetic", "data.synthetic_classes=4", "data.synthetic_samples=512",
@@ -38,22 +39,6 @@ def _cli(tmp_path: Path, *over: str, env: dict | None = None, **kw) -> subproces
     return subprocess.Popen([sys.executable, "-m", "launch.train", *TINY_CLI, f"run.root={tmp_path}", *over],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kw)
-
-
-def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120.0) -> str:
-    """Read the process's stderr until ``needle`` appears; return what was read."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
 
 
 # ------------------------------------------------------------------------------------------ 1: no clobbering
@@ -103,7 +88,7 @@ def test_a_second_launch_into_a_live_run_is_refused_and_a_dead_holder_taken_over
     common = [f"run.dir={run_dir}", "train.epochs=50", "checkpoint.every_steps=2", "run.resume=auto"]
     live = _cli(tmp_path, *common)
     try:
-        _wait_for(live, "step-00000002")
+        wait_for_stderr(live, "step-00000002")
         second = _cli(tmp_path, *common)
         _, err = second.communicate(timeout=300)
         assert second.returncode == 2
@@ -141,7 +126,7 @@ def test_a_lock_of_another_host_is_stale_only_without_a_heartbeat(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path):
     run_dir = tmp_path / "ctrlc"
     proc = _cli(tmp_path, f"run.dir={run_dir}", "train.epochs=50", "checkpoint.every_steps=4")
-    _wait_for(proc, "step-00000004")
+    wait_for_stderr(proc, "step-00000004")
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
@@ -168,7 +153,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     # second SIGINT lands
     proc = _cli(tmp_path, f"run.dir={run_dir}", "train.epochs=50", "checkpoint.every_steps=0",
                 "checkpoint.at_epoch_end=false", "train.eval_every_steps=2", env={"PARSIMONY_CKPT_WRITE_DELAY": "3"})
-    _wait_for(proc, "step 2: val top1")
+    wait_for_stderr(proc, "step 2: val top1")
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)
     t0 = time.monotonic()

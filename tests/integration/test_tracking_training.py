@@ -32,6 +32,7 @@ from system import tracking as T
 from system.trainer import Trainer
 from tests.methods_util import STRONG, tiny_config
 from tests.mlflow_server import TEST_CLIENT_ENV, MlflowServer, free_port
+from tests.procs import wait_for_stderr
 
 pytestmark = pytest.mark.slow
 
@@ -284,14 +285,7 @@ def test_a_run_killed_before_its_first_checkpoint_continues_its_mlflow_run(mlflo
     first = subprocess.Popen(_cli_args(tmp_path, *common, "train.max_steps=100000"), cwd=REPO, env=_cli_env(),
                              stderr=subprocess.PIPE, text=True)
     try:
-        err = ""
-        deadline = time.monotonic() + 180
-        while "MLflow run " not in err and time.monotonic() < deadline:
-            line = first.stderr.readline()
-            if not line:
-                break
-            err += line
-        assert "MLflow run " in err, err[-3000:]
+        wait_for_stderr(first, "MLflow run ", 180)
     finally:
         first.kill()   # SIGKILL: no checkpoint, no end of the run
         first.wait()

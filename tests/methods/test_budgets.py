@@ -307,7 +307,6 @@ def test_the_lead_controller_lets_go_while_expected_macs_already_falls_to_the_bu
     assert run(0.1, falls, restore_at=12) == lead
 
 
-
 def test_the_held_integral_does_not_unwind_while_expected_macs_is_above_the_target():
     """``dual_hold``: blocks leave ahead of the schedule, so E[MACs] falls far under it while still above the
     30% target (ResNet-56, test seed 3: E[MACs] 0.61 at a scheduled 0.85, nu 0.1 -> 0.009).  The plain
