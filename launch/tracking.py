@@ -97,14 +97,24 @@ def _check_port(address: str, port: int) -> None:
             raise SetupError(f"--port {port}: cannot listen on {address}:{port} ({exc.strerror})") from None
 
 
-def auth_ini(root: Path, default_permission: str) -> Path:
-    """``<root>/auth.ini``: MLflow's basic-auth settings (the user database under ``root``; no password)."""
+def auth_ini(root: Path, default_permission: str, login_cache_s: int = 60) -> Path:
+    """``<root>/auth.ini``: MLflow's basic-auth settings (the user database under ``root``; no password).
+
+    ``login_cache_s``: how long a worker remembers a login it has checked (MLflow's
+    ``auth_cache_ttl_seconds``; 0: never, MLflow's default).  Checking a password is slow by design (scrypt:
+    0.12 s of CPU here, and MLflow's server checked each request more than once: 0.45 s a request on a
+    2-core host), and a training run makes its requests in bursts (logging its model: 34 of them, one
+    per metric), so without the cache a 6-step run took 44 s, 30 of them in its final logging; 10 s
+    with it (docs/tracking.md, "A server for your team").  The cache is MLflow's own: per worker,
+    in memory, keyed by an HMAC of the password (a wrong password is never remembered as right); the
+    price is that a changed password or a deleted user still logs in for up to ``login_cache_s``."""
     ini = root / "auth.ini"
     ini.write_text("[mlflow]\n"
                    f"default_permission = {default_permission}\n"
                    f"database_uri = sqlite:///{root / 'auth.db'}\n"
                    f"admin_username = {ADMIN}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   f"auth_cache_ttl_seconds = {int(login_cache_s)}\n")
     return ini
 
 
@@ -138,6 +148,8 @@ def uri_of(host: str, address: str, port: int) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.login_cache_s < 0:
+        raise SetupError(f"--login-cache-s {args.login_cache_s}: must be >= 0 (0: check every request's password)")
     root = Path(args.root).expanduser().resolve()
     password = read_password_file(args.password_file)
     address = check_host(args.host)
@@ -153,7 +165,7 @@ def serve(args: argparse.Namespace) -> int:
                              f"unreliable; give a folder on this host's local disk, or --backend-store-uri "
                              f"postgresql://...")
     (root / "artifacts").mkdir(exist_ok=True)
-    ini = auth_ini(root, args.default_permission)
+    ini = auth_ini(root, args.default_permission, args.login_cache_s)
     env = dict(os.environ, MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_USERNAME=ADMIN,
                MLFLOW_FLASK_SERVER_SECRET_KEY=flask_secret(root),
                MLFLOW_AUTH_ADMIN_PASSWORD=password,  # read by MLflow on the first start only
@@ -246,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--default-permission", default="EDIT", help="what every user may do on experiments "
                                                                 "they did not create (READ, EDIT, MANAGE)")
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--login-cache-s", type=int, default=60,
+                   help="seconds a worker remembers a checked login (0: check the password on every request; "
+                        "a changed password or a removed user still logs in for up to this long)")
     s.add_argument("--start-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     a = sub.add_parser("add-user", help="create a user (you log in as an admin with MLflow's credentials)")
     a.add_argument("name")

@@ -90,6 +90,10 @@ def test_the_server_needs_a_login(server):
     assert _search(server.uri, ("admin", "wrong-password-123")) == 401
     assert _search(server.uri, ("admin", server.admin_password)) == 200
     assert _search(server.uri, (ALICE, ALICE_PW)) == 200  # added by add-user
+    # the workers remember checked logins (--login-cache-s, 60 by default), never a wrong password as right
+    assert "auth_cache_ttl_seconds = 60" in (server.root / "auth.ini").read_text()
+    assert _search(server.uri, ("admin", "wrong-password-123")) == 401
+    assert _search(server.uri, (ALICE, ALICE_PW + "x")) == 401
     assert "give jobs: tracking.uri=" + server.uri in server.out
     root = server.root
     assert {"mlflow.db", "auth.db", "auth.ini", "artifacts"} <= {p.name for p in root.iterdir()}
@@ -107,6 +111,8 @@ def test_bad_password_files_and_hosts_are_refused(tmp_path):
     for pw, host, says in cases:
         r = cli("serve", "--root", str(tmp_path / "srv"), "--host", host, "--password-file", str(pw))
         assert r.returncode == 2 and says in r.stderr, (says, r.stderr[-1000:])
+    r = cli("serve", "--root", str(tmp_path / "srv"), "--password-file", str(good), "--login-cache-s", "-1")
+    assert r.returncode == 2 and "--login-cache-s -1: must be >= 0" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "srv").exists()  # nothing was started or written
 
 
