@@ -290,4 +290,6 @@ def test_a_wrong_password_is_refused_before_anything_reaches_slurm(cluster_serve
     before = run_slurm("squeue", "-h", "-o", "%i")
     with pytest.raises(LoginRefused, match=f"{cluster_server.uri} refused the login of user 'alice'"):
         _cluster_submit(tmp_path, cluster_server, "team-refused", 2, "engine.kind=deepspeed")
-    assert run_slurm("squeue", "-h", "-o", "%i") == before and not (tmp_path / "submitit").exists()
+    # no new job (the earlier test's jobs may still be leaving the queue)
+    assert set(run_slurm("squeue", "-h", "-o", "%i").split()) <= set(before.split())
+    assert not (tmp_path / "submitit").exists()
