@@ -135,6 +135,17 @@ for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
       --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=0,1,2
 done
+# 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
+#     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
+MN=(--sweep data.root=data/mnist-4k "${R20[@]}")
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
+      --sweep method.target_macs=0.5,0.3 "${MN[@]}" "${COMMON[@]}"
+done
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
+    --sweep method.target_macs=0.7 "${MN[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h055 "${S16[@]}" "${MN[@]}" \
+    "${COMMON[@]}"
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
