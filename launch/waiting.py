@@ -104,9 +104,24 @@ def final_state(job, settle_s: float = 60.0, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
+def refresh_states(sub: list[Submitted]) -> None:
+    """One ``sacct`` read for every Slurm job of ``sub`` (submitit's watcher is shared by its jobs).
+
+    Without it a poll sees submitit's cached state, which it refreshes every min(600 s, half the job's age):
+    a job that failed (and so wrote no result file) was seen done minutes late."""
+    for s in sub:
+        if not isinstance(s.job, LocalJob):
+            try:
+                s.job.watcher.update()
+            except Exception:  # a failed read leaves the cache as it was; the next poll tries again
+                pass
+            return
+
+
 def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
     """Wait for every job, printing each state change (PENDING, RUNNING, ...) and, once all are done,
-    each job's final state; then its summary or its error and log path; 1 if any failed."""
+    each job's final state; then its summary or its error and log path; 1 if any failed.  The scheduler
+    is asked every ``poll_s`` seconds (:func:`refresh_states`)."""
     last: dict[str, str] = {}
 
     def show(s: Submitted, state: str) -> None:
@@ -114,10 +129,12 @@ def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
             last[str(s.job.job_id)] = state
             print(f"job {s.job.job_id} ({s.run_name}): {state}", flush=True)
 
+    refresh_states(sub)
     while not all(s.job.done() for s in sub):
         for s in sub:
             show(s, job_state(s.job))
         time.sleep(poll_s)
+        refresh_states(sub)
     for s in sub:
         show(s, final_state(s.job))
     failed = 0

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -245,6 +246,29 @@ def test_cli_bad_partition_and_failed_job(root):
     assert "FAILED" in failed.stderr and "/nonexistent/shards" in failed.stderr
     err_log = re.search(r"stderr: (\S+)", failed.stderr).group(1)
     assert Path(err_log).is_file() and "/nonexistent/shards" in Path(err_log).read_text()
+
+
+@slurm
+@timeout
+def test_wait_asks_the_scheduler_at_every_poll(root, monkeypatch):
+    """``--wait`` sees a job that ended without a result file (cancelled here; a process that died is the same)
+    at its next poll.  Submitit's own check reads its cached state, refreshed only every min(600 s, half the
+    time since submission): such a job was seen done up to a minute late after a minute (ten on a long job)."""
+    from launch import waiting
+
+    (sub,) = _submit(root, *ONE_TASK, "run.name=cancelled-while-running")
+
+    def scheduler() -> str:
+        return run_slurm("sacct", "-n", "-X", "-P", "-j", str(sub.job.job_id), "-o", "State").strip()
+
+    # asked as submitit's own wait() asks, meanwhile: its answer lags the scheduler's
+    _wait_for(lambda: (sub.job.done(), scheduler())[1] == "RUNNING", 240, "the job to start")
+    run_slurm("scancel", str(sub.job.job_id))
+    _wait_for(lambda: (sub.job.done(), scheduler())[1].startswith("CANCELLED"), 60, "the job to end")
+    polls: list[float] = []  # the waits of launch.waiting (submitit's own, for the result file, run as they do)
+    monkeypatch.setattr(waiting, "time", SimpleNamespace(sleep=polls.append, monotonic=time.monotonic))
+    assert waiting.wait([sub], poll_s=5) == 1
+    assert polls == []  # seen ended at the first look, without a poll's sleep
 
 
 def _continue(cmd: str, root: Path, *more: str) -> subprocess.CompletedProcess:
