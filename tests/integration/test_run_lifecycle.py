@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_CLI = ["model.name=resnet20", "data.loader=synthetic", "data.synthetic_classes=4", "data.synthetic_samples=512",
             "data.batch_size=16", "data.train_size=16", "data.val_resize=16", "data.val_crop=16", "data.workers=0",
             "train.progress=false", "train.eval_batches=2", "tracking.enabled=false", "train.threads=1",
-            "method.name=taylor", "method.taylor.check_every=3"]
+            "method.name=taylor", "method.taylor.check_every=3", "latency.repeats=3"]
 
 
 def _digest(d: Path) -> str:
