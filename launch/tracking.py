@@ -16,10 +16,11 @@
   jobs once the server answers, and runs until it is stopped (SIGINT/SIGTERM).
 
 Users get ``--default-permission`` (EDIT: read every experiment, log into every experiment; an
-experiment's creator manages it).  ``add-user`` logs in as an admin with MLflow's own credential
-sources (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` or ``~/.mlflow/credentials``)
-and reads the new user's password from ``--password-file`` or the terminal.  See docs/tracking.md,
-"A server for your team".
+experiment's creator manages it).  A worker remembers a login it has checked for ``--login-cache-s``
+seconds (60; :func:`auth_ini` says why and what it costs).  ``add-user`` logs in as an admin with
+MLflow's own credential sources (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` or
+``~/.mlflow/credentials``) and reads the new user's password from ``--password-file`` or the terminal.
+See docs/tracking.md, "A server for your team".
 """
 
 from __future__ import annotations
