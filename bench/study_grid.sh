@@ -70,14 +70,18 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
 #     (alpha 1) at 30/50%, named with the keys
 S16=(--sweep method.variational.drive_mode=both --sweep method.variational.harden_at=0.55
      --sweep method.variational.patience=1 --sweep method.variational.unit_sampled_frac=0.5)
-for r in variational unit_only_a1; do
-  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
-      --sweep method.target_macs=0.5,0.3 "${FM[@]}" "${COMMON[@]}"
-done
-$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
-    --sweep method.target_macs=0.7 "${FM[@]}" "${COMMON[@]}"
-$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h055 "${S16[@]}" "${FM[@]}" \
-    "${COMMON[@]}"
+# h055 DATA...: those rows on the data (and model) sweeps DATA (stages 1g and 1h)
+h055() {
+  for r in variational unit_only_a1; do
+    $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
+        --sweep method.target_macs=0.5,0.3 "$@" "${COMMON[@]}"
+  done
+  $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
+      --sweep method.target_macs=0.7 "$@" "${COMMON[@]}"
+  $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h055 "${S16[@]}" "$@" \
+      "${COMMON[@]}"
+}
+h055 "${FM[@]}"
 # 1b. the L1-norm filter baseline (Li et al. 2017, on the ranking seam) at the same budgets
 $PY -m launch.submit --config configs/study_l1.yaml --sweep method.target_macs=0.3,0.5 "${FM[@]}" "${COMMON[@]}"
 # 2. the reference and the other special cases on Fashion-MNIST
@@ -137,15 +141,7 @@ for r in variational unit_only_a1; do
 done
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
-MN=(--sweep data.root=data/mnist-4k "${R20[@]}")
-for r in variational unit_only_a1; do
-  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
-      --sweep method.target_macs=0.5,0.3 "${MN[@]}" "${COMMON[@]}"
-done
-$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
-    --sweep method.target_macs=0.7 "${MN[@]}" "${COMMON[@]}"
-$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h055 "${S16[@]}" "${MN[@]}" \
-    "${COMMON[@]}"
+h055 --sweep data.root=data/mnist-4k "${R20[@]}"
 # 4. the 70% budget, MNIST, EGP at its own operating points
 $PY -m launch.submit --config configs/study_variational.yaml --config configs/study_unit_only_a1.yaml \
     --config configs/study_taylor.yaml --config configs/study_layer_only.yaml --config configs/study_unit_only.yaml \
