@@ -107,15 +107,15 @@ def final_state(job, settle_s: float = 60.0, poll_s: float = 1.0) -> str:
 def refresh_states(sub: list[Submitted]) -> None:
     """One ``sacct`` read for every Slurm job of ``sub`` (submitit's watcher is shared by its jobs).
 
-    Without it a poll sees submitit's cached state, which it refreshes every min(600 s, half the job's age):
-    a job that failed (and so wrote no result file) was seen done minutes late."""
-    for s in sub:
-        if not isinstance(s.job, LocalJob):
-            try:
-                s.job.watcher.update()
-            except Exception:  # a failed read leaves the cache as it was; the next poll tries again
-                pass
-            return
+    Without it a poll sees submitit's cached state, which it refreshes every min(600 s, half the time since
+    it last registered a job): a job that ended without a result file was seen done up to minutes late."""
+    slurm = next((s.job for s in sub if not isinstance(s.job, LocalJob)), None)
+    if slurm is None:
+        return
+    try:
+        slurm.watcher.update()
+    except Exception:  # a failed read leaves the cache as it was; the next poll tries again
+        pass
 
 
 def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:

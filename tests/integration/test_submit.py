@@ -254,7 +254,7 @@ def test_cli_bad_partition_and_failed_job(root):
 def test_wait_asks_the_scheduler_at_every_poll(root, monkeypatch):
     """``--wait`` sees a job that ended without a result file (cancelled here; a process that died is the same)
     at its next poll.  Submitit's own check reads its cached state, refreshed only every min(600 s, half the
-    time since submission): such a job was seen done up to a minute late after a minute (ten on a long job)."""
+    time since the last submission): such a job was seen done up to a minute late after a minute (ten on a long job)."""
     from launch import waiting
 
     (sub,) = _submit(root, *ONE_TASK, "run.name=cancelled-while-running")
