@@ -84,7 +84,9 @@ def run(cfg: RunConfig) -> dict:
     from system.tracking.secrets import install_log_redaction
     from system.trainer import Trainer
 
-    install_log_redaction(to_dict(cfg))  # no URL login, password or token of the config in a log line
+    # no URL login, password or token of the config in a log line (MLflow's own login only where the run tracks:
+    # importing MLflow to read it is about 2 s of a process that does not)
+    install_log_redaction(to_dict(cfg), mlflow_login=cfg.tracking.enabled)
     _warn_network_store(cfg)
     env = init_distributed(cfg)
     try:

@@ -109,11 +109,14 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def install_log_redaction(config_tree: Any = None) -> RedactingFilter:
+def install_log_redaction(config_tree: Any = None, mlflow_login: bool = True) -> RedactingFilter:
     """Put one :class:`RedactingFilter` on every handler of the root logger (replacing an earlier one):
-    the secrets are the config's and MLflow's tracking password.  Call it after logging is set up."""
+    the secrets are the config's, ``MLFLOW_TRACKING_PASSWORD``'s and, with ``mlflow_login``, the password of
+    ``~/.mlflow/credentials`` (read through MLflow, which a process that does not track need not import: a
+    run with tracking off never reads that file, so no line of it can carry the password).  Call it after
+    logging is set up."""
     secrets = secret_values(config_tree) if config_tree is not None else []
-    secrets += [v for v in (os.environ.get(ENV_PASSWORD, ""), credentials()[1]) if v]
+    secrets += [v for v in (os.environ.get(ENV_PASSWORD, ""), credentials()[1] if mlflow_login else "") if v]
     filt = RedactingFilter(tuple(secrets))
     for handler in logging.getLogger().handlers:
         for old in [f for f in handler.filters if isinstance(f, RedactingFilter)]:
