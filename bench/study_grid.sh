@@ -139,6 +139,14 @@ for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
       --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=0,1,2
 done
+# 3k. (session 19) ResNet-56 at 50%, seeds 3-4: the combined recipe and unit-only (alpha 1) under the current defaults
+#     (stage 3j's keys) and Taylor, so that depth at 50% has the 5 paired seeds it has at 30% (dense: stage 3's seeds)
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
+      --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]:0:6}" --sweep train.seed=3,4
+done
+$PY -m launch.submit --config configs/study_taylor.yaml --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]:0:6}" \
+    --sweep train.seed=3,4
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"
