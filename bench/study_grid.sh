@@ -147,6 +147,12 @@ for r in variational unit_only_a1; do
 done
 $PY -m launch.submit --config configs/study_taylor.yaml --sweep method.target_macs=0.5 "${R56[@]}" "${COMMON[@]:0:6}" \
     --sweep train.seed=3,4
+# 3m. (session 19) ResNet-56 without a target (the untargeted default, nu 0.3) and at 70%, seeds 0-2, under the
+#     current defaults: depth at the two operating points it had not run, paired with stage 3's dense
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt_h055 "${S16[@]}" "${R56[@]}" \
+    "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
+    --sweep method.target_macs=0.7 "${R56[@]}" "${COMMON[@]}"
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"
