@@ -58,9 +58,35 @@ def continued_on_fewer(job) -> dict | None:
         summary = job.task(0).result()
     except Exception:
         return None
+    return _shrunk(job, summary)
+
+
+def _shrunk(job, summary: Any) -> dict | None:
     if isinstance(summary, dict) and 0 < int(summary.get("world_size", 0)) < job.num_tasks:
         return summary
     return None
+
+
+def outcome(job) -> tuple[list[Any] | None, dict | None, BaseException | None]:
+    """A done job's ``(results, shrunk, error)``: its tasks' results; or rank 0's summary of an elastic job that
+    continued on fewer ranks (:func:`continued_on_fewer`); or the exception that says why it has none.
+
+    Task 0's result is read first and once.  submitit waits up to 15 s for a result file that is missing (a
+    shared file system may show it late) every time it is asked, and a job that was killed, cancelled or left
+    by ``sys.exit`` writes none: reading it twice doubled the wait for every failed job."""
+    try:
+        head = job.task(0).result()
+    except Exception as exc:  # submitit raises the job's traceback (or why there is no result)
+        return None, None, exc
+    if job.num_tasks == 1:
+        return [head], None, None
+    shrunk = _shrunk(job, head)
+    if shrunk is not None:  # the other tasks wrote no result: do not wait for theirs
+        return None, shrunk, None
+    try:
+        return job.results(), None, None
+    except Exception as exc:
+        return None, None, exc
 
 
 def report(sub: list[Submitted]) -> None:
@@ -139,22 +165,18 @@ def wait(sub: list[Submitted], poll_s: float = 10.0) -> int:
         show(s, final_state(s.job))
     failed = 0
     for s in sub:
-        try:
-            results = s.job.results()
-        except Exception as exc:  # submitit raises the job's traceback (or why there is no result)
-            shrunk = continued_on_fewer(s.job)
-            if shrunk is not None:
-                print(f"job {s.job.job_id} ({s.run_name}): continued on {shrunk.get('world_size')} of "
-                      f"{s.job.num_tasks} ranks after losing nodes (launch.min_nodes)")
-                results = [shrunk]
-            else:
-                failed += 1
-                print(f"job {s.job.job_id} ({s.run_name}) FAILED: " + "\n  ".join(error_lines(exc)),
-                      file=sys.stderr)
-                print(f"  stderr: {s.job.paths.stderr}\n  stdout: {s.job.paths.stdout}", file=sys.stderr)
-                if s.continue_cmd:
-                    print(f"  continue it from its last checkpoint: {s.continue_cmd}", file=sys.stderr)
-                continue
+        results, shrunk, exc = outcome(s.job)
+        if shrunk is not None:
+            print(f"job {s.job.job_id} ({s.run_name}): continued on {shrunk.get('world_size')} of "
+                  f"{s.job.num_tasks} ranks after losing nodes (launch.min_nodes)")
+            results = [shrunk]
+        elif exc is not None:
+            failed += 1
+            print(f"job {s.job.job_id} ({s.run_name}) FAILED: " + "\n  ".join(error_lines(exc)), file=sys.stderr)
+            print(f"  stderr: {s.job.paths.stderr}\n  stdout: {s.job.paths.stdout}", file=sys.stderr)
+            if s.continue_cmd:
+                print(f"  continue it from its last checkpoint: {s.continue_cmd}", file=sys.stderr)
+            continue
         summary = results[0] if results else {}
         keys = ("top1", "macs_pct", "prune_events", "steps", "world_size", "run_id")
         print(f"job {s.job.job_id} ({s.run_name}) done: " +

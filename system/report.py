@@ -130,7 +130,8 @@ def summary_of(cfg, state, final: ArchSpec, counts: tuple[int, int], dense: tupl
 def log_final(tracker, summary: dict[str, Any], deployed: GatedResNet, run_dir: Path, step: int,
               width_history: list, register_as: str = "") -> None:
     """Rank 0: the final metrics, the deployed network as an MLflow Model (``summary.json`` gets its
-    URI), ``summary.json`` and ``final/`` as artifacts, the layer-width plot; then the run ends
+    URI), ``summary.json`` and ``final/`` as artifacts, the layer-width plot (drawn only for a tracker that
+    records); then the run ends
     FINISHED.  Items the server did not take are counted in ``summary.json`` (``tracking_unsent``)."""
     tracker.log_metrics(T.final_metrics(summary), step=step)
     tracker.log_metrics({T.MODEL_MACS: summary["macs"], T.MODEL_PARAMS: summary["params"]}, step=step)
@@ -143,11 +144,12 @@ def log_final(tracker, summary: dict[str, Any], deployed: GatedResNet, run_dir: 
     tracker.log_artifact(run_dir / "summary.json")
     for f in sorted((run_dir / "final").iterdir()):
         tracker.log_artifact(f, subdir="final")
-    try:
-        png = T.plot_layer_widths(width_history, run_dir / T.LAYER_WIDTHS_ARTIFACT)
-        tracker.log_artifact(png)
-    except Exception as exc:  # a plot must never fail a finished run
-        log.warning("layer-width plot failed: %s", exc)
+    if tracker.records:  # an artifact only: a run that records nothing skips matplotlib (about 0.8 s a process)
+        try:
+            png = T.plot_layer_widths(width_history, run_dir / T.LAYER_WIDTHS_ARTIFACT)
+            tracker.log_artifact(png)
+        except Exception as exc:  # a plot must never fail a finished run
+            log.warning("layer-width plot failed: %s", exc)
     tracker.end("FINISHED")
     if tracker.dropped:
         summary["tracking_unsent"] = tracker.dropped

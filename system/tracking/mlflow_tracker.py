@@ -74,6 +74,8 @@ class MLflowTracker:
         run_dir: the run's own folder; the backlog goes to ``<run_dir>/mlflow_unsent.jsonl``.
     """
 
+    records = True
+
     def __init__(self, cfg: TrackingConfig, runs_root: str | Path, run_dir: str | Path | None = None):
         self.cfg = cfg
         self.runs_root = Path(runs_root)

@@ -11,8 +11,12 @@ from typing import Any, Protocol, runtime_checkable
 class Tracker(Protocol):
     """What the training loop may do with a run.  Only ``start`` may raise.
 
-    ``run_id`` is None before ``start``; ``dropped`` counts items that never reached the store.
+    ``run_id`` is None before ``start``; ``dropped`` counts items that never reached the store; ``records``
+    is False for a tracker that keeps nothing (what only the store would show, such as the layer-width plot, is
+    then not drawn).
     """
+
+    records: bool
 
     @property
     def run_id(self) -> str | None: ...
@@ -54,6 +58,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """The tracker of ranks other than 0 (and of ``enabled=False``): records nothing."""
+
+    records = False
 
     def __init__(self) -> None:
         self._run_id: str | None = None

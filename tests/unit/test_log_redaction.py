@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from system.tracking import names as T
 from system.tracking.secrets import RedactingFilter, install_log_redaction
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,12 +46,15 @@ def test_the_credential_files_password_is_masked_where_the_run_tracks(tmp_path, 
 
 
 def test_a_run_without_tracking_does_not_import_mlflow(tmp_path):
-    """The CLI's run path with tracking off: MLflow stays out of the process (about 2 s of imports a run)."""
+    """The CLI's run path with tracking off: MLflow stays out of the process (about 2 s of imports a run), and so
+    does matplotlib, since the layer-width plot is an MLflow artifact only (about 0.8 s a run)."""
     from tests.methods_util import TINY
 
     probe = ("import sys, launch.train as t; rc = t.main(sys.argv[1:]); "
-             "print('MLFLOW_IMPORTED' if 'mlflow' in sys.modules else 'MLFLOW_ABSENT'); sys.exit(rc)")
+             "print(*(f'{m}={m in sys.modules}' for m in ('mlflow', 'matplotlib'))); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", probe, *TINY, f"run.root={tmp_path}", "train.max_steps=2",
                         "train.threads=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "MLFLOW_ABSENT" in r.stdout, r.stdout[-500:]
+    assert "mlflow=False matplotlib=False" in r.stdout, r.stdout[-500:]
+    (summary,) = tmp_path.glob("*/summary.json")  # the run finished
+    assert not (summary.parent / T.LAYER_WIDTHS_ARTIFACT).exists()
