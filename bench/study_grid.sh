@@ -153,6 +153,11 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
     "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
     --sweep method.target_macs=0.7 "${R56[@]}" "${COMMON[@]}"
+# 3n. (session 20, not run yet) ResNet-56 at 70%, seeds 0-2: unit-only (alpha 1) under the current defaults and
+#     Taylor, the pair that says whether stage 3m's -0.84 under dense at 70% is the method's or the budget's
+$PY -m launch.submit --config configs/study_unit_only_a1.yaml method.label=unit_only_a1_h055 "${S16[@]}" \
+    --sweep method.target_macs=0.7 "${R56[@]}" "${COMMON[@]}"
+$PY -m launch.submit --config configs/study_taylor.yaml --sweep method.target_macs=0.7 "${R56[@]}" "${COMMON[@]}"
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"
