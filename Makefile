@@ -36,8 +36,8 @@ demo: install
 
 # The suite in this one process (TEST_WORKERS=0), or on TEST_WORKERS pytest-xdist workers: one test module per
 # unit of work, the Slurm tests together on one worker and first in line for the CPU (tests/conftest.py says
-# why). On 2 cores 3 workers gain nothing (35 min from a clean checkout, session 17, against 34-37 in one
-# process): the Slurm tests are the longest path and their 2-node jobs want both cores. The default: one process.
+# why). On 2 cores the suite is CPU-bound: 2 workers took 27.4 min against about 30 in one process (session 20), 3
+# workers 35 min from a clean checkout (session 17). The default: one process.
 TEST_WORKERS ?= 0
 test: install
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=25
