@@ -39,3 +39,23 @@ def wait_for_stderr(proc: subprocess.Popen, needle: str, timeout: float = 120.0)
         if needle in line:
             return "".join(seen)
     raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
+
+
+def build_ds_ops(env: dict[str, str], cwd: str | os.PathLike) -> None:
+    """Build (or find cached) DeepSpeed's CPU comm op in a process started as a run starts its engine
+    (``system.runtime.engine_ds.use_environment_extension_dir`` first), outside the timed tests, and check
+    that it landed where every run of this environment will look: ``$TORCH_EXTENSIONS_DIR`` if ``env`` sets
+    it, else ``<venv>/torch_extensions`` (``~/.cache/torch_extensions`` held one build for every venv, and
+    each venv's build replaced the other's)."""
+    import sys
+    from pathlib import Path
+
+    code = ("from system.runtime.engine_ds import use_environment_extension_dir as use\nwhere = use()\n"
+            "from deepspeed.comm.torch import build_shm_op\nbuild_shm_op()\nprint(where)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    where = env.get("TORCH_EXTENSIONS_DIR") or (str(Path(sys.prefix) / "torch_extensions")
+                                                if sys.prefix != sys.base_prefix else None)
+    assert r.stdout.strip().splitlines()[-1] == str(where), r.stdout[-1000:]
+    if where is not None:
+        assert list(Path(where).glob("deepspeed_shm_comm*/*.so")), f"no deepspeed_shm_comm built under {where}"

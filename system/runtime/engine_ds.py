@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,21 @@ from system.runtime.distributed import ensure_process_group
 from system.runtime.engine import DistEnv, EngineConfig
 
 log = logging.getLogger(__name__)
+
+def use_environment_extension_dir() -> str | None:
+    """Keep DeepSpeed's JIT-built ops (on CPU its ``deepspeed_shm_comm``) inside this Python environment.
+
+    torch builds a JIT extension under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
+    in a folder named after the op alone, and rebuilds it (about 65 s here) whenever the cached build was
+    made against another environment's torch: two checkouts with two venvs on one machine rebuilt the op
+    at every switch. In a virtual environment the ops now go to ``<venv>/torch_extensions``, built once per
+    environment; a ``TORCH_EXTENSIONS_DIR`` already set wins, and outside a venv (a GPU machine's system
+    Python, say) torch's default stays. Returns the folder in force (None: torch's default).
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
 
 #: checkpoint tag used by :meth:`DeepSpeedEngine.save_state` / :meth:`DeepSpeedEngine.load_state`
 CHECKPOINT_TAG = "engine"
@@ -149,6 +165,7 @@ class DeepSpeedEngine:
         cfg = EngineSettings.of(cfg)
         check_engine_config(cfg, env.world_size, device)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        use_environment_extension_dir()
         import deepspeed  # imported only when this engine is used
 
         if not log.isEnabledFor(logging.DEBUG):  # DeepSpeed logs every initialize at INFO

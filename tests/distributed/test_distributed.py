@@ -22,6 +22,7 @@ from system.runtime.coordinator import PlanMismatch
 from system.runtime.engine import DistEnv
 from system.runtime.engine_ds import DeepSpeedEngine, check_engine_config, deepspeed_config
 from tests.net import free_port
+from tests.procs import build_ds_ops
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -52,8 +53,7 @@ def _torchrun(args: list[str], timeout: float = 240, **env: str) -> subprocess.C
 @pytest.fixture(scope="module")
 def ds_ops():
     """Build (or find cached) DeepSpeed's CPU comm op once, outside the timed tests."""
-    r = _run([PY, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"], timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    build_ds_ops(_env(), ROOT)
 
 
 def _cfg(**over) -> RunConfig:

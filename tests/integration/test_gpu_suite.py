@@ -21,6 +21,7 @@ from pipelines.shardset import ShardSet
 from system.models.spec import dense_spec
 from system.pruning.complexity import count
 from system.pruning.surgery import plan_spec
+from tests.procs import build_ds_ops
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -46,9 +47,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ds_ops():
     """Build (or find cached) DeepSpeed's CPU comm op once, outside the timed run (as test_distributed does)."""
-    r = subprocess.run([PY, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    build_ds_ops(_env(), ROOT)
 
 
 def _table(stdout: str) -> dict[str, list[str]]:
@@ -194,6 +193,7 @@ def test_the_suite_runs_from_its_wheelhouse_on_a_machine_with_torch_alone(ds_ops
     env = {**_env(), "PYTHON": str(machine_py), "PARSIMONY_WHEELHOUSE": str(house),
            "GPU_SUITE_SITE": str(tmp_path / "suite-site"), "PIP_INDEX_URL": "http://127.0.0.1:9/nothing"}
     env.pop("PYTHONPATH")
+    env.pop("TORCH_EXTENSIONS_DIR", None)  # that machine's venv builds DeepSpeed's op into its own folder
     r = subprocess.run(["bash", "bench/gpu_suite.sh", "--iters", "2", "--warmup", "1", "--threads", "1",
                         "--rows", "dense_dali,dense_deepspeed,step_variational"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
