@@ -153,11 +153,21 @@ $PY -m launch.submit --config configs/study_variational.yaml method.label=variat
     "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_variational.yaml method.label=variational_h055 "${S16[@]}" \
     --sweep method.target_macs=0.7 "${R56[@]}" "${COMMON[@]}"
-# 3n. (session 20, not run yet) ResNet-56 at 70%, seeds 0-2: unit-only (alpha 1) under the current defaults and
-#     Taylor, the pair that says whether stage 3m's -0.84 under dense at 70% is the method's or the budget's
+# 3n. (sessions 20-21) ResNet-56 at 70%, seeds 0-2: unit-only (alpha 1) under the current defaults and Taylor, the
+#     pair that says whether stage 3m's -0.84 under dense at 70% is the method's or the budget's
 $PY -m launch.submit --config configs/study_unit_only_a1.yaml method.label=unit_only_a1_h055 "${S16[@]}" \
     --sweep method.target_macs=0.7 "${R56[@]}" "${COMMON[@]}"
 $PY -m launch.submit --config configs/study_taylor.yaml --sweep method.target_macs=0.7 "${R56[@]}" "${COMMON[@]}"
+# 3o. (session 21) the machine that ran stages 3m-3n's first part was lost with its runs and data; on the new one
+#     the combined run of seed 1 came out 1.84 points from its recorded value (same commit, recipe, rebuilt shards),
+#     so pairs across machines are pairs in seed only. Stage 3m's 70% part and stage 3n again into one root, dense
+#     with them, so the 70% table is paired on one machine (stage 3n's Taylor rows are this machine's already).
+R3O=("${COMMON[@]:0:3}" "run.root=${ROOT}-3o" "launch.folder=${ROOT}-3o/submitit/%j" "${COMMON[@]:5}")
+$PY -m launch.submit --config configs/study_dense.yaml "${R56[@]}" "${R3O[@]}"
+for r in variational unit_only_a1; do
+  $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
+      --sweep method.target_macs=0.7 "${R56[@]}" "${R3O[@]}"
+done
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"

@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups = group_runs(rows)
         pairs = paired_differences(rows, args.reference)
         text = "\n\n".join(t for t in (matched_table(groups) if groups else "", paired_table(pairs)) if t)
-        items = [asdict(g) for g in groups] + [{"paired": asdict(p)} for p in pairs]
+        items = [asdict(g) for g in groups] + [{"paired": {**asdict(p), "seed_only": p.seed_only}} for p in pairs]
         if args.plot:
             plot_fronts(groups, args.plot, args.plot_x)
     else:

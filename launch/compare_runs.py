@@ -1,8 +1,8 @@
 """Reading runs for ``launch.compare``: one :class:`RunRow` per finished MLflow run.
 
-Reads the ``summary/*`` metrics (``final.*`` of older runs) and the ``method``/``model`` tags that
-the training loop logs at the end of a run (names in ``system.tracking``), and the run's ``method.target_macs``,
-``train.seed`` and ``data.root`` parameters.
+Reads the ``summary/*`` metrics (``final.*`` of older runs), the ``method``/``model`` tags that
+the training loop logs at the end of a run and its ``code_version`` and ``parsimony.hardware`` tags (names in
+``system.tracking``), and the run's ``method.target_macs``, ``train.seed`` and ``data.root`` parameters.
 
 Example::
 
@@ -40,6 +40,8 @@ class RunRow:
     latency_ratio_b1: float | None = None   # the final network's CPU latency / the dense one's (batch 1)
     latency_ratio_b64: float | None = None  # (batch 64)
     steps: float | None = None              # the steps the run trained
+    code_version: str | None = None         # the ``code_version`` tag (git describe of the code)
+    hardware: str | None = None             # the ``parsimony.hardware`` tag (processor and torch build)
 
 
 
@@ -82,6 +84,8 @@ def row_from_run(run: Any) -> RunRow:
         latency_ratio_b1=m.get(T.FINAL_PREFIX + "latency_ratio_b1"),
         latency_ratio_b64=m.get(T.FINAL_PREFIX + "latency_ratio_b64"),
         steps=m.get(T.FINAL_PREFIX + "steps"),
+        code_version=tags.get(T.TAG_CODE_VERSION),
+        hardware=tags.get(T.TAG_HARDWARE),
     )
 
 

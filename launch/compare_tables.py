@@ -116,6 +116,15 @@ class Paired:
     mean: float        # mean paired difference (fraction, not %)
     low: float | None  # 95% t-interval (None with one seed)
     high: float | None
+    code_versions: tuple[str, ...] = ()  # of the paired runs, both methods' ("unrecorded" for a run without it)
+    hardware: tuple[str, ...] = ()
+
+    @property
+    def seed_only(self) -> bool:
+        """True when the paired runs came from more than one code version or processor: a seed's two runs
+        then share initial weights and data order but not their arithmetic, and training amplifies the
+        difference, so the pairs remove less of the seeds' spread than pairs made in one place."""
+        return len(self.code_versions) > 1 or len(self.hardware) > 1
 
 
 def setting_labels(rows: Sequence[RunRow]) -> dict[int, str]:
@@ -130,27 +139,31 @@ def paired_differences(rows: Sequence[RunRow], reference: str = "taylor") -> lis
     """For every dataset and budget, every method's per-seed top-1 difference to ``reference``
     (the same seed: the same initial weights and data order), with its mean and 95% interval.  A
     reference that runs without a target (``dense``) is paired with every budget through its own runs."""
-    by: dict[tuple, dict[int, float]] = {}
+    by: dict[tuple, dict[int, RunRow]] = {}
     label = setting_labels(rows)
     for r in rows:
         if r.top1 is None or r.seed is None or (r.target_macs is None and r.method != reference):
             continue
-        by.setdefault((label[id(r)], r.target_macs, r.method or "-"), {})[r.seed] = r.top1
+        by.setdefault((label[id(r)], r.target_macs, r.method or "-"), {})[r.seed] = r
     out = []
     for (ds, budget, method), seeds in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0, kv[0][2])):
         ref = by.get((ds, budget, reference)) or by.get((ds, None, reference))
         if method == reference or not ref:
             continue
-        d = [seeds[s] - ref[s] for s in sorted(seeds) if s in ref]
+        both = [(seeds[s], ref[s]) for s in sorted(seeds) if s in ref]
+        d = [a.top1 - b.top1 for a, b in both]  # type: ignore[operator]  (rows without top-1 were left out)
         if not d:
             continue
+        runs = [r for pair in both for r in pair]
+        versions = tuple(sorted({r.code_version or "unrecorded" for r in runs}))
+        machines = tuple(sorted({r.hardware or "unrecorded" for r in runs}))
         mean = sum(d) / len(d)
         low = high = None
         if len(d) > 1:
             sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
             half = t975(len(d) - 1) * sd / math.sqrt(len(d))
             low, high = mean - half, mean + half
-        out.append(Paired(ds, budget, method, reference, len(d), mean, low, high))
+        out.append(Paired(ds, budget, method, reference, len(d), mean, low, high, versions, machines))
     return out
 
 
@@ -169,13 +182,22 @@ def paired_table(pairs: Sequence[Paired]) -> str:
                 p = next((p for p in ps if p.method == m and p.budget == b), None)
                 if p is None:
                     row.append("-")
-                elif p.low is None or p.high is None:
-                    row.append(f"{100 * p.mean:+.2f} ({p.n})")
+                    continue
+                mark = "*" if p.seed_only else ""
+                if p.low is None or p.high is None:
+                    row.append(f"{100 * p.mean:+.2f} ({p.n}){mark}")
                 else:
-                    row.append(f"{100 * p.mean:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}] ({p.n})")
+                    row.append(f"{100 * p.mean:+.2f} [{100 * p.low:+.2f}, {100 * p.high:+.2f}] ({p.n}){mark}")
             cells.append(row)
         lines += _aligned(f"dataset {ds}: top-1 minus {ref}'s, paired by seed, in points: mean [95% t-interval] "
                           f"(seeds)", cells)
+        mixed = [p for p in ps if p.seed_only]
+        if mixed:
+            versions = sorted({v for p in mixed for v in p.code_versions})
+            machines = sorted({h for p in mixed for h in p.hardware})
+            lines[-1:] = [f"* paired in seed only: those runs came from {len(versions)} code version(s) "
+                          f"({', '.join(versions)}) and {len(machines)} processor(s) ({'; '.join(machines)}); "
+                          "a seed's runs share initial weights and data order, not their arithmetic", ""]
     return "\n".join(lines).rstrip()
 
 

@@ -44,7 +44,8 @@ def start_run(tracker, cfg, run_dir: Path, world_size: int, device: str, run_id:
     token or URL login) and the run's tags, and the resolved ``config.json`` as an artifact; its run id."""
     params = flatten(redacted(to_dict(cfg)))
     tags = {T.TAG_METHOD: cfg.method.display, T.TAG_MODEL: cfg.model.name, T.TAG_WORLD_SIZE: world_size,
-            T.TAG_DEVICE: device, T.TAG_CODE_VERSION: T.code_version(), **T.standard_tags()}
+            T.TAG_DEVICE: device, T.TAG_CODE_VERSION: T.code_version(), T.TAG_HARDWARE: T.hardware(device),
+            **T.standard_tags()}
     started = tracker.start(run_dir.name, params=params, tags=tags, run_id=run_id)
     tracker.log_artifact(run_dir / T.CONFIG_ARTIFACT)  # the resolved config, as written
     return started

@@ -38,7 +38,7 @@ from system.tracking.names import *  # noqa: F403  (the metric and tag vocabular
 from system.tracking.names import final_metrics
 from system.tracking.plots import plot_layer_widths
 from system.tracking.protocol import NullTracker, Tracker
-from system.tracking.run_tags import code_version, standard_tags
+from system.tracking.run_tags import code_version, hardware, standard_tags
 
 __all__ = [
                                     "ENV_EXPERIMENT_NAME",
@@ -51,6 +51,7 @@ __all__ = [
                                     "code_version",
                                     "experiment_name",
                                     "final_metrics",
+                                    "hardware",
                                     "http_reachable",
                                     "local_store_uri",
                                     "make_tracker",

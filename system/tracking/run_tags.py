@@ -1,6 +1,6 @@
 """The standard tags of a run: who started it, from what code, where (MLflow's ``mlflow.*``
-conventions, plus the Slurm job and its log files when the run is a Slurm job), and the code's
-version for the ``code_version`` tag."""
+conventions, plus the Slurm job and its log files when the run is a Slurm job), the code's version for the
+``code_version`` tag and the processor for the ``parsimony.hardware`` tag."""
 
 from __future__ import annotations
 
@@ -41,6 +41,38 @@ def code_version(repo: str | Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def hardware(device: str) -> str:
+    """What computed a run's numbers: the processor model and the torch version, for example
+    ``cpu: AMD EPYC 7B13 (torch 2.13.0)`` or ``cuda: NVIDIA H100 80GB HBM3 (torch 2.13.0)``.
+
+    Two runs of one seed share initial weights and data order, but their floating-point sums follow
+    the kernels of the processor and the torch build, and a training run amplifies a last-bit difference
+    into a different network: ``launch.compare --budgets`` flags pairs whose runs differ here (or in
+    ``code_version``), which are paired in seed only."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index
+        name = torch.cuda.get_device_name(torch.cuda.current_device() if index is None else index)
+        return f"cuda: {name} (torch {torch.__version__})"
+    import platform
+
+    name, flags = "", set()
+    try:  # a virtual machine may show only the vendor's family name: its vector ISA tells kernels apart too
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for ln in f:
+                key, _, value = ln.partition(":")
+                if key.strip().lower() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip().lower() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((i for i in ("avx512f", "avx2", "sse4_2") if i in flags), None)
+    cpu = (name or platform.processor() or platform.machine()) + (f", {isa}" if isa else "")
+    return f"{device.split(':')[0]}: {cpu} (torch {torch.__version__})"
 
 
 def _source() -> str:

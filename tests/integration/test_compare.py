@@ -16,6 +16,7 @@ from launch.compare import RunRow, format_table, main, pareto_front
 from system.tracking import (
     TAG_CODE_VERSION,
     TAG_DEVICE,
+    TAG_HARDWARE,
     TAG_METHOD,
     TAG_MODEL,
     TAG_WORLD_SIZE,
@@ -181,3 +182,45 @@ def test_pareto_plot_colours_methods_with_a_dense_reference_and_the_legend_outsi
     assert lo == 0.0 and hi >= 100.0
     out = plot_pareto(rows, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _log_study_run(cfg: TrackingConfig, runs_root: Path, method: str, target: float | None, seed: int,
+                   top1: float, version: str = "c68d42c", hardware: str = "cpu: AMD EPYC, avx2 (torch 2.13.0)"):
+    """A finished study run as the loop records it: the params compare groups by, its provenance tags."""
+    params = {"method.name": method, "train.seed": seed, "data.root": "data/fmnist-4k"}
+    if target is not None:
+        params["method.target_macs"] = target
+    tracker = make_tracker(cfg, 0, runs_root)
+    tracker.start(f"{method}-{target}-{seed}", params=params,
+                  tags={TAG_METHOD: method, TAG_MODEL: "resnet56", TAG_CODE_VERSION: version, TAG_HARDWARE: hardware})
+    tracker.log_metrics(final_metrics(dict(PRUNED, top1=top1)), step=1)
+    tracker.end("FINISHED")
+
+
+def test_pairs_whose_runs_came_from_another_machine_or_code_are_flagged_as_paired_in_seed_only(tmp_path, capsys):
+    """``--budgets``: a seed's runs share initial weights and data order, but a run made by another code version
+    or on another processor does not share their arithmetic (session 21: the same commit and recipe on a new
+    machine moved a ResNet-56 run by 1.84 points). Such pairs are marked, named in a footnote and in the JSON;
+    pairs made in one place are not."""
+    cfg, root = TrackingConfig(), tmp_path / "runs"
+    for seed, (dense, taylor, comb) in enumerate([(0.848, 0.834, 0.842), (0.832, 0.863, 0.823), (0.821, 0.825, 0.812)]):
+        _log_study_run(cfg, root, "dense", None, seed, dense)
+        _log_study_run(cfg, root, "taylor", 0.7, seed, taylor)
+        _log_study_run(cfg, root, "variational", 0.7, seed, comb,
+                       hardware="cpu: Intel Xeon, avx512f (torch 2.13.0)" if seed == 1 else
+                       "cpu: AMD EPYC, avx2 (torch 2.13.0)")
+    assert main(["--runs-root", str(root), "--budgets", "--reference", "dense"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = {ln.split()[0]: ln for ln in out if ln.startswith(("taylor ", "variational "))}
+    assert row["taylor"].rstrip().endswith("(3)") and "*" not in row["taylor"]
+    assert row["variational"].rstrip().endswith("(3)*")
+    note = next(ln for ln in out if ln.startswith("* paired in seed only"))
+    assert "1 code version(s) (c68d42c)" in note and "2 processor(s)" in note and "Intel Xeon, avx512f" in note
+
+    assert main(["--runs-root", str(root), "--budgets", "--reference", "dense", "--json"]) == 0
+    pairs = {p["paired"]["method"]: p["paired"] for p in json.loads(capsys.readouterr().out) if "paired" in p}
+    assert pairs["taylor"]["seed_only"] is False
+    assert pairs["taylor"]["hardware"] == ["cpu: AMD EPYC, avx2 (torch 2.13.0)"]
+    assert pairs["variational"]["seed_only"] is True and len(pairs["variational"]["hardware"]) == 2
+    assert pairs["variational"]["n"] == 3
+    assert pairs["variational"]["mean"] == pytest.approx((-0.006 - 0.009 - 0.009) / 3)

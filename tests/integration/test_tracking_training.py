@@ -160,6 +160,8 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     assert t[T.TAG_METHOD] == summary["method"] and t[T.TAG_MODEL] == "resnet20"
     assert t[T.TAG_WORLD_SIZE] == "1" and t[T.TAG_DEVICE] == "cpu"
     assert t[T.TAG_CODE_VERSION] == T.code_version() != "unknown"
+    assert t[T.TAG_HARDWARE] == T.hardware("cpu") and t[T.TAG_HARDWARE].startswith("cpu: ")
+    assert f"(torch {torch.__version__})" in t[T.TAG_HARDWARE]
     # MLflow's standard tags: who, from what source, which commit (the UI's "Created by" / "Source")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert t["mlflow.user"] and t["mlflow.source.name"] and t["mlflow.source.type"] == "LOCAL"
