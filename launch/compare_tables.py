@@ -151,7 +151,7 @@ def paired_differences(rows: Sequence[RunRow], reference: str = "taylor") -> lis
         if method == reference or not ref:
             continue
         both = [(seeds[s], ref[s]) for s in sorted(seeds) if s in ref]
-        d = [a.top1 - b.top1 for a, b in both]  # type: ignore[operator]  (rows without top-1 were left out)
+        d = [float(a.top1 or 0.0) - float(b.top1 or 0.0) for a, b in both]  # rows without top-1 were left out
         if not d:
             continue
         runs = [r for pair in both for r in pair]

@@ -59,7 +59,7 @@ def hardware(device: str) -> str:
         return f"cuda: {name} (torch {torch.__version__})"
     import platform
 
-    name, flags = "", set()
+    name, flags = "", set[str]()
     try:  # a virtual machine may show only the vendor's family name: its vector ISA tells kernels apart too
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for ln in f:
