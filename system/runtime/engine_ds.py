@@ -40,6 +40,7 @@ from system.runtime.engine import DistEnv, EngineConfig
 
 log = logging.getLogger(__name__)
 
+
 def use_environment_extension_dir() -> str | None:
     """Keep DeepSpeed's JIT-built ops (on CPU its ``deepspeed_shm_comm``) inside this Python environment.
 

@@ -44,8 +44,9 @@ def code_version(repo: str | Path | None = None) -> str:
 
 
 def hardware(device: str) -> str:
-    """What computed a run's numbers: the processor model and the torch version, for example
-    ``cpu: AMD EPYC 7B13 (torch 2.13.0)`` or ``cuda: NVIDIA H100 80GB HBM3 (torch 2.13.0)``.
+    """What computed a run's numbers: the processor model (on a CPU with its widest vector ISA of avx512f,
+    avx2, sse4_2) and the torch version, for example ``cpu: AMD EPYC 7B13, avx2 (torch 2.13.0)`` or
+    ``cuda: NVIDIA H100 80GB HBM3 (torch 2.13.0)``.
 
     Two runs of one seed share initial weights and data order, but their floating-point sums follow
     the kernels of the processor and the torch build, and a training run amplifies a last-bit difference
