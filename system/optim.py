@@ -40,6 +40,11 @@ class OptimConfig:
     min_lr: float = 0.0  # the LR cosine ends at
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for ``step``
     step_gamma: float = 0.1  # ``step``: the LR factor at each milestone
+    # [ours] learning-rate rewinding (Renda et al., ICLR 2020) inside one run: at this fraction of training the
+    # cosine starts again from ``restart_factor`` times the peak and anneals to ``min_lr`` by the end; a pruning
+    # recipe sets it where its architecture becomes final (the variational method's ``harden_at``). 0 = off
+    restart_at: float = 0.0
+    restart_factor: float = 1.0  # the restarted cosine's peak, as a multiple of the warm-up's peak
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", "must be > 0")
@@ -49,6 +54,10 @@ class OptimConfig:
         check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         check(self.min_lr >= 0, "min_lr", "must be >= 0")
+        check(0.0 <= self.restart_at < 1.0, "restart_at", "must be in [0, 1) (a fraction of training; 0 = off)")
+        check(self.restart_at == 0.0 or self.schedule == "cosine", "restart_at",
+              f"restarts the cosine schedule; schedule is {self.schedule!r}")
+        check(self.restart_factor > 0, "restart_factor", "must be > 0")
 
 
 def param_groups(model: GatedResNet, cfg: OptimConfig, theta_lrs: dict[str, float], lr: float,
@@ -101,7 +110,8 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Multiplier of the weights' base lr at ``step`` (0-based): linear warm-up, then the schedule."""
+    """Multiplier of the weights' base lr at ``step`` (0-based): linear warm-up, then the schedule (with
+    ``restart_at`` > 0, a cosine that starts again at that fraction of the steps after the warm-up)."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
@@ -110,6 +120,9 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: in
         return 1.0
     if cfg.schedule == "step":
         return cfg.step_gamma ** sum(1 for m in cfg.step_milestones if t >= m)
+    r = cfg.restart_at
+    if r > 0.0 and t >= r:  # the second cosine, over what is left of the run
+        return cfg.restart_factor * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - r) / (1.0 - r))))
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 

@@ -11,7 +11,8 @@ from system.pruning.methods import MethodConfig, build_method
 from system.pruning.methods.variational import VariationalConfig
 from system.pruning.surgery import PrunePlan, apply_plan
 from system.pruning.transplant import transplant_optimizer
-from system.run_config import OptimConfig
+from system.config import ConfigError, load_config
+from system.run_config import OptimConfig, RunConfig
 
 THETA = {"unit": 0.5, "layer": 0.1}
 
@@ -40,6 +41,19 @@ def test_lr_schedule_is_a_pure_function_of_the_step():
     assert lr_factor(cfg, 9, 100, 10) == pytest.approx(1.0)
     assert lr_factor(cfg, 55, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lr_factor(cfg, 100, 100, 10) == pytest.approx(0.0)
+
+
+def test_a_restarted_cosine_starts_again_at_its_fraction_and_ends_at_min_lr():
+    plain = OptimConfig(lr=0.1, schedule="cosine")
+    cfg = OptimConfig(lr=0.1, schedule="cosine", restart_at=0.6, restart_factor=0.5)
+    assert [lr_factor(cfg, s, 100, 10) for s in range(60)] == [lr_factor(plain, s, 100, 10) for s in range(60)]
+    assert lr_factor(cfg, 60, 100, 10) == pytest.approx(0.5)  # the second peak
+    assert lr_factor(cfg, 60, 100, 10) > lr_factor(plain, 59, 100, 10)  # it goes up where the plain one goes on down
+    assert lr_factor(cfg, 80, 100, 10) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
+    assert lr_factor(cfg, 100, 100, 10) == pytest.approx(0.0)
+    for bad in (["optim.schedule=step", "optim.restart_at=0.5"], ["optim.restart_at=1.0"]):
+        with pytest.raises(ConfigError, match="optim.restart_at"):  # the dotted key, as a user's override names it
+            load_config(RunConfig, "configs/demo.yaml", bad)
 
 
 def test_theta_lr_is_zero_while_theta_is_not_trained():
