@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from system.config import ConfigError, load_config
 from system.models.resnet import build_model
 from system.models.spec import dense_spec
 from system.optim import build_optimizer, lr_factor, set_lrs
@@ -11,7 +12,6 @@ from system.pruning.methods import MethodConfig, build_method
 from system.pruning.methods.variational import VariationalConfig
 from system.pruning.surgery import PrunePlan, apply_plan
 from system.pruning.transplant import transplant_optimizer
-from system.config import ConfigError, load_config
 from system.run_config import OptimConfig, RunConfig
 
 THETA = {"unit": 0.5, "layer": 0.1}
