@@ -12,6 +12,7 @@ resumed run continues at exactly the same learning rate.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -40,10 +41,11 @@ class OptimConfig:
     min_lr: float = 0.0  # the LR cosine ends at
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for ``step``
     step_gamma: float = 0.1  # ``step``: the LR factor at each milestone
-    # [ours] learning-rate rewinding (Renda et al., ICLR 2020) inside one run: at this fraction of training the
-    # cosine starts again from ``restart_factor`` times the peak and anneals to ``min_lr`` by the end; a pruning
-    # recipe sets it where its architecture becomes final (the variational method's ``harden_at``). 0 = off
-    restart_at: float = 0.0
+    # [ours] learning-rate rewinding (Renda et al., ICLR 2020) inside one run: at this fraction of the steps after
+    # the warm-up the cosine starts again from ``restart_factor`` times the peak and anneals to ``min_lr`` by the
+    # end. ``final``: where the method's architecture becomes final (:attr:`Method.final_step`: the variational
+    # method's hardening, a ranking method's last pruning step; no restart for a method that never prunes). 0 = off
+    restart_at: float | Literal["final"] = 0.0
     restart_factor: float = 1.0  # the restarted cosine's peak, as a multiple of the warm-up's peak
 
     def __post_init__(self) -> None:
@@ -54,7 +56,8 @@ class OptimConfig:
         check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         check(self.min_lr >= 0, "min_lr", "must be >= 0")
-        check(0.0 <= self.restart_at < 1.0, "restart_at", "must be in [0, 1) (a fraction of training; 0 = off)")
+        check(self.restart_at == "final" or 0.0 <= self.restart_at < 1.0, "restart_at",
+              "must be 'final' or in [0, 1) (a fraction of training; 0 = off)")
         check(self.restart_at == 0.0 or self.schedule == "cosine", "restart_at",
               f"restarts the cosine schedule; schedule is {self.schedule!r}")
         check(self.restart_factor > 0, "restart_factor", "must be > 0")
@@ -109,6 +112,19 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_batch if cfg.lr_batch else cfg.lr
 
 
+def resolve_restart(cfg: OptimConfig, final_step: int | None, total_steps: int, steps_per_epoch: int) -> OptimConfig:
+    """``cfg`` with ``restart_at: final`` replaced by the fraction (of the steps after the warm-up) at which
+    ``final_step``, the method's architecture, becomes final: 0 (no restart) when it never does, or not
+    after the warm-up and before the last step."""
+    if cfg.restart_at != "final":
+        return cfg
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    frac = 0.0
+    if final_step is not None and warm < final_step < total_steps:
+        frac = (final_step - warm) / max(1, total_steps - warm)
+    return dataclasses.replace(cfg, restart_at=frac)
+
+
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Multiplier of the weights' base lr at ``step`` (0-based): linear warm-up, then the schedule (with
     ``restart_at`` > 0, a cosine that starts again at that fraction of the steps after the warm-up)."""
@@ -121,6 +137,8 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: in
     if cfg.schedule == "step":
         return cfg.step_gamma ** sum(1 for m in cfg.step_milestones if t >= m)
     r = cfg.restart_at
+    if isinstance(r, str):
+        raise ValueError("optim.restart_at: 'final' is resolved by resolve_restart() before the schedule is read")
     if r > 0.0 and t >= r:  # the second cosine, over what is left of the run
         return cfg.restart_factor * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - r) / (1.0 - r))))
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))

@@ -11,6 +11,7 @@ coordinator events, tracking run, engine) save and restore their own state; the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from system.build import (
 from system.config import to_dict
 from system.models.resnet import GatedResNet
 from system.models.spec import ArchSpec
+from system.optim import resolve_restart
 from system.pruning.complexity import count
 from system.run_config import RunConfig
 from system.runtime.checkpoint import Checkpointer, ModelBuffers, RngState, Value
@@ -42,6 +44,8 @@ from system.runtime.rundir import RunLock, claim, remove_empty
 from system.skips import SkipWatch
 from system.state import LoopState, seed_everything, seed_rank_stream
 from system.step_log import StepLog
+
+log = logging.getLogger(__name__)
 
 
 class Run:
@@ -90,6 +94,11 @@ class Run:
         if resume is not None:
             self.method.load_state_dict(self.checkpointer.rank_state(resume, "method"))
         self.method.attach(model)
+        # the learning-rate schedule, with restart_at: final resolved to where this method's architecture is final
+        self.schedule = resolve_restart(cfg.optim, self.method.final_step, self.total_steps, self.steps_per_epoch)
+        if self.schedule.restart_at:
+            log.info("learning rate: the cosine restarts at %.3f of the steps after the warm-up (optim.restart_at=%s)",
+                     self.schedule.restart_at, cfg.optim.restart_at)
         seed_rank_stream(cfg.train.seed, env.rank)  # gate samples: per rank (docs/method.md section 1)
         opt = build_opt(cfg, model, self.method, self.global_batch)
         self.engine: Engine = (engine_factory or self._default_engine)(model, opt)

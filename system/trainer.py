@@ -45,7 +45,7 @@ class Trainer(Run):
         """One optimizer step on (x, y); the batch's mean loss, a 0-d tensor left on the device."""
         cfg, model, step = self.cfg, self.model, self.state.step
         model.train()
-        self._lr = set_lrs(self.engine.optimizer, cfg.optim, step, self.total_steps, self.steps_per_epoch,
+        self._lr = set_lrs(self.engine.optimizer, self.schedule, step, self.total_steps, self.steps_per_epoch,
                            self.method.theta_active(step))
         self.method.before_step(model, step)
         logits = self.engine.forward(x)
@@ -242,6 +242,7 @@ class Trainer(Run):
         summary = report.summary_of(
             cfg, s, final_spec, count(final_spec), (self.dense_macs, self.dense_params), res,
             epochs=round(s.step / max(1, self.steps_per_epoch), 3), world_size=self.env.world_size,
+            lr_restart_at=self.schedule.restart_at,  # the resolved optim.restart_at (0: no restart)
             device=str(self.device), run_dir=str(self.run_dir), run_id=getattr(self, "run_id", None),
             method_details=self.method.summary(), mlflow_run_url=self.tracker.run_url(), **latency)
         if self.env.rank == 0:

@@ -134,6 +134,13 @@ class Method:
         """Learning rate of the unit / layer theta groups (0 = theta not trained)."""
         return {"unit": 0.0, "layer": 0.0}
 
+    @property
+    def final_step(self) -> int | None:
+        """The first step trained on the network's final architecture: no plan comes at or after it (``None``:
+        the architecture never changes, or the method cannot say); ``optim.restart_at: final`` restarts the
+        learning rate there."""
+        return None
+
     def theta_active(self, step: int) -> bool:
         """Whether theta is trained at ``step`` (the LR schedule multiplies its lr by 0 otherwise)."""
         return False

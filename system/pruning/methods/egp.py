@@ -118,6 +118,11 @@ class EGP(Method):
     def check_due(self, step: int) -> bool:
         return step in self._schedule()
 
+    @property
+    def final_step(self) -> int | None:
+        """The step after its last pruning iteration."""
+        return self._schedule()[-1] + 1
+
     def sync_tensors(self) -> list[torch.Tensor]:
         return [self.on_sum[n] for n in sorted(self.on_sum)] + [self.n_batches]
 

@@ -121,6 +121,11 @@ class Ranking(Method):
         return int(self.cfg.stop_frac * self.total_steps)
 
     @property
+    def final_step(self) -> int | None:
+        """The step after the last pruning step (at the latest ``stop_frac``)."""
+        return self.stop_step + 1
+
+    @property
     def first_check(self) -> int:
         return (self.start_step // self.cfg.check_every + 1) * self.cfg.check_every
 

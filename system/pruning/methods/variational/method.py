@@ -132,6 +132,11 @@ class Variational(Method):
             return {"unit": lr if c.unit_gates else 0.0, "layer": lr if c.layer_gates else 0.0}
         return {"unit": c.lr_unit if c.unit_gates else 0.0, "layer": c.lr_layer if c.layer_gates else 0.0}
 
+    @property
+    def final_step(self) -> int | None:
+        """The step after the hardening (none without it: ``harden: none`` rounds only after the run)."""
+        return None if self.harden_step is None else self.harden_step + 1
+
     def theta_active(self, step: int) -> bool:
         # nu = 0 without a target is "accuracy only": theta is not trained (it stays 1),
         # so stochastic noise in the data gradient cannot prune anything.
