@@ -41,12 +41,13 @@ class OptimConfig:
     min_lr: float = 0.0  # the LR cosine ends at
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for ``step``
     step_gamma: float = 0.1  # ``step``: the LR factor at each milestone
-    # [ours] learning-rate rewinding (Renda et al., ICLR 2020) inside one run: at this fraction of the steps after
-    # the warm-up the cosine starts again from ``restart_factor`` times the peak and anneals to ``min_lr`` by the
+    # learning-rate rewinding (after Renda et al., ICLR 2020) inside one run: at this fraction of the steps after
+    # the warm-up the cosine starts again from ``restart_factor`` times its peak and anneals to ``min_lr`` by the
     # end. ``final``: where the method's architecture becomes final (:attr:`Method.final_step`: the variational
-    # method's hardening, a ranking method's last pruning step; no restart for a method that never prunes). 0 = off
+    # method's hardening, a ranking method's last pruning step; no restart for a method that never prunes).
+    # 0 = off (the default: on the study's validation split dense gains from it as much as a pruned run does)
     restart_at: float | Literal["final"] = 0.0
-    restart_factor: float = 1.0  # the restarted cosine's peak, as a multiple of the warm-up's peak
+    restart_factor: float = 1.0  # the restarted cosine's peak, as a multiple of the schedule's
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", "must be > 0")
