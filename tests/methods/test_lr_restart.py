@@ -1,5 +1,6 @@
 """``optim.restart_at: final``: the learning rate starts its second cosine at the first step trained on the method's
-final architecture, in the real training loop, and a method that never prunes keeps the plain cosine."""
+final architecture, in the real training loop (a method that never prunes keeps the plain cosine:
+``tests/unit/test_optim.py``)."""
 
 import pytest
 
@@ -8,7 +9,6 @@ from system.trainer import Trainer
 from tests.methods_util import STRONG, tiny_config
 
 RUNS = {
-    "none": ["method.name=none"],
     # the variational method at a target: the rounding at harden_at fixes the architecture
     "variational": ["method.name=variational", "method.target_macs=0.5", "method.variational.check_every=2",
                     "method.variational.harden_at=0.5"],
@@ -18,8 +18,7 @@ RUNS = {
 
 @pytest.mark.parametrize("method", sorted(RUNS))
 def test_the_learning_rate_restarts_where_the_architecture_becomes_final(tmp_path, method):
-    steps = 12 if method == "none" else 30  # (dense: nothing to wait for)
-    cfg = tiny_config(tmp_path, f"train.max_steps={steps}", "optim.restart_at=final", *RUNS[method])
+    cfg = tiny_config(tmp_path, "train.max_steps=20", "optim.restart_at=final", *RUNS[method])
     trainer = Trainer(cfg)
     seen: list[tuple[int, float, int]] = []  # (step, the weights' lr, the MACs the step trained)
     orig = trainer.method.after_step
@@ -33,9 +32,6 @@ def test_the_learning_rate_restarts_where_the_architecture_becomes_final(tmp_pat
     summary = trainer.run()
     steps, lrs, macs = zip(*seen)
     rises = [s for s, a, b in zip(steps[1:], lrs, lrs[1:]) if b > a]
-    if method == "none":
-        assert rises == [] and summary["lr_restart_at"] == 0.0  # nothing to restart for: the plain cosine
-        return
     final = trainer.method.final_step
     assert rises == [final], (rises, final)  # one restart, at the method's final step
     assert lrs[steps.index(final)] == pytest.approx(cfg.optim.lr)  # back at the peak (restart_factor 1)

@@ -7,8 +7,9 @@ import pytest
 from system.config import ConfigError, load_config
 from system.models.resnet import build_model
 from system.models.spec import dense_spec
-from system.optim import build_optimizer, lr_factor, set_lrs
+from system.optim import build_optimizer, lr_factor, resolve_restart, set_lrs
 from system.pruning.methods import MethodConfig, build_method
+from system.pruning.methods.base import Method
 from system.pruning.methods.variational import VariationalConfig
 from system.pruning.surgery import PrunePlan, apply_plan
 from system.pruning.transplant import transplant_optimizer
@@ -51,6 +52,11 @@ def test_a_restarted_cosine_starts_again_at_its_fraction_and_ends_at_min_lr():
     assert lr_factor(cfg, 60, 100, 10) > lr_factor(plain, 59, 100, 10)  # it goes up where the plain one goes on down
     assert lr_factor(cfg, 80, 100, 10) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
     assert lr_factor(cfg, 100, 100, 10) == pytest.approx(0.0)
+    # final: the method's final step, as a fraction of the steps after the warm-up; none for a method that never prunes
+    final = OptimConfig(restart_at="final", warmup_epochs=1)
+    assert resolve_restart(final, 55, 100, 10).restart_at == pytest.approx(0.5)
+    assert resolve_restart(final, Method(None, 100).final_step, 100, 10).restart_at == 0.0  # dense: no restart
+    assert resolve_restart(final, 100, 100, 10).restart_at == 0.0  # final only after the last step: none either
     for bad in (["optim.schedule=step", "optim.restart_at=0.5"], ["optim.restart_at=1.0"]):
         with pytest.raises(ConfigError, match="optim.restart_at"):  # the dotted key, as a user's override names it
             load_config(RunConfig, "configs/demo.yaml", bad)
