@@ -168,6 +168,16 @@ for r in variational unit_only_a1; do
   $PY -m launch.submit --config configs/study_$r.yaml method.label=${r}_h055 "${S16[@]}" \
       --sweep method.target_macs=0.7 "${R56[@]}" "${R3O[@]}"
 done
+# 1i. (session 22) ResNet-20 again on one machine and one commit, seeds 0-4, the recipes' own defaults (no sweep keys):
+#     dense, then the combined recipe, unit-only (alpha 1) and Taylor at 50% and 30%, into their own root
+R1I=("${COMMON[@]:0:3}" "run.root=${ROOT}-1i" "launch.folder=${ROOT}-1i/submitit/%j" data.eval_split=test
+     --sweep train.seed=0,1,2,3,4 model.name=resnet20 data.root=data/fmnist-4k)
+$PY -m launch.submit --config configs/study_dense.yaml "${R1I[@]}"
+for t in 0.5 0.3; do
+  for r in variational unit_only_a1 taylor; do
+    $PY -m launch.submit --config configs/study_$r.yaml --sweep method.target_macs=$t "${R1I[@]}"
+  done
+done
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"
