@@ -45,7 +45,7 @@ class OptimConfig:
     # the warm-up the cosine starts again from ``restart_factor`` times its peak and anneals to ``min_lr`` by the
     # end. ``final``: where the method's architecture becomes final (:attr:`Method.final_step`: the variational
     # method's hardening, a ranking method's last pruning step; no restart for a method that never prunes).
-    # 0 = off (the default: on the study's validation split dense gains from it as much as a pruned run does)
+    # 0 = off (the default: on the study's validation split dense gains nearly as much from it as a pruned run)
     restart_at: float | Literal["final"] = 0.0
     restart_factor: float = 1.0  # the restarted cosine's peak, as a multiple of the schedule's
 
