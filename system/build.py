@@ -33,7 +33,7 @@ from system.config import ConfigError, from_dict
 from system.export import SPEC, WEIGHTS
 from system.models.resnet import GatedResNet, build_model, gates_of, zero_init_residual
 from system.models.spec import ArchSpec, dense_spec
-from system.optim import build_optimizer
+from system.optim import OptimConfig, build_optimizer, resolve_restart
 from system.pruning.methods import Method, build_method
 from system.pruning.methods.base import smallest_macs_frac
 from system.run_config import RunConfig
@@ -194,6 +194,11 @@ def build_pruning_method(cfg: RunConfig, total_steps: int, model: GatedResNet | 
                                   f"'{cfg.method.name}' can reach on {cfg.model.name}: {floor:.4f} of the dense MACs "
                                   f"(every residual block removed; the stem, projection shortcuts and classifier stay)")
     return method
+
+
+def build_schedule(cfg: RunConfig, method: Method, total_steps: int, steps_per_epoch: int) -> OptimConfig:
+    """``optim.*`` with ``restart_at: final`` resolved to where ``method``'s architecture becomes final."""
+    return resolve_restart(cfg.optim, method.final_step, total_steps, steps_per_epoch)
 
 
 def build_opt(cfg: RunConfig, model: GatedResNet, method: Method, global_batch: int) -> torch.optim.Optimizer:

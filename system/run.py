@@ -24,6 +24,7 @@ from system.build import (
     build_network,
     build_opt,
     build_pruning_method,
+    build_schedule,
     dense_spec_for,
     init_network,
     initial_spec,
@@ -32,7 +33,6 @@ from system.build import (
 from system.config import to_dict
 from system.models.resnet import GatedResNet
 from system.models.spec import ArchSpec
-from system.optim import resolve_restart
 from system.pruning.complexity import count
 from system.run_config import RunConfig
 from system.runtime.checkpoint import Checkpointer, ModelBuffers, RngState, Value
@@ -95,7 +95,7 @@ class Run:
             self.method.load_state_dict(self.checkpointer.rank_state(resume, "method"))
         self.method.attach(model)
         # the learning-rate schedule, with restart_at: final resolved to where this method's architecture is final
-        self.schedule = resolve_restart(cfg.optim, self.method.final_step, self.total_steps, self.steps_per_epoch)
+        self.schedule = build_schedule(cfg, self.method, self.total_steps, self.steps_per_epoch)
         if self.schedule.restart_at:
             log.info("learning rate: the cosine restarts at %.3f of the steps after the warm-up (optim.restart_at=%s)",
                      self.schedule.restart_at, cfg.optim.restart_at)
