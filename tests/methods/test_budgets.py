@@ -96,6 +96,50 @@ def test_the_rounding_reports_the_units_it_cut_by_their_theta(tmp_path, monkeypa
     assert sum(expected.values()) == rounding[1] > 0
 
 
+def test_the_fold_at_the_rounding_keeps_the_mean_network(tmp_path, monkeypatch):
+    """``harden_fold``: the network the rounding leaves (kept gates at 1, deterministic) computes the mean network
+    that trained and was evaluated before it (every gate at its theta), less what the rounding cut; without the
+    fold it does not.  Checked inside a real targeted run, at its rounding, on the model itself in eval mode."""
+    import copy
+
+    import system.pruning.methods.variational.method as vm
+    from system.models.resnet import gates_of, set_gate_mode
+
+    seen = {}
+    real = vm.fold_kept_thetas
+
+    def outputs(model, mode, thetas=None):
+        m = copy.deepcopy(model).eval()
+        if thetas is not None:
+            with torch.no_grad():
+                for n, g in gates_of(m).items():
+                    g.theta.copy_(thetas[n])
+        set_gate_mode(m, unit=mode, layer=mode)
+        with torch.no_grad():
+            return m(seen["x"])
+
+    def spy(model, unit, layer):
+        spec = model.spec()
+        gen = torch.Generator().manual_seed(0)
+        seen["x"] = torch.randn(8, spec.in_channels, spec.input_size, spec.input_size, generator=gen)
+        rounded = {n: g.theta.detach().clone() for n, g in gates_of(model).items()}
+        before = {**unit, **layer}
+        seen["kept_below_1"] = sum(int(((rounded[n] > 0.5) & (t < 0.99)).sum()) for n, t in before.items())
+        mean = {n: torch.where(rounded[n] > 0.5, before[n], torch.zeros_like(before[n])) for n in rounded}
+        seen["mean"] = outputs(model, "mean", mean)
+        seen["unfolded"] = outputs(model, "deterministic")
+        real(model, unit, layer)
+        seen["folded"] = outputs(model, "deterministic")
+
+    monkeypatch.setattr(vm, "fold_kept_thetas", spy)
+    cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.4", *TARGETED["variational"],
+                      "method.variational.harden_at=0.3", "method.variational.harden_fold=true")
+    Trainer(cfg).run()
+    assert seen["kept_below_1"] > 0  # gates kept at a theta under 1: the jump the fold removes
+    torch.testing.assert_close(seen["folded"], seen["mean"], rtol=1e-4, atol=1e-5)
+    assert float((seen["unfolded"] - seen["mean"]).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("method", ["taylor", "l1"])
 def test_a_target_the_schedule_cannot_reach_is_reported(tmp_path, caplog, method):
     # the ranking's pruning window ends before its first pruning step: nothing can be removed

@@ -94,6 +94,12 @@ class VariationalConfig:
     # 0.5; at 0.55 it is 0.82-0.90 on the validation split at the same accuracy (-0.11 points, 5 paired seeds;
     # docs/results.md, "The rule's share under unit_sampled_frac 0.5")
     harden_at: float = 0.55
+    # [ours] at the rounding, each kept gate's theta (before it is rounded to 1) is folded into the weights that
+    # read it: a unit's into its consumer conv's input channel, a block's into its last BatchNorm's weight and bias.
+    # The network after the rounding then computes the mean network (gates at theta) that trained and was
+    # evaluated before it, less the cut structures; false: the kept gates jump from theta to 1 (the method as
+    # published). docs/method.md section 7, "The fold at the rounding"
+    harden_fold: bool = False
     eval_gates: Literal["mean", "deterministic"] = "mean"  # before hardening
     threshold: float = 0.5  # deterministic gate: xi = 1[theta > threshold]
     # while theta is held at 1 (the warm-up) the gates pass their input and theta's gradient is read off the

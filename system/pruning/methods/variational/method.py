@@ -47,7 +47,7 @@ from system.pruning.methods.variational.budget import Budget
 from system.pruning.methods.variational.config import VariationalConfig
 from system.pruning.methods.variational.estimators import LayerEstimator
 from system.pruning.methods.variational.price import Price
-from system.pruning.methods.variational.rounding import apply_rounding, cut_by_theta
+from system.pruning.methods.variational.rounding import apply_rounding, cut_by_theta, fold_kept_thetas
 from system.pruning.methods.variational.rule import Removals, Rule
 from system.pruning.methods.variational.terms import add_drive, gated_conv_weights, gated_decay_term, normalize
 from system.pruning.surgery import PrunePlan, Slices, plan_from_gates
@@ -311,7 +311,10 @@ class Variational(Method):
         self.expected_macs_at_harden = self.budget.expected_macs  # where the theta dynamics got before rounding
         unit, layer = self.price.thetas(model)
         before = {n: t.clone() for n, t in unit.items()}  # (the rounding writes the gates these views read)
+        layer_before = {n: t.clone() for n, t in layer.items()}
         apply_rounding(model, unit, layer, c.threshold, self.round_to, self.target, self.price.dense[0])
+        if c.harden_fold:
+            fold_kept_thetas(model, before, layer_before)
         self.hardened = True
         self.attach(model)
         plan = plan_from_gates(model, threshold=c.threshold)
