@@ -128,14 +128,17 @@ def test_the_fold_at_the_rounding_keeps_the_mean_network(tmp_path, monkeypatch):
         mean = {n: torch.where(rounded[n] > 0.5, before[n], torch.zeros_like(before[n])) for n in rounded}
         seen["mean"] = outputs(model, "mean", mean)
         seen["unfolded"] = outputs(model, "deterministic")
-        real(model, unit, layer)
+        seen["folded_counts"] = real(model, unit, layer)
         seen["folded"] = outputs(model, "deterministic")
+        return seen["folded_counts"]
 
     monkeypatch.setattr(vm, "fold_kept_thetas", spy)
     cfg = tiny_config(tmp_path, "train.max_steps=40", "method.target_macs=0.4", *TARGETED["variational"],
                       "method.variational.harden_at=0.3", "method.variational.harden_fold=true")
     Trainer(cfg).run()
     assert seen["kept_below_1"] > 0  # gates kept at a theta under 1: the jump the fold removes
+    units, mean, blocks = seen["folded_counts"]  # what the hardening's log line reports
+    assert units + blocks >= seen["kept_below_1"] and 0.0 < mean < 1.0
     torch.testing.assert_close(seen["folded"], seen["mean"], rtol=1e-4, atol=1e-5)
     assert float((seen["unfolded"] - seen["mean"]).abs().max()) > 1e-3
 

@@ -314,7 +314,9 @@ class Variational(Method):
         layer_before = {n: t.clone() for n, t in layer.items()}
         apply_rounding(model, unit, layer, c.threshold, self.round_to, self.target, self.price.dense[0])
         if c.harden_fold:
-            fold_kept_thetas(model, before, layer_before)
+            units, mean, blocks = fold_kept_thetas(model, before, layer_before)
+            log.info("the fold at the rounding: %d kept units under theta 1 (the kept units' mean theta %.3f) and %d "
+                     "kept blocks under theta 1 folded into the weights that read them", units, mean, blocks)
         self.hardened = True
         self.attach(model)
         plan = plan_from_gates(model, threshold=c.threshold)

@@ -146,25 +146,32 @@ def apply_rounding(model: GatedResNet, unit: dict[str, torch.Tensor], layer: dic
             gates[n].theta.copy_(v)
 
 
-def fold_kept_thetas(model: GatedResNet, unit: dict[str, torch.Tensor], layer: dict[str, torch.Tensor]) -> None:
+def fold_kept_thetas(model: GatedResNet, unit: dict[str, torch.Tensor],
+                     layer: dict[str, torch.Tensor]) -> tuple[int, float, int]:
     """Fold each kept gate's theta before the rounding (``unit``, ``layer``: those thetas; the gates now hold the
     rounded 0/1) into the weights that read the gate, in place: a kept unit's theta multiplies its consumer conv's
     input channel, a kept block's layer theta its last BatchNorm's weight and bias.  A gate multiplies a ReLU's
     output (unit) or a BatchNorm's (layer), so with every kept gate at 1 the network computes what it computed
     with those gates at theta, the mean network (eval mode ``mean``), less the structures the rounding cut.
-    Cut gates' weights are left (surgery removes them)."""
+    Cut gates' weights are left (surgery removes them).  Returns what it folded, for the log: the kept units
+    under theta 1, their kept units' mean theta, and the kept blocks under theta 1."""
     gates = gates_of(model)
     blocks = dict(model.named_blocks())
+    kept_thetas, blocks_under = [], 0
     with torch.no_grad():
         for (n, before), consumer in zip(unit.items(), unit_modules(model, list(unit), "consumer")):
             kept = gates[n].theta.detach() > 0.5
             scale = torch.where(kept, before.to(consumer.weight.dtype), torch.ones_like(before))
             consumer.weight.mul_(scale.view(1, -1, 1, 1))
+            kept_thetas.append(before[kept])
         for n, before in layer.items():
             if bool(gates[n].theta.detach().gt(0.5).all()):
                 bn = last_bn(blocks[block_of(n)], model.block_kind)
                 bn.weight.mul_(before.to(bn.weight.dtype))
                 bn.bias.mul_(before.to(bn.bias.dtype))
+                blocks_under += int(bool(before.lt(1).any()))
+    t = torch.cat(kept_thetas) if kept_thetas else torch.ones(0)
+    return int(t.lt(1).sum()), float(t.mean()) if t.numel() else 1.0, blocks_under
 
 
 def cut_by_theta(plan: PrunePlan, before: dict[str, torch.Tensor]) -> dict[str, int]:
