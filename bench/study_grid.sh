@@ -178,6 +178,15 @@ for t in 0.5 0.3; do
     $PY -m launch.submit --config configs/study_$r.yaml --sweep method.target_macs=$t "${R1I[@]}"
   done
 done
+# 1j. (session 23) the fold at the rounding on by default (harden_fold): the combined recipe and unit-only at 50% and
+#     30%, seeds 0-4, into their own root; paired with stage 1i's dense and Taylor rows (the same machine)
+R1J=("${COMMON[@]:0:3}" "run.root=${ROOT}-1j" "launch.folder=${ROOT}-1j/submitit/%j" data.eval_split=test
+     --sweep train.seed=0,1,2,3,4 model.name=resnet20 data.root=data/fmnist-4k)
+for t in 0.5 0.3; do
+  for r in variational unit_only_a1; do
+    $PY -m launch.submit --config configs/study_$r.yaml --sweep method.target_macs=$t "${R1J[@]}"
+  done
+done
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"
