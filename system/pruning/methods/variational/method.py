@@ -24,6 +24,8 @@ structure its marginal cost) and, optionally, the theta-weighted decay of the ga
 - Budget mode (``method.target_macs``): nu is a dual variable, a PI controller on the gap between
   E[MACs] and a schedule falling to the target at ``target_by`` (:class:`.budget.Budget`); the
   rounding at ``harden_at`` lands the deterministic network at or under the target.
+- The rounding (with or without a target) folds each kept gate's theta into the weights that read it
+  (``harden_fold``, :func:`.rounding.fold_kept_thetas`), so the rounded network computes the mean network.
 - The pruning rule (:class:`.rule.Rule`): at every check, a structure at theta <= ``tau_theta`` for
   ``patience`` checks is removed if its condition holds (``importance``: the window mean of data +
   price >= 0, i.e. importance per cost <= nu; ``signal``; ``none``), or after ``max_revivals``
