@@ -160,12 +160,12 @@ def fold_kept_thetas(model: GatedResNet, unit: dict[str, torch.Tensor],
     kept_thetas, blocks_under = [], 0
     with torch.no_grad():
         for (n, before), consumer in zip(unit.items(), unit_modules(model, list(unit), "consumer")):
-            kept = gates[n].theta.detach() > 0.5
+            kept = gates[n].theta.detach() > gates[n].threshold  # (the deterministic gate's own test)
             scale = torch.where(kept, before.to(consumer.weight.dtype), torch.ones_like(before))
             consumer.weight.mul_(scale.view(1, -1, 1, 1))
             kept_thetas.append(before[kept])
         for n, before in layer.items():
-            if bool(gates[n].theta.detach().gt(0.5).all()):
+            if bool(gates[n].theta.detach().gt(gates[n].threshold).all()):
                 bn = last_bn(blocks[block_of(n)], model.block_kind)
                 bn.weight.mul_(before.to(bn.weight.dtype))
                 bn.bias.mul_(before.to(bn.bias.dtype))
