@@ -17,7 +17,7 @@ Example recipe::
       time_min: 240
       slurm_extra: {constraint: a100}
       sweep:
-        method.variational.nu: [1.0, 3.0]   # a job array of two runs
+        method.target_macs: [0.3, 0.5]   # a job array of two runs
 
     python -m launch.submit --config that.yaml launch.partition=debug train.epochs=2
 """
@@ -42,7 +42,7 @@ class LaunchConfig:
     """Section ``launch``: the Slurm allocation of one run (or of each run of a sweep).
 
     Attributes:
-        cluster: ``auto`` (Slurm when ``sbatch`` is on PATH, else local processes), ``slurm``,
+        cluster: ``auto`` (Slurm when ``srun`` is on PATH (submitit's test), else local processes), ``slurm``,
             ``local`` (submitit's local executor: processes on this machine) or ``debug`` (in
             this process; one task only).
         nodes, tasks_per_node: processes = nodes x tasks_per_node (one training rank each).

@@ -35,7 +35,7 @@ master port, executor, batch script), :mod:`launch.cluster_checks` checks it aga
 Examples::
 
     python -m launch.submit --config configs/demo.yaml launch.tasks_per_node=2 launch.time_min=30
-    python -m launch.submit --config configs/demo.yaml --sweep method.variational.nu=1.0,3.0 --wait
+    python -m launch.submit --config configs/demo.yaml --sweep method.target_macs=0.3,0.5 --wait
     python -m launch.submit --config configs/demo.yaml launch.partition=gpu --dry-run
     # a grid (method x budget x seed) as 2 local processes of 1 thread; a re-run skips finished runs
     python -m launch.submit --config configs/study_variational.yaml --config configs/study_taylor.yaml \

@@ -136,7 +136,8 @@ class Method:
 
     @property
     def final_step(self) -> int | None:
-        """The first step trained on the network's final architecture: no plan comes at or after it (``None``:
+        """The first step (0-based) trained on the network's final architecture, i.e. how many steps are done when
+        its last plan applies: no plan comes after it (``None``:
         the architecture never changes, or the method cannot say); ``optim.restart_at: final`` restarts the
         learning rate there."""
         return None

@@ -120,8 +120,8 @@ class EGP(Method):
 
     @property
     def final_step(self) -> int | None:
-        """The step after its last pruning iteration."""
-        return self._schedule()[-1] + 1
+        """Its last pruning iteration's step: the first step (0-based) trained on the final network."""
+        return self._schedule()[-1]
 
     def sync_tensors(self) -> list[torch.Tensor]:
         return [self.on_sum[n] for n in sorted(self.on_sum)] + [self.n_batches]

@@ -122,8 +122,11 @@ class Ranking(Method):
 
     @property
     def final_step(self) -> int | None:
-        """The step after the last pruning step (at the latest ``stop_frac``)."""
-        return self.stop_step + 1
+        """The last check at or before ``stop_step`` (none when there is none after ``start_step``): its plan
+        applies when that many steps are done, so the step of that index (0-based) is the first one trained on
+        the final network."""
+        last = self.stop_step // self.cfg.check_every * self.cfg.check_every
+        return last if last > self.start_step else None
 
     @property
     def first_check(self) -> int:

@@ -136,8 +136,10 @@ class Variational(Method):
 
     @property
     def final_step(self) -> int | None:
-        """The step after the hardening (none without it: ``harden: none`` rounds only after the run)."""
-        return None if self.harden_step is None else self.harden_step + 1
+        """``harden_step``: the hardening applies when that many steps are done, so the step of that index
+        (0-based) is the first one trained on the rounded network (none without it: ``harden: none`` rounds only
+        after the run)."""
+        return self.harden_step
 
     def theta_active(self, step: int) -> bool:
         # nu = 0 without a target is "accuracy only": theta is not trained (it stays 1),
