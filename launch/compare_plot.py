@@ -46,8 +46,9 @@ PLOT_X = {"macs": ("inference MACs (% of dense)", "macs_pct", 1.0),
 
 
 def plot_fronts(groups: Sequence[Group], path: str | Path, x: str = "macs") -> Path:
-    """One panel per dataset: each method's front (mean top-1 against mean real MACs over seeds,
-    error bars spanning the seeds), dense as a horizontal band."""
+    """One panel per dataset: each method's front (mean top-1 against the ``x`` axis of :data:`PLOT_X`, mean
+    real MACs by default, over seeds; error bars spanning the seeds, on x for MACs only), dense as a horizontal
+    band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

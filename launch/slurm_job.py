@@ -78,7 +78,8 @@ class TrainJob(Checkpointable):
 
     Args:
         cfg: the resolved run config as a plain dict (``system.config.to_dict``).
-        name: the run's base name; the job id is appended inside the job.
+        name: the run's base name; the job id is appended inside the job unless the run is stable (a sweep's
+            or a continued run keeps its name).
     """
 
     def __init__(self, cfg: dict[str, Any], name: str, stable: bool = False, requeue_on_failure: bool = True,

@@ -11,7 +11,8 @@ It prints the job ids, the submitit log folder and the MLflow tracking URI and r
 
 Inside the job every task sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
 from submitit's job environment and calls :func:`launch.train.run` with ``run.resume=auto`` and a
-run name fixed by the job id (which a requeued job keeps), so a restarted job continues its run.
+run name fixed by the job id (which a requeued job keeps; a sweep's runs and a continued run keep their stable
+name instead), so a restarted job continues its run.
 
 Preemption and time limits: Slurm sends USR2 (``signal_delay_s`` before the limit; on preemption
 right away).  The handler only sets a flag (:mod:`system.runtime.preemption`); at the next step all ranks

@@ -123,8 +123,8 @@ def submit(launch: LaunchConfig, jobs: list[Job], skip_finished: bool | None = N
     """Validate, then submit every run (one job, or a job array for a sweep).
 
     A sweep's runs are named by their values alone, so a re-run finds them: the ones that already
-    finished are skipped (``skip_finished``, default on for sweeps), unfinished ones resume.  On the
-    ``local`` cluster the runs go as at most ``launch.array_parallelism`` processes at once, and
+    finished are skipped (``skip_finished``, default on for sweeps and for a continued run), unfinished ones
+    resume.  On the ``local`` cluster the runs go as at most ``launch.array_parallelism`` processes at once, and
     this call returns when all of them ended.
     """
     from system.tracking import resolve_uri

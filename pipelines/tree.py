@@ -1,8 +1,8 @@
 """Small labelled image datasets (arrays in memory) as an ImageNet-layout JPEG tree, then shards.
 
 Shared by :mod:`pipelines.fmnist` and :mod:`pipelines.mnist`.  A dataset comes as the official
-training and test arrays; :func:`split_counts` carves a class-balanced validation split out of
-the training set (disjoint from the training subset), so choices are made on ``val`` and the
+training and test arrays; :func:`balanced_subset` (called by :func:`build`) carves a class-balanced validation
+split out of the training set (disjoint from the training subset), so choices are made on ``val`` and the
 official test set is the ``test`` split, read only for final tables.
 """
 

@@ -3,7 +3,8 @@
 Every shard listed in ``manifest.json`` must exist with the listed size and sha256, its index must
 match its sample count, and every sample (or a seeded fraction of them) must have an integer class
 in range and a JPEG that decodes.  Exits 0 with a one-line summary, or 1 naming each damaged shard
-and what is wrong with it (all of them, not only the first).  A URL root (``http(s)://``, ``pipe:``)
+and what is wrong with it (all of them, not only the first), or 2 when the manifest cannot be read or
+the arguments are invalid.  A URL root (``http(s)://``, ``pipe:``)
 is checked shard by shard, each downloaded to a temporary file through webdataset's ``gopen``.
 """
 

@@ -14,7 +14,7 @@ class ModelConfig:
     """Section ``model``.  Classes come from the data; input size from ``data.train_size``
     unless ``input_size`` is set (it only affects MACs accounting, not the network)."""
 
-    name: str = "resnet20"  # the dense network: resnet20/32/44/56/110 (CIFAR family), resnet18/34/50 (ImageNet)
+    name: str = "resnet20"  # the dense network: resnet20/32/44/56/110 (CIFAR family), resnet18/34/50/101 (ImageNet)
     shortcut: Literal["", "A", "B"] = ""  # "" = the family default (A for CIFAR, B for ImageNet)
     input_size: int = 0  # the side MACs are counted at (0: data.train_size); the network is the same
     zero_init_residual: bool = False  # each block's last BN scale starts at 0 (refused with layer gates)

@@ -1,4 +1,4 @@
-"""Gated ResNets: CIFAR-style (ResNet-20/32/56/110) and torchvision v1.5 (ResNet-18/34/50/101).
+"""Gated ResNets: CIFAR-style (ResNet-20/32/44/56/110) and torchvision v1.5 (ResNet-18/34/50/101).
 
 Plain ``nn.Module``s built from an :class:`ArchSpec`.  Unit gates sit after the BatchNorm
 and ReLU of every inner conv of a residual branch (``xi * relu(bn(conv(x)))``: the same forward

@@ -15,8 +15,8 @@ What a compile costs in wall-clock (the first step after an event) is measured b
 A network compiles a few graphs, not one per step: the training forward, the evaluation forward (other
 BN and gate modes), the training forward that keeps the block inputs for the paired layer estimator, and
 in the variational warm-up one per phase of its gates (idle, then the layer gates drawn to prime).  The
-estimator's suffix forwards run eagerly (:meth:`system.models.resnet.GatedResNet.forward`), so its
-round-robin over blocks adds no graph.  ``tests/methods/test_compile.py`` counts them.
+estimator's suffix forwards run eagerly (:meth:`system.models.resnet.GatedResNet._suffix`, excluded from the
+compiled graph), so its round-robin over blocks adds no graph.  ``tests/methods/test_compile.py`` counts them.
 """
 
 from __future__ import annotations

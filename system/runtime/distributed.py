@@ -54,7 +54,7 @@ def _free_port() -> int:
 def init_distributed(cfg) -> DistEnv:
     """Initialise torch.distributed when WORLD_SIZE > 1; return this process's DistEnv.
 
-    ``cfg`` is the run config (``engine.backend`` and ``train.device`` are read).
+    ``cfg`` is the run config (``engine.backend``, ``engine.collective_timeout_s`` and ``train.device`` are read).
     """
     env = DistEnv.from_environ()
     if env.world_size > 1 and not dist.is_initialized():

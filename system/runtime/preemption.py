@@ -1,10 +1,11 @@
 """Cooperative stop requests (preemption, time limits) for the training loop.
 
-A launcher that can be preempted (``launch.submit`` under Slurm) installs a signal handler that
+A launcher that can be preempted (``launch.slurm_job.TrainJob`` under Slurm; ``launch.train`` for Ctrl-C) installs a
+signal handler that
 only calls :func:`request_stop` -- nothing else is safe inside a handler that interrupts a
 training step, a collective or a checkpoint write -- and turns watching on with :func:`watch`.
 The trainer then asks, once per step, whether *any* rank saw a request
-(``coord.any_flag(stop_requested())``, one all-reduce): every rank gets the same answer at the
+(``comm.any_flag(stop_requested())``, the :class:`Collectives`' one all-reduce): every rank gets the same answer at the
 same step, they save a checkpoint together and the loop raises :class:`Preempted`.  The launcher
 catches it and requeues the job, which resumes from that checkpoint.
 

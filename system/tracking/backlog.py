@@ -195,12 +195,13 @@ class Backlog:
 def sync_backlog(run_dir: str | Path, uri: str | None = None) -> tuple[int, str | None]:
     """Deliver a run's backlog (``<run_dir>/mlflow_unsent.jsonl``, left by a tracking-store outage)
     in order, then mark the run with the end status it recorded.  ``uri`` overrides the store the
-    backlog names.  Returns (items delivered, end status or None); the backlog file keeps what could
-    not be delivered.
+    backlog names.  Returns (items delivered, end status or None) once everything was delivered.
 
     Raises:
         FileNotFoundError: no backlog in ``run_dir``.
-        TrackingUnavailable: the store does not answer.
+        TrackingUnavailable: the store does not answer, or items are still undelivered (the backlog file
+            keeps them).
+        ValueError: the backlog names no run.
     """
     path = Path(run_dir) / UNSENT_FILE
     if not path.is_file():

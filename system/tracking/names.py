@@ -43,7 +43,7 @@ TAG_DEVICE = "device"
 TAG_CODE_VERSION = "code_version"
 TAG_HARDWARE = "parsimony.hardware"                # the processor and torch build (run_tags.hardware)
 TAG_FALLBACK = "parsimony.tracking_fallback_from"   # set when the local store stood in for a server
-TAG_RESUMED_FROM = "parsimony.resumed_from"         # set when a requeued job could not find its run
+TAG_RESUMED_FROM = "parsimony.resumed_from"         # set when the fallback local store lacks the run being resumed
 
 # The experiment kind (a model-training experiment, not a GenAI one).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

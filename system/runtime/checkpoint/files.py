@@ -17,7 +17,9 @@ barrier; ``latest`` (a one-line text file) is then replaced atomically and only 
 ``checkpoint.keep_last`` are kept.  A process killed mid-write leaves a ``.tmp-`` folder that is
 ignored (and removed by the next save or resume).
 
-Loading uses ``torch.load(weights_only=True)`` only (tensors, dicts, lists, numbers, strings), after
+Loading uses ``torch.load(weights_only=True)`` (tensors, dicts, lists, numbers, strings); the DeepSpeed engine's
+own files are read by DeepSpeed's loader, after ``Checkpointer.check_fits`` proved every torch file in them loadable
+that way. All of it after
 every file's sha256 matched the manifest; a missing, truncated or altered file raises
 :class:`CheckpointError` naming it.  ``run.resume=auto`` takes the newest checkpoint that verifies
 and logs a warning naming what was wrong with any newer one it skipped.

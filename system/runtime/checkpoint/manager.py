@@ -15,7 +15,8 @@ Resuming is two calls around building the run, so the run is built once, already
     model = build_model(info.spec)                    # the pruned architecture, read first
     method.load_state_dict(ckpt.rank_state(info, "method"))
     ...  build the optimizer and the engine once ...
-    ckpt.restore(info, engine, rank_parts, run_parts) # engine files, buffers, loop, events; RNG last
+    # engine files, buffers, loop, events; RNG last
+    ckpt.restore(info, engine, rank_parts, run_parts, seed=cfg.train.seed)
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ RNG = "rng"  # the rank part restored last, so that nothing else draws from the 
 class CheckpointConfig:
     """Section ``checkpoint``."""
 
-    every_steps: int = 0  # 0 = only at the end of every epoch
+    every_steps: int = 0  # 0 = no step-interval checkpoints (the epoch-end ones follow at_epoch_end)
     at_epoch_end: bool = True  # also a checkpoint at the end of every epoch
     keep_last: int = 3  # complete checkpoints kept (older ones deleted)
 
@@ -202,7 +203,8 @@ class Checkpointer:
 
     def check_fits(self, info: CheckpointInfo, *, config: dict, global_batch: int, per_rank_batch: int,
                    total_steps: int) -> None:
-        """Refuse a checkpoint this run cannot continue (global batch); warn about what changes."""
+        """Refuse a checkpoint this run cannot continue (another global batch, or a torch file that does not load
+        with ``weights_only=True``), raising :class:`CheckpointError`; warn about what changes."""
         m, path = info.manifest, info.path
         if m["global_batch"] != global_batch:
             raise CheckpointError(
