@@ -43,6 +43,9 @@ def measure(args: argparse.Namespace, compiled: bool, root: Path) -> dict[str, f
     over = [f"model.name={args.model}", f"model.input_size={args.size}", "data.loader=synthetic",
             f"data.batch_size={args.batch}", "data.workers=0", f"data.train_size={args.size}",
             f"data.val_resize={args.size}", f"data.val_crop={args.size}", "method.name=variational",
+            # no warm-up: the timed steps train theta with the gates drawn (in the warm-up, since session 13,
+            # the gates idle and multiply nothing)
+            "method.variational.warmup_frac=0.0",
             "tracking.enabled=false", "latency.enabled=false", "checkpoint.every_steps=0", "train.progress=false",
             f"train.threads={args.threads}", f"train.compile={str(compiled).lower()}",
             f"train.compile_backend={args.backend}", f"run.dir={root / ('compiled' if compiled else 'eager')}"]

@@ -4,7 +4,7 @@ Counts every aten op (``func.overloadpacket``) that runs inside the real ``Train
 backward, with a ``TorchDispatchMode``; ``aten._local_scalar_dense`` is a host-device sync on a GPU
 (``.item()``, ``float(t)``, ``int(t)``, ``bool(t)``).  Every method is measured in its active phase (the
 variational thetas trained, Taylor/L1 accumulating scores), after warm-up steps; the projected host
-overhead is ops x 5 us per launch against a 50 ms step (ResNet-50 at 5,000 img/s, batch 256).  ``launches``
+overhead is launches x 5 us against a 50 ms step (ResNet-50 at 5,000 img/s, batch 256).  ``launches``
 leaves out the ops that only make a view or an alias of a tensor (``view``, ``detach``, ``expand``,
 ``select``...), which start no kernel on a GPU; the issue's budget is stated on all aten ops.
 
@@ -20,7 +20,8 @@ inside a compiled region (dynamo runs the frame eagerly under one), so the compi
 ``torch.profiler``: inductor's generated kernels (recorded with ``torch._inductor.config.cpp.
 enable_kernel_profile``), plus every aten op that runs outside them or as an extern kernel (a convolution),
 counted as the dispatch mode counts them: a composite op (``conv2d``, ``to``) by the ops it decomposes into,
-views and allocations as no launch.  On the eager step the two counters agree (``--check-profiler``).
+views and allocations as no launch.  On the eager step the two counters differ by a few launches a step
+(``--check-profiler``; docs/benchmarks.md, "Step budget").
 These are CPU inductor's kernels; a GPU's (Triton) fusion groups are the scheduler's same decisions, but the
 GPU suite's ``step_compiled`` row is the count that a GPU gives.
 """

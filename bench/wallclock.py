@@ -1,16 +1,15 @@
 """Do pruning runs finish sooner than dense? Whole training runs back to back, each alone (issue 24 point 4).
 
-For every model and method: one ``parsimony-train`` run of the study recipe (configs/study_<method>.yaml:
-Fashion-MNIST-4k, batch 64, LR 0.1 cosine) at ``--target`` of the dense MACs, ``--epochs`` epochs, with the
-machine's cores to itself (``--threads``), tracking and the end-of-run latency timing off; then one table:
-wall-clock against the dense run of the same model, the same for the training steps alone (summary.json's
-``time_s``: the wall-clock less evaluation, pruning events and checkpoints), training MACs (the share of the
-dense run's, as the run counts them: every forward and backward, an estimator's extra forwards included), the
-final network's MACs and top-1 on the validation split. The target is a wall-clock of at most 0.85 of dense. A
-run that finished is read back, not run again, so the bench resumes. This machine's wall-clock drifts by 10% and
-more between runs of the same training, so ``--repeats N`` trains every run N times in rounds (dense first in each,
-the later rounds in ``-r<i>`` directories) and gives each method's median ratio to the dense run of its round,
-with the range.
+For every model and method: one ``parsimony-train`` run of the study recipe (configs/study_<method>.yaml, for dense
+configs/study_dense.yaml: Fashion-MNIST-4k, batch 64, LR 0.1 cosine) at ``--target`` of the dense MACs, ``--epochs``
+epochs, with the machine's cores to itself (``--threads``), tracking and the end-of-run latency timing off; then one
+table: wall-clock against the dense run of the same model, the same for the training steps alone (summary.json's
+``time_s``: the wall-clock less evaluation, pruning events and checkpoints), training MACs (the share of the dense
+run's, as the run counts them: every forward and backward, an estimator's extra forwards included), the final
+network's MACs and top-1 on the validation split. The target is a wall-clock of at most 0.85 of dense. A run that
+finished is read back, not run again, so the bench resumes. This machine's wall-clock drifts by 10% and more between
+runs of the same training, so ``--repeats N`` trains every run N times in rounds (dense first in each, the later
+rounds in ``-r<i>`` directories) and gives each method's median ratio to the dense run of its round, with the range.
 
     python -m pipelines.fmnist --out data/fmnist-4k --train 4000     # the data, once
     python bench/wallclock.py                                        # resnet56@32 and resnet18@64
