@@ -26,6 +26,14 @@ def test_fmnist_recipes_share_the_base_and_differ_only_in_method():
             assert d[section] == dicts["fmnist_resnet20_dense"][section]
     assert dicts["fmnist_resnet20_unit_only"]["method"]["variational"]["layer_gates"] is False
     assert dicts["fmnist_resnet20_layer_only"]["method"]["variational"]["unit_gates"] is False
+    # the combined method's recipe is the method's validated defaults (it kept unvalidated nu 1 / alpha 0.5 until
+    # session 24); the ablations differ from them only in what names them
+    default = to_dict(RunConfig())["method"]["variational"]
+    variational = {k: d["method"]["variational"] for k, d in dicts.items() if d["method"]["name"] == "variational"}
+    assert variational["fmnist_resnet20_variational"] == default
+    for name, differs in (("fmnist_resnet20_unit_only", {"layer_gates", "alpha"}),
+                          ("fmnist_resnet20_layer_only", {"unit_gates"})):
+        assert {k for k, v in variational[name].items() if v != default[k]} == differs, name
 
 
 def test_overrides_apply_in_order_and_are_typed(tmp_path):
