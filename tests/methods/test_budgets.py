@@ -30,7 +30,7 @@ def test_target_is_reached_within_five_points(tmp_path, method):
     summary = Trainer(cfg).run()
     frac = summary["macs"] / summary["macs_dense"]
     assert abs(frac - 0.5) <= 0.05, frac
-    assert summary["target_macs"] == 0.5 and summary["target_reached"] is True
+    assert summary["target_reached"] is True
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["target_reached"] is True
 

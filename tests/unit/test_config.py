@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from system.config import ConfigError, load_config, to_dict
+from system.config import ConfigError, from_dict, load_config, to_dict
 from system.run_config import RunConfig
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
@@ -15,7 +15,7 @@ def test_every_recipe_loads(path):
     from launch.train import load  # as parsimony-train reads a recipe (its launch: section set aside)
 
     cfg = load(str(path), [])
-    assert to_dict(cfg)["model"]["name"] == cfg.model.name
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg  # the typed tree round-trips: what a job ships is the recipe
 
 
 def test_fmnist_recipes_share_the_base_and_differ_only_in_method():

@@ -21,18 +21,25 @@ from tests.methods_util import tiny_config
 def test_summary_reports_latency_of_the_deployed_network_against_dense(tmp_path):
     cfg = tiny_config(tmp_path, "train.max_steps=3", "method.name=taylor", "method.taylor.keep_ratio=0.5",
                       "method.taylor.check_every=1", "method.taylor.per_step=200", "method.taylor.start_frac=0.0",
-                      "latency.batches=[1, 8]", "latency.repeats=3")
-    summary = Trainer(cfg).run()
+                      "latency.batches=[1, 8]", "latency.repeats=4")
+    trainer = Trainer(cfg)
+    summary = trainer.run()
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     for b in (1, 8):
         for key in (f"latency_ms_b{b}", f"latency_dense_ms_b{b}", f"latency_ratio_b{b}"):
             assert on_disk[key] > 0 and on_disk[key] == summary[key]
         assert on_disk[f"latency_ratio_b{b}"] == pytest.approx(on_disk[f"latency_ms_b{b}"]
                                                                / on_disk[f"latency_dense_ms_b{b}"])
-        assert on_disk[f"latency_repeats_b{b}"] >= 3
+        assert on_disk[f"latency_repeats_b{b}"] == 4  # as configured: 4 rounds fit latency.max_seconds (60)
     assert "latency_missing" not in on_disk
     metrics = final_metrics(on_disk)
     assert metrics["summary/latency_ratio_b1"] == on_disk["latency_ratio_b1"]
+    # the same networks under a time budget the configured rounds would exceed: fewer rounds, never under 3
+    spec = trainer.model.spec()
+    short = measure_latency(trainer.model, build_model(trainer.dense, gates=False),
+                            (spec.in_channels, spec.input_size, spec.input_size),
+                            LatencyConfig(batches=(1,), repeats=15, max_seconds=1e-6))
+    assert short["latency_repeats_b1"] == 3 and short["latency_ms_b1"] > 0
 
 
 class _Broken(nn.Module):
