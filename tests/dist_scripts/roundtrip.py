@@ -44,6 +44,9 @@ def main(directory: str) -> None:
     saved_mom = {n: eng.optimizer.state[p]["momentum_buffer"].clone() for n, p in eng.model.named_parameters()
                  if p in eng.optimizer.state}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in eng.optimizer.param_groups]
+    for g in eng.optimizer.param_groups:  # changed after the save: the load must bring the saved settings back
+        g["lr"] *= 0.5
+        g["momentum"] = 0.5
     step()
     step()
     eng.load_state(Path(directory))

@@ -192,7 +192,7 @@ def _check_recorded_run(uri: str, summary: dict, run_dir: Path, tmp_path: Path, 
     final_spec = Path(client.download_artifacts(rid, "final/spec.json", str(dl))).read_text()
     assert final_spec == (run_dir / "final" / "spec.json").read_text()
     weights = Path(client.download_artifacts(rid, "final/model.safetensors", str(dl)))
-    assert weights.stat().st_size == (run_dir / "final" / "model.safetensors").stat().st_size
+    assert weights.read_bytes() == (run_dir / "final" / "model.safetensors").read_bytes()
     png = Path(client.download_artifacts(rid, T.LAYER_WIDTHS_ARTIFACT, str(dl))).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "tracking_unsent" not in on_disk and not (run_dir / T.UNSENT_FILE).exists()
