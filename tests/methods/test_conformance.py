@@ -12,11 +12,13 @@ per-method test settings) fails :func:`test_every_registered_method_is_covered`.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from system.config import ConfigError
-from system.pruning.methods import METHODS, Event, StepContext, build_method
+from system.pruning.methods import METHODS, StepContext, build_method
 from system.trainer import Trainer
 from tests.methods_util import SETTINGS, TARGETED, tiny_config
 
@@ -49,20 +51,39 @@ def test_every_registered_method_is_covered():
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_state_round_trip(tmp_path, name):
-    trainer, summary = _run(tmp_path, *SETTINGS[name].run)
-    old = trainer.method
-    if name != "none":
-        assert summary["prune_events"] >= 1  # the state carries a pruned run's history
-    fresh = build_method(trainer.cfg.method, trainer.total_steps, weight_decay=trainer.cfg.optim.weight_decay)
-    fresh.load_state_dict(old.state_dict())
-    _same(old.state_dict(), fresh.state_dict())
-    fresh.attach(trainer.model)
-    _same(old.summary(), fresh.summary(), "summary")
-    ctx = StepContext(step=trainer.state.step, epoch=trainer.state.epoch, total_steps=trainer.total_steps,
-                      model=trainer.model)
-    plans = [m.decide(Event.STEP_END, ctx) for m in (old, fresh)]
-    assert next(None if p is None else p.digest() for p in plans) == \
-        [None if p is None else p.digest() for p in plans][1]
+    """The method's state and the model as they were when the run's first plan was decided: a fresh instance
+    loaded with that state takes that same plan on that model (and holds the run's state at its end)."""
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=24", *SETTINGS[name].run))
+    old, decide = trainer.method, trainer.method.decide
+    first: list = []  # (state before the decision, the model then, the event, its context's step/epoch, the digest)
+
+    def spy(event, ctx):
+        before = (copy.deepcopy(old.state_dict()), copy.deepcopy(ctx.model)) if not first else None
+        plan = decide(event, ctx)
+        if before is not None and plan is not None:
+            first.append((*before, event, ctx.step, ctx.epoch, plan.digest()))
+        return plan
+
+    old.decide = spy
+    summary = trainer.run()
+    if name == "none":
+        assert not first and summary["prune_events"] == 0
+    else:
+        assert first and summary["prune_events"] >= 1  # a real decision, with the history that led to it
+        state, model, event, step, epoch, digest = first[0]
+        fresh = build_method(trainer.cfg.method, trainer.total_steps, weight_decay=trainer.cfg.optim.weight_decay)
+        fresh.load_state_dict(state)
+        fresh.attach(model)
+        _same(state, fresh.state_dict())
+        ctx = StepContext(step=step, epoch=epoch, total_steps=trainer.total_steps, model=model)
+        plan = fresh.decide(event, ctx)
+        assert plan is not None and plan.digest() == digest, (name, event, step)
+    # and the state at the end of the run round-trips whole
+    end = build_method(trainer.cfg.method, trainer.total_steps, weight_decay=trainer.cfg.optim.weight_decay)
+    end.load_state_dict(old.state_dict())
+    _same(old.state_dict(), end.state_dict())
+    end.attach(trainer.model)
+    _same(old.summary(), end.summary(), "summary")
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
