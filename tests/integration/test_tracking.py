@@ -233,25 +233,25 @@ def test_server_killed_mid_run_keeps_training(tmp_path, caplog):
 
 
 def test_backlog_is_replayed_when_the_store_answers_again(tmp_path):
-    tracker = make_tracker(_cfg(retry_after_s=0.0), 0, tmp_path)
-    run_id = tracker.start("flaky")
-    real = tracker._client.log_batch
-    calls = {"n": 0}
-
-    def failing(*a, **kw):
-        calls["n"] += 1
-        raise ConnectionError("server gone")
-
-    tracker._client.log_batch = failing
-    tracker.log_metrics({TRAIN_LOSS: 1.0}, step=1)
-    tracker.log_metrics({TRAIN_LOSS: 2.0}, step=2)
-    assert tracker.dropped == 2 and tracker.spool_path.is_file()
-    tracker._client.log_batch = real                       # the server is back
-    tracker.log_metrics({TRAIN_LOSS: 3.0}, step=3)
-    assert tracker.dropped == 0 and not tracker.spool_path.exists()
-    tracker.end()
-    hist = _client(local_store_uri(tmp_path)).get_metric_history(run_id, TRAIN_LOSS)
-    assert sorted((m.step, m.value) for m in hist) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    """A real server killed, then started again on the same port and store: what the outage held back is
+    delivered, in order, at the first log after it answers."""
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        tracker = make_tracker(_cfg(server.uri, retry_after_s=0.0), 0, tmp_path / "runs", run_dir=tmp_path / "run")
+        run_id = tracker.start("flaky")
+        tracker.log_metrics({TRAIN_LOSS: 0.0}, step=0)
+        server.kill()                                      # the server dies
+        tracker.log_metrics({TRAIN_LOSS: 1.0}, step=1)
+        tracker.log_metrics({TRAIN_LOSS: 2.0}, step=2)
+        assert tracker.dropped == 2 and tracker.spool_path.is_file()
+        server.start()                                     # and comes back: the same port, the same store
+        tracker.log_metrics({TRAIN_LOSS: 3.0}, step=3)
+        assert tracker.dropped == 0 and not tracker.spool_path.exists()
+        tracker.end()
+        hist = _client(server.uri).get_metric_history(run_id, TRAIN_LOSS)
+        assert sorted((m.step, m.value) for m in hist) == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    finally:
+        server.kill()
 
 
 def test_logging_before_start_or_after_end_does_not_raise(tmp_path):
