@@ -187,6 +187,17 @@ for t in 0.5 0.3; do
     $PY -m launch.submit --config configs/study_$r.yaml --sweep method.target_macs=$t "${R1J[@]}"
   done
 done
+# 1k. (session 24) the combined recipe without a target under the current defaults (nu 0.3), and nu 0.2, seeds 0-4,
+#     into their own root; paired with stage 1i's dense rows (the same machine). nu was compared on the validation
+#     split first: bench/study_grid.sh stage 1k-val below is that comparison.
+R1K=("${COMMON[@]:0:3}" "run.root=${ROOT}-1k" "launch.folder=${ROOT}-1k/submitit/%j" data.eval_split=test
+     --sweep train.seed=0,1,2,3,4 model.name=resnet20 data.root=data/fmnist-4k)
+$PY -m launch.submit --config configs/study_variational.yaml method.label=variational_nt "${R1K[@]}"
+$PY -m launch.submit --config configs/study_variational.yaml --sweep method.variational.nu=0.2 "${R1K[@]}"
+# 1k-val. the untargeted nu on the validation split (0.2 and 0.3, seeds 0-4)
+$PY -m launch.submit --config configs/study_variational.yaml --sweep method.variational.nu=0.2,0.3 \
+    "${COMMON[@]:0:3}" "run.root=${ROOT}-1k-val" "launch.folder=${ROOT}-1k-val/submitit/%j" data.eval_split=val \
+    --sweep train.seed=0,1,2,3,4 model.name=resnet20 data.root=data/fmnist-4k
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"

@@ -1,6 +1,7 @@
 """Every pruning method trains, prunes when strong, stays consistent; the config tree rejects bad input."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -12,16 +13,32 @@ from system.trainer import Trainer
 from tests.methods_util import STRONG, tiny_config
 
 
-def _train(tmp_path, *overrides, steps=24):
+def _train(tmp_path, *overrides, steps=24, spent: dict[str, float] | None = None):
+    """A run; with ``spent``, the seconds its evaluations and pruning decisions took, timed around the work itself
+    (``Trainer._evaluate`` / ``_prune``), independently of the trainer's own ``time_s`` split."""
     cfg = tiny_config(tmp_path, f"train.max_steps={steps}", *overrides)
     trainer = Trainer(cfg)
+    if spent is not None:
+        for part, name in (("eval", "_evaluate"), ("prune", "_prune")):
+            spent[part] = 0.0
+            inner = getattr(trainer, name)
+
+            def timed(*a, _inner=inner, _part=part, **k):
+                t = time.perf_counter()
+                try:
+                    return _inner(*a, **k)
+                finally:
+                    spent[_part] += time.perf_counter() - t
+
+            setattr(trainer, name, timed)
     summary = trainer.run()
     return trainer, summary
 
 
 @pytest.mark.parametrize("method", sorted(STRONG))
 def test_strong_method_removes_structures_and_summary_matches_inspect(tmp_path, method, capsys):
-    trainer, summary = _train(tmp_path, *STRONG[method])
+    spent: dict[str, float] = {}
+    trainer, summary = _train(tmp_path, *STRONG[method], spent=spent)
     assert summary["prune_events"] >= 1
     assert summary["channels_removed"] + summary["blocks_removed"] > 0
     assert summary["macs"] < summary["macs_dense"]
@@ -42,6 +59,8 @@ def test_strong_method_removes_structures_and_summary_matches_inspect(tmp_path, 
     split = on_disk["time_s"]
     assert set(split) == {"steps", "eval", "prune", "checkpoint"}
     assert split["eval"] > 0 and split["prune"] > 0 and split["steps"] > 0
+    for part in ("eval", "prune"):  # each part holds all of its work and nothing else (the split rounds to ms)
+        assert spent[part] - 0.002 <= split[part] <= spent[part] + 0.05, (part, split, spent)
     assert sum(split.values()) == pytest.approx(on_disk["wall_s"], abs=0.01)
 
 
