@@ -187,7 +187,7 @@ for t in 0.5 0.3; do
     $PY -m launch.submit --config configs/study_$r.yaml --sweep method.target_macs=$t "${R1J[@]}"
   done
 done
-# 1k. (session 24) the combined recipe without a target under the current defaults (nu 0.3), and nu 0.2, seeds 0-4,
+# 1k. (session 24) the combined recipe without a target under session 23's defaults (nu 0.3), and nu 0.2, seeds 0-4,
 #     into their own root; paired with stage 1i's dense rows (the same machine). nu was compared on the validation
 #     split first: bench/study_grid.sh stage 1k-val below is that comparison.
 R1K=("${COMMON[@]:0:3}" "run.root=${ROOT}-1k" "launch.folder=${ROOT}-1k/submitit/%j" data.eval_split=test
