@@ -126,7 +126,7 @@ class Ranking(Method):
         applies when that many steps are done, so the step of that index (0-based) is the first one trained on
         the final network."""
         last = self.stop_step // self.cfg.check_every * self.cfg.check_every
-        return last if last > self.start_step else None
+        return last if self.check_due(last) else None  # (a check step, as the loop asks)
 
     @property
     def first_check(self) -> int:
