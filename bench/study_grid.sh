@@ -198,6 +198,13 @@ $PY -m launch.submit --config configs/study_variational.yaml --sweep method.vari
 $PY -m launch.submit --config configs/study_variational.yaml --sweep method.variational.nu=0.2,0.3 \
     "${COMMON[@]:0:3}" "run.root=${ROOT}-1k-val" "launch.folder=${ROOT}-1k-val/submitit/%j" data.eval_split=val \
     --sweep train.seed=0,1,2,3,4 model.name=resnet20 data.root=data/fmnist-4k
+# 1l. (session 25) ResNet-20 at 70% under the current defaults (the fold on): the combined recipe, unit-only (alpha 1)
+#     and Taylor, seeds 0-4, into their own root; paired with stage 1i's dense rows (the same machine)
+R1L=("${COMMON[@]:0:3}" "run.root=${ROOT}-1l" "launch.folder=${ROOT}-1l/submitit/%j" data.eval_split=test
+     --sweep train.seed=0,1,2,3,4 model.name=resnet20 data.root=data/fmnist-4k)
+for r in variational unit_only_a1 taylor; do
+  $PY -m launch.submit --config configs/study_$r.yaml --sweep method.target_macs=0.7 "${R1L[@]}"
+done
 # 1h. (session 18) MNIST under the current defaults (stage 1g's keys): the combined recipe at the three budgets and
 #     without a target, unit-only (alpha 1) at 30/50%, paired with stage 4's MNIST rows (dense, Taylor)
 h055 --sweep data.root=data/mnist-4k "${R20[@]}"

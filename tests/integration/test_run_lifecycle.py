@@ -149,10 +149,10 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path):
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     run_dir = tmp_path / "twice"
-    # no periodic checkpoints; the first stop's own (slowed) checkpoint write is under way when the
-    # second SIGINT lands
+    # no periodic checkpoints; the first stop's own checkpoint write, slowed to 60 s, is under way when the
+    # second SIGINT lands: a process that waited for the write would take a minute, one that stops at once seconds
     proc = _cli(tmp_path, f"run.dir={run_dir}", "train.epochs=50", "checkpoint.every_steps=0",
-                "checkpoint.at_epoch_end=false", "train.eval_every_steps=2", env={"PARSIMONY_CKPT_WRITE_DELAY": "3"})
+                "checkpoint.at_epoch_end=false", "train.eval_every_steps=2", env={"PARSIMONY_CKPT_WRITE_DELAY": "60"})
     wait_for_stderr(proc, "step 2: val top1")
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)
@@ -161,3 +161,5 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and time.monotonic() - t0 < 30
     assert "interrupted again: stopped at once" in err and "Traceback" not in err
+    # the interrupted write left no checkpoint behind that claims to be whole
+    assert not list((run_dir / "checkpoints").glob("step-*"))
