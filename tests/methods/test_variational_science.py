@@ -202,3 +202,25 @@ def test_theta_statistics_are_unscaled_under_a_loss_scaler(tmp_path, method):
     assert float(ref.abs().max()) > 0
     ratio = float(half.abs().sum() / ref.abs().sum())
     assert 0.5 < ratio < 2.0, ratio
+
+
+@pytest.mark.parametrize("target", [None, 0.5])
+def test_the_rules_window_holds_only_steps_on_which_theta_trains(tmp_path, target):
+    """Through the trainer, with and without a target: the warm-up's steps (theta held at 1, gradients the
+    data's alone, not priced) add nothing to the rule's window, and every step after it adds one, so the
+    first check after the warm-up judges importance per cost on trained-theta steps only."""
+    over = ["method.name=variational", "train.max_steps=10", "method.variational.warmup_frac=0.5",
+            "method.variational.target_by=0.8", *([f"method.target_macs={target}"] if target else [])]
+    trainer = Trainer(tiny_config(tmp_path, *over))
+    m = trainer.method
+    assert m.warmup_steps == 5
+    torch.manual_seed(0)
+    seen = []
+    for _ in range(10):
+        x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+        trainer.train_step(x, y)
+        seen.append(int(m.rule.grad_n))
+        if len(seen) == 5:  # the last warm-up step: theta's gradients were computed, the window is still empty
+            assert all(float(v.abs().sum()) == 0 for v in m.rule.grad_acc.values())
+    assert seen == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5]
+    assert any(float(v.abs().sum()) > 0 for v in m.rule.grad_acc.values())

@@ -214,8 +214,9 @@ class Variational(Method):
     # -- per step -----------------------------------------------------------------------
     def after_backward(self, model: GatedResNet, step: int, grad_scale: float = 1.0) -> None:
         """Normalise the theta gradients (``theta_step: normalized``), add them to the rule's window sums
-        (a step whose gradients are not finite, an fp16 overflow, adds nothing), then add the drive's
-        gradient, which the rule never sees."""
+        once theta trains (a warm-up step, whose gradients are the data's alone and not priced, adds nothing;
+        nor does a step whose gradients are not finite, an fp16 overflow), then add the drive's gradient,
+        which the rule never sees."""
         c = self.cfg
         model.block_inputs = []  # the paired estimator's kept inputs are spent by now
         if self._idle and any(self._idle):
@@ -237,7 +238,8 @@ class Variational(Method):
                 if n not in self.paired.seen:
                     grads[n].zero_()
             kinds["layer"] = [n for n in kinds["layer"] if n in self.paired.seen]
-        self.rule.accumulate(grads, grad_scale)  # (gradients carry no graph: no detach)
+        if active:  # the rule's windows hold trained-theta steps only: data + price, normalised as stated
+            self.rule.accumulate(grads, grad_scale)  # (gradients carry no graph: no detach)
         s = self.budget.ramp(step)
         if active and c.drive > 0 and s > 0 and self.budget.positive:
             on = {"unit": c.unit_gates, "layer": c.layer_gates}
@@ -249,8 +251,8 @@ class Variational(Method):
         """The theta gradients that idle gates did not compute, read off the BatchNorms they follow: what a
         drawn gate at xi = 1 gives its theta (straight-through), equal up to float rounding
         (:func:`~system.pruning.methods.base.gate_grads_at_one`).  Nothing trains on them (theta's lr is 0
-        while the gates idle), but theta's momentum averages them, as it did when the warm-up drew its gates,
-        and the rule's first window sums them: the warm-up then leaves the method in the state it always did."""
+        while the gates idle), but theta's momentum averages them, as it did when the warm-up drew its gates: the
+        warm-up then leaves the method in the state it always did.  (The rule's windows sum no warm-up step.)"""
         gates = gates_of(model)
         names = [n for n, g in gates.items() if g.mode == "sampled" and g.idle and g.straight_through]
         units = [n for n in names if gates[n].kind == "unit"]
