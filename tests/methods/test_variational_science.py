@@ -5,7 +5,8 @@
 - the exact layer estimator replays the main forward's draw (common random numbers), agrees in
   expectation with a brute-force enumeration, and its forwards are counted in the training MACs;
 - the summary's top-1 is measured on the exported network;
-- theta statistics are unscaled under a loss scaler.
+- theta statistics are unscaled under a loss scaler;
+- the rule's window sums only the steps on which theta trains.
 """
 
 from __future__ import annotations
