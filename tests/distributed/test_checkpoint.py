@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from system.models.resnet import build_model
 from system.pruning.complexity import count
@@ -130,25 +131,16 @@ def test_keep_last(tmp_path, monkeypatch):
 
 def _measured(ckpt_dir: Path, spec) -> tuple[int, int]:
     """``(MACs, params)`` of a checkpoint counted without :func:`count`: the parameters are the saved
-    weights' (convs, BatchNorms, classifier; no gate, no running statistic), the MACs a forward hook's
-    tally over the network the spec builds, whose every tensor must have the saved one's shape."""
+    weights' (convs, BatchNorms, classifier; no gate, no running statistic), the MACs torch's FLOP counter's
+    tally of a forward of the network the spec builds, whose every tensor must have the saved one's shape."""
     weights = saved_model_weights(ckpt_dir)
     model = build_model(spec, gates=False).eval()
     own = model.state_dict()
     assert set(own) <= set(weights) and all(own[k].shape == weights[k].shape for k in own)
     params = sum(v.numel() for k, v in weights.items() if k in own and k.endswith((".weight", ".bias")))
-    macs = 0
-
-    def tally(m, _inp, out):
-        nonlocal macs
-        macs += m.weight.numel() * (out.shape[-1] * out.shape[-2] if out.dim() == 4 else 1)
-
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            m.register_forward_hook(tally)
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:  # torch's own tally: 2 FLOPs a MAC
         model(torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size))
-    return macs, params
+    return flops.get_total_flops() // 2, params
 
 
 def test_inspect_lists_checkpoints(stopped_run, capsys):
